@@ -1,0 +1,106 @@
+"""The FastAPI application: built by a factory whose lifespan loads the model and runs the engine."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server import __version__
+from server.api.errors import APIError, error_response, install_error_handlers
+from server.api.routes import chat, completions, health, models
+from server.base_model import LoadedModel, load_base_model
+from server.config import Settings
+from server.engine.engine import Engine
+
+log = logging.getLogger("peftserve")
+
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+
+class BodyLimit:
+    """Answer 413 as soon as a generation request's body passes the limit, without reading the rest."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in GENERATION_PATHS:
+            await self.app(scope, receive, send)
+            return
+        too_large = error_response(
+            APIError(413, f"the request body exceeds {self.limit} bytes", code="request_too_large")
+        )
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await too_large(scope, receive, send)
+            return
+        # Chunked bodies carry no length: buffer up to the limit, then replay to the app.
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                await too_large(scope, receive, send)
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
+    """The app; `model` skips loading (tests share one loaded model between apps)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loaded = model if model is not None else load_base_model(settings.model)
+        eng = Engine(loaded, settings.engine)
+        eng.start()
+        app.state.engine = eng
+        app.state.started = int(time.time())
+        log.info("serving %s", loaded.name)
+        try:
+            yield
+        finally:
+            eng.stop()
+
+    app = FastAPI(title="peftserve", version=__version__, lifespan=lifespan)
+    install_error_handlers(app)
+    for module in (health, models, chat, completions):
+        app.include_router(module.router)
+    app.add_middleware(BodyLimit, limit=settings.server.max_request_bytes)
+    return app
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def run_server(settings: Settings) -> None:
+    """Load the model and serve until interrupted."""
+    configure_logging(settings.server.log_level)
+    server = settings.server
+    log.info("peftserve %s starting on http://%s:%d", __version__, server.host, server.port)
+    uvicorn.run(create_app(settings), host=server.host, port=server.port, log_level=server.log_level)
+
+
+Handler = Callable[[Scope, Receive, Send], Awaitable[None]]

@@ -1,0 +1,251 @@
+"""What the chat and completions endpoints share: submit choices, collect or stream them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from server.api.errors import APIError
+from server.api.schemas import ChatCompletionRequest, CompletionRequest
+from server.engine.engine import Engine
+from server.engine.request import (
+    ContextLengthError,
+    Delta,
+    EngineError,
+    EngineStopped,
+    Event,
+    Finished,
+    QueueFull,
+    RequestHandle,
+    UnknownModel,
+)
+from server.engine.sampler import SamplingParams
+
+RETRY_AFTER_SECONDS = 1
+DISCONNECT_POLL_SECONDS = 0.1
+
+
+def engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def resolve_adapter(eng: Engine, model: str) -> str | None:
+    try:
+        return eng.resolve_model(model)
+    except UnknownModel as exc:
+        raise APIError(404, str(exc), param="model", code="model_not_found") from exc
+
+
+def as_api_error(exc: Exception, prompt_param: str) -> APIError:
+    if isinstance(exc, QueueFull):
+        return APIError(429, str(exc), code="queue_full", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if isinstance(exc, ContextLengthError):
+        return APIError(400, str(exc), param=prompt_param, code="context_length_exceeded")
+    if isinstance(exc, UnknownModel):
+        return APIError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, EngineStopped):
+        return APIError(503, str(exc))
+    if isinstance(exc, ValueError):
+        return APIError(400, str(exc), param=prompt_param)
+    raise exc
+
+
+@dataclass
+class Choice:
+    """One generated choice: the handle while running, then its result."""
+
+    index: int
+    handle: RequestHandle
+    text: list[str] = field(default_factory=list)
+    finished: Finished | None = None
+
+
+def submit_choices(
+    eng: Engine,
+    body: ChatCompletionRequest | CompletionRequest,
+    prompts: list[list[int]],
+    adapter: str | None,
+    prompt_param: str,
+) -> list[Choice]:
+    """Submit n choices per prompt; on any refusal cancel those already queued and raise an APIError."""
+    choices: list[Choice] = []
+    try:
+        for prompt_ids in prompts:
+            limit = body.completion_limit()
+            max_tokens = limit if limit is not None else max(1, eng.max_model_len - len(prompt_ids))
+            for i in range(body.n):
+                params = SamplingParams(
+                    max_tokens=max_tokens,
+                    temperature=body.temperature,
+                    top_p=body.top_p,
+                    top_k=max(body.top_k, 0),
+                    # n > 1 with a seed: distinct choices that are still reproducible.
+                    seed=None if body.seed is None else body.seed + i,
+                    stop=body.stop_strings(),
+                )
+                handle = eng.submit(prompt_ids, params, adapter)
+                choices.append(Choice(len(choices), handle))
+    except (EngineError, ValueError) as exc:
+        for choice in choices:
+            choice.handle.cancel()
+        raise as_api_error(exc, prompt_param) from exc
+    return choices
+
+
+async def tokenize(fn: Callable[[], list[int]]) -> list[int]:
+    """Tokenize off the event loop: a long prompt must not stall other requests."""
+    return await run_in_threadpool(fn)
+
+
+async def _events(choices: list[Choice]) -> AsyncIterator[tuple[Choice, Event]]:
+    """Events of all choices as they come."""
+    if len(choices) == 1:
+        async for event in choices[0].handle:
+            yield choices[0], event
+        return
+    merged: asyncio.Queue[tuple[Choice, Event]] = asyncio.Queue()
+
+    async def pump(choice: Choice) -> None:
+        async for event in choice.handle:
+            await merged.put((choice, event))
+
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    try:
+        remaining = len(choices)
+        while remaining:
+            choice, event = await merged.get()
+            remaining -= isinstance(event, Finished)
+            yield choice, event
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _record(choice: Choice, event: Event) -> None:
+    if isinstance(event, Delta):
+        choice.text.append(event.text)
+    else:
+        choice.finished = event
+
+
+def _failure(finished: Finished) -> APIError | None:
+    """The error a choice ended with, if it did not end normally."""
+    if finished.reason == "error":
+        return APIError(500, finished.error or "generation failed")
+    if finished.reason == "abort":
+        return APIError(503, finished.error or "the request was cancelled")
+    return None
+
+
+def _check_failed(choices: list[Choice]) -> None:
+    for choice in choices:
+        error = _failure(choice.finished) if choice.finished is not None else None
+        if error is not None:
+            raise error
+
+
+async def collect(request: Request, choices: list[Choice]) -> list[Choice]:
+    """Wait for every choice; if the client goes away first, cancel them all."""
+
+    async def run() -> None:
+        async for choice, event in _events(choices):
+            _record(choice, event)
+
+    task = asyncio.create_task(run())
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                break
+        await task
+    finally:
+        for choice in choices:
+            if choice.finished is None:
+                choice.handle.cancel()
+    _check_failed(choices)
+    return choices
+
+
+def usage(choices: list[Choice], prompt_tokens: int) -> dict[str, int]:
+    completion = sum(c.finished.completion_tokens for c in choices if c.finished)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+    }
+
+
+def prompt_token_count(choices: list[Choice], n: int) -> int:
+    """Prompt tokens counted once per prompt, not once per choice, as OpenAI does."""
+    return sum(c.finished.prompt_tokens for c in choices[::n] if c.finished)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+@dataclass
+class StreamFormat:
+    """How one endpoint shapes its stream chunks."""
+
+    object: str
+    start: Callable[[int], dict[str, Any] | None]
+    delta: Callable[[int, str], dict[str, Any]]
+    end: Callable[[int, str], dict[str, Any]]
+
+
+async def stream(
+    choices: list[Choice], fmt: StreamFormat, response_id: str, model: str, include_usage: bool, n: int
+) -> AsyncIterator[str]:
+    """SSE chunks for all choices; cancels every choice if the client goes away."""
+    created = int(time.time())
+
+    def chunk(choice_payloads: list[dict[str, Any]], usage_payload: dict[str, int] | None = None):
+        body: dict[str, Any] = {
+            "id": response_id,
+            "object": fmt.object,
+            "created": created,
+            "model": model,
+            "choices": choice_payloads,
+        }
+        if include_usage:
+            body["usage"] = usage_payload
+        return sse(body)
+
+    try:
+        for choice in choices:
+            first = fmt.start(choice.index)
+            if first is not None:
+                yield chunk([first])
+        async for choice, event in _events(choices):
+            _record(choice, event)
+            if isinstance(event, Delta):
+                if event.text:
+                    yield chunk([fmt.delta(choice.index, event.text)])
+            elif (error := _failure(event)) is not None:
+                yield sse(error.body())
+                yield sse("[DONE]")
+                return
+            else:
+                yield chunk([fmt.end(choice.index, event.reason)])
+        if include_usage:
+            yield chunk([], usage(choices, prompt_token_count(choices, n)))
+        yield sse("[DONE]")
+    finally:
+        for choice in choices:
+            if choice.finished is None:
+                choice.handle.cancel()

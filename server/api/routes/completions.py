@@ -1,0 +1,58 @@
+"""POST /v1/completions: a prompt string, a list of them, or token ids."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from server.api.generation import (
+    StreamFormat,
+    collect,
+    engine,
+    new_id,
+    prompt_token_count,
+    resolve_adapter,
+    stream,
+    submit_choices,
+    tokenize,
+    usage,
+)
+from server.api.schemas import CompletionRequest
+
+router = APIRouter(tags=["generation"])
+
+COMPLETION_STREAM = StreamFormat(
+    object="text_completion",
+    start=lambda i: None,
+    delta=lambda i, text: {"index": i, "text": text, "logprobs": None, "finish_reason": None},
+    end=lambda i, reason: {"index": i, "text": "", "logprobs": None, "finish_reason": reason},
+)
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(body: CompletionRequest, request: Request) -> dict[str, Any] | StreamingResponse:
+    eng = engine(request)
+    adapter = resolve_adapter(eng, body.model)
+    prompts = [
+        p if isinstance(p, list) else await tokenize(lambda p=p: eng.encode_text(p)) for p in body.prompts()
+    ]
+    choices = submit_choices(eng, body, prompts, adapter, "prompt")
+    response_id = new_id("cmpl")
+    if body.stream:
+        events = stream(choices, COMPLETION_STREAM, response_id, body.model, body.include_usage(), body.n)
+        return StreamingResponse(events, media_type="text/event-stream")
+    await collect(request, choices)
+    return {
+        "id": response_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": body.model,
+        "choices": [
+            {"index": c.index, "text": "".join(c.text), "logprobs": None, "finish_reason": c.finished.reason}
+            for c in choices
+        ],
+        "usage": usage(choices, prompt_token_count(choices, body.n)),
+    }

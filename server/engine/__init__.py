@@ -1,0 +1,1 @@
+"""The engine: continuous batching over the base model with per-row adapters."""

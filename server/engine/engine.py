@@ -1,0 +1,348 @@
+"""The step loop: iteration-level (continuous) batching in its own thread.
+
+Each step the scheduler may admit waiting requests; they are prefilled and join the running
+batch, which then decodes one token for every running sequence. Finished sequences leave
+between steps. The batch is never drained to admit new work.
+
+The asyncio side talks to this thread only through `submit`/`cancel` (an inbox queue) and
+the per-request handles it pushes events into.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import jinja2
+import torch
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from server.adapters.context import BatchContext
+from server.base_model import LoadedModel
+from server.config import EngineSettings
+from server.engine.detokenizer import Detokenizer
+from server.engine.kv_cache import KVCache
+from server.engine.model import Decoder, StepInputs
+from server.engine.request import (
+    ContextLengthError,
+    Delta,
+    EngineStopped,
+    Event,
+    Finished,
+    FinishReason,
+    QueueFull,
+    RequestHandle,
+    UnknownModel,
+)
+from server.engine.sampler import SamplingParams, new_generator, sample
+from server.engine.scheduler import Limits, Plan, Waiting, schedule
+
+log = logging.getLogger("peftserve.engine")
+
+
+@dataclass
+class Sequence:
+    """One request inside the engine thread."""
+
+    request_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None
+    handle: RequestHandle
+    generator: torch.Generator
+    detok: Detokenizer
+    output_ids: list[int] = field(default_factory=list)
+    cached: int = 0
+    """Positions of this sequence's cache row that hold keys and values."""
+
+    def last_token(self) -> int:
+        return self.output_ids[-1]
+
+
+@dataclass
+class StepReport:
+    """What one step did, for callers that drive the engine by hand."""
+
+    plan: Plan
+    running: list[int]
+    finished: list[int]
+
+
+class Engine:
+    """Owns the model, the cache and the running batch; `step` is the only mutator of all three."""
+
+    def __init__(self, model: LoadedModel, settings: EngineSettings) -> None:
+        self.model = model
+        self.settings = settings
+        self.decoder = Decoder(model.hf, model.shape)
+        shape = model.shape
+        self.cache = KVCache(
+            shape.num_layers,
+            settings.max_batch_size,
+            shape.num_kv_heads,
+            model.max_model_len,
+            shape.head_dim,
+            model.dtype,
+            model.device,
+        )
+        self.limits = Limits(settings.max_batch_size, settings.max_prefill_tokens)
+        self._waiting: OrderedDict[int, Sequence] = OrderedDict()
+        self._running: list[Sequence] = []  # index = cache row
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._ids = itertools.count(1)
+        self._queued = 0
+        self._queued_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._context = BatchContext()
+
+    # ---- the caller's side (any thread) ----
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.model.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.model.max_model_len
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer(text).input_ids
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Render messages with the tokenizer's chat template, ready for the assistant's turn."""
+        if not self.tokenizer.chat_template:
+            raise ValueError("this model has no chat template; use /v1/completions")
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except jinja2.TemplateError as exc:
+            raise ValueError(f"the chat template rejected these messages: {exc}") from exc
+
+    def resolve_model(self, name: str) -> str | None:
+        """The adapter a `model` field names, None for the base model; raises UnknownModel."""
+        if name == self.model.name:
+            return None
+        raise UnknownModel(name)
+
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None
+    ) -> RequestHandle:
+        """Queue a request; its events arrive on the returned handle."""
+        if self._stopping.is_set():
+            raise EngineStopped("the server is shutting down")
+        limit = self.model.max_model_len
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.shape.vocab_size
+        if not all(0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(prompt_ids) + params.max_tokens > limit:
+            raise ContextLengthError(len(prompt_ids), params.max_tokens, limit)
+        with self._queued_lock:
+            if self._queued >= self.settings.max_queue:
+                raise QueueFull(self.settings.max_queue)
+            self._queued += 1
+        handle = RequestHandle(next(self._ids), self.cancel)
+        self._inbox.put(("submit", handle, list(prompt_ids), params, adapter))
+        self._wake.set()
+        return handle
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a request; it ends with reason "abort" within one step."""
+        self._inbox.put(("cancel", request_id))
+        self._wake.set()
+
+    def start(self) -> None:
+        assert self._thread is None, "engine already started"
+        self._thread = threading.Thread(target=self._loop, name="peftserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._take_inbox()
+        for seq in [*self._waiting.values(), *self._running]:
+            self._finish(seq, "abort", error="the server is shutting down")
+        self._waiting.clear()
+        self._running.clear()
+
+    def stats(self) -> dict[str, float]:
+        """A snapshot for health and metrics; read without locking, so approximate."""
+        return {
+            "running": len(self._running),
+            "waiting": self._queued,
+            "kv_cache_usage": sum(s.cached for s in self._running) / (self.cache.rows * self.cache.max_len),
+        }
+
+    # ---- the engine thread ----
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            if not (self._waiting or self._running):
+                self._wake.wait()
+            self._wake.clear()
+            self.step()
+
+    def step(self) -> StepReport:
+        """Admit what the scheduler allows, prefill it, decode one token for every running sequence."""
+        self._take_inbox()
+        waiting = [Waiting(s.request_id, s.adapter, len(s.prompt_ids)) for s in self._waiting.values()]
+        plan = schedule(waiting, len(self._running), [], self.limits)
+        finished: list[int] = []
+        admitted = [self._waiting.pop(i) for i in plan.admit]
+        with self._queued_lock:
+            self._queued -= len(admitted)
+        try:
+            if admitted:
+                finished += self._prefill(admitted)
+            if self._running:
+                finished += self._decode()
+        except Exception as exc:  # a bug or an out-of-memory: fail this batch, keep serving
+            log.exception("engine step failed")
+            for seq in {id(s): s for s in [*admitted, *self._running]}.values():
+                self._finish(seq, "error", error=f"internal error: {exc}")
+            self._running.clear()
+        return StepReport(plan, [s.request_id for s in self._running], finished)
+
+    def _take_inbox(self) -> None:
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if message[0] == "submit":
+                _, handle, prompt_ids, params, adapter = message
+                seq = Sequence(
+                    request_id=handle.request_id,
+                    prompt_ids=prompt_ids,
+                    params=params,
+                    adapter=adapter,
+                    handle=handle,
+                    generator=new_generator(params.seed),
+                    detok=Detokenizer(self.tokenizer, prompt_ids, params.stop),
+                )
+                self._waiting[seq.request_id] = seq
+            else:
+                self._abort(message[1])
+
+    def _abort(self, request_id: int) -> None:
+        if request_id in self._waiting:
+            seq = self._waiting.pop(request_id)
+            with self._queued_lock:
+                self._queued -= 1
+            self._finish(seq, "abort")
+            return
+        for row, seq in enumerate(self._running):
+            if seq.request_id == request_id:
+                self._finish(seq, "abort")
+                self._release_rows([row])
+                return
+
+    def _prefill(self, admitted: list[Sequence]) -> list[int]:
+        """Prefill in chunks of similar length, each within the prefill token budget."""
+        finished: list[int] = []
+        admitted = sorted(admitted, key=lambda s: len(s.prompt_ids))
+        chunk: list[Sequence] = []
+        for seq in admitted:
+            longest = (
+                max(len(seq.prompt_ids), *(len(s.prompt_ids) for s in chunk))
+                if chunk
+                else len(seq.prompt_ids)
+            )
+            if chunk and longest * (len(chunk) + 1) > self.limits.max_prefill_tokens:
+                finished += self._prefill_chunk(chunk)
+                chunk = []
+            chunk.append(seq)
+        if chunk:
+            finished += self._prefill_chunk(chunk)
+        return finished
+
+    def _prefill_chunk(self, chunk: list[Sequence]) -> list[int]:
+        device = self.model.device
+        lengths = [len(s.prompt_ids) for s in chunk]
+        width = max(lengths)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, seq in enumerate(chunk):
+            ids[i, : lengths[i]] = torch.tensor(seq.prompt_ids)
+        first_row = len(self._running)
+        step = StepInputs(
+            first_row=first_row,
+            positions=torch.arange(width).expand(len(chunk), width).to(device),
+            lengths=torch.tensor(lengths, device=device),
+            adapters=self._context,
+        )
+        logits = self.decoder.forward(self.decoder.embed(ids.to(device)), step, self.cache)
+        for seq, length in zip(chunk, lengths, strict=True):
+            seq.cached = length
+        self._running.extend(chunk)
+        return self._accept(list(range(first_row, first_row + len(chunk))), logits)
+
+    def _decode(self) -> list[int]:
+        device = self.model.device
+        batch = self._running
+        tokens = torch.tensor([[s.last_token()] for s in batch], device=device)
+        step = StepInputs(
+            first_row=0,
+            positions=torch.tensor([[s.cached] for s in batch], device=device),
+            lengths=torch.ones(len(batch), dtype=torch.long, device=device),
+            adapters=self._context,
+        )
+        logits = self.decoder.forward(self.decoder.embed(tokens), step, self.cache)
+        for seq in batch:
+            seq.cached += 1
+        return self._accept(list(range(len(batch))), logits)
+
+    def _accept(self, rows: list[int], logits: torch.Tensor) -> list[int]:
+        """Sample one token for each of these cache rows; finish and release the sequences that end."""
+        seqs = [self._running[r] for r in rows]
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        done_rows: list[int] = []
+        done_ids: list[int] = []
+        for row, seq, token in zip(rows, seqs, tokens, strict=True):
+            reason = self._append(seq, token)
+            if reason is not None:
+                self._finish(seq, reason)
+                done_rows.append(row)
+                done_ids.append(seq.request_id)
+        self._release_rows(done_rows)
+        return done_ids
+
+    def _append(self, seq: Sequence, token: int) -> FinishReason | None:
+        """Record one generated token; the reason the sequence ends, if it does."""
+        seq.output_ids.append(token)
+        if token in self.model.eos_token_ids:
+            return "stop"
+        text = seq.detok.add(token)
+        if text or not seq.detok.stopped:
+            seq.handle.push(Delta(text, (token,)))
+        if seq.detok.stopped:
+            return "stop"
+        if len(seq.output_ids) >= seq.params.max_tokens:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        tail = seq.detok.finish() if reason in ("stop", "length") else ""
+        if tail:
+            seq.handle.push(Delta(tail, ()))
+        event: Event = Finished(reason, len(seq.prompt_ids), len(seq.output_ids), error)
+        seq.handle.push(event)
+
+    def _release_rows(self, rows: list[int]) -> None:
+        """Remove finished rows, moving the last rows into the holes so rows stay dense."""
+        for row in sorted(rows, reverse=True):
+            last = len(self._running) - 1
+            if row != last:
+                moved = self._running[last]
+                self.cache.move_row(last, row, moved.cached)
+                self._running[row] = moved
+            self._running.pop()

@@ -1,0 +1,77 @@
+"""Per-request sampling over a batch of logits.
+
+Every request owns a torch.Generator seeded from its `seed` (or a random one), and draws
+exactly one noise vector per generated token from it, so a seeded request gives the same
+tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def new_generator(seed: int | None) -> torch.Generator:
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """logits (R, V); top_k (R,) with 0 = off; top_p (R,) with 1 = off. Masks the tail with -inf."""
+    ordered, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    rank = torch.arange(vocab, device=logits.device)
+    k = torch.where(top_k > 0, top_k, vocab).unsqueeze(1)
+    drop = rank >= k  # (R, V) in sorted order
+    probs = ordered.softmax(dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= (mass_before >= top_p.unsqueeze(1)) & (rank > 0)
+    ordered = ordered.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, ordered)
+
+
+def sample(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+) -> list[int]:
+    """(B, V) float32 logits -> one token id per row."""
+    tokens = logits.argmax(dim=-1)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        index = torch.tensor(sampled, device=logits.device)
+        rows = logits.index_select(0, index)
+        temperature = torch.tensor([params[i].temperature for i in sampled], device=logits.device)
+        rows = rows / temperature.unsqueeze(1)
+        if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in sampled):
+            top_k = torch.tensor([params[i].top_k for i in sampled], device=logits.device)
+            top_p = torch.tensor([params[i].top_p for i in sampled], device=logits.device)
+            rows = _filter_top_k_top_p(rows, top_k, top_p)
+        probs = rows.softmax(dim=-1)
+        # argmax(p / E) with E ~ Exp(1) draws from p; each row's noise comes from its own generator.
+        noise = torch.stack(
+            [torch.empty(probs.shape[-1]).exponential_(generator=generators[i]) for i in sampled]
+        )
+        tokens[index] = (probs / noise.to(probs.device)).argmax(dim=-1)
+    return tokens.tolist()

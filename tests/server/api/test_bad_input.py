@@ -1,0 +1,143 @@
+"""Every kind of bad input gets a 4xx in OpenAI's error shape, and the server keeps serving."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+
+
+def assert_openai_error(response: httpx.Response, status: int, param: str | None = "any") -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    if param != "any":
+        assert body["error"]["param"] == param
+    return body["error"]
+
+
+@pytest.fixture
+def http(live_server):
+    with httpx.Client(base_url=live_server.url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture
+def model(live_server):
+    return live_server.engine.model.name
+
+
+def chat(model: str, **fields) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **fields}
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": "many"}, "max_tokens"),
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"n": 1000}, "n"),
+        ({"messages": []}, "messages"),
+        ({"messages": "hello"}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": [{"content": "hi"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, None),
+        ({"stop": ["a"] * 100}, "stop"),
+        ({"seed": "x"}, "seed"),
+        ({"stream": "maybe"}, "stream"),
+    ],
+)
+def test_invalid_chat_fields_are_400(http, model, fields, param):
+    error = assert_openai_error(http.post(CHAT, json=chat(model, **fields)), 400)
+    if param is not None:
+        assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+
+
+def test_missing_model_field(http):
+    assert_openai_error(http.post(CHAT, json={"messages": [{"role": "user", "content": "x"}]}), 400, "model")
+
+
+def test_unknown_model_is_404(http):
+    error = assert_openai_error(http.post(CHAT, json=chat("no-such-model")), 404, "model")
+    assert error["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b"",
+        b"[1, 2]",
+        b"null",
+        b'{"model": "m", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+    ],
+)
+def test_malformed_bodies_are_400(http, content):
+    assert_openai_error(http.post(CHAT, content=content, headers={"content-type": "application/json"}), 400)
+
+
+def test_absurd_max_tokens_is_400_with_the_numbers(http, model, live_server):
+    error = assert_openai_error(http.post(CHAT, json=chat(model, max_tokens=10**9)), 400, "messages")
+    assert error["code"] == "context_length_exceeded"
+    assert str(live_server.engine.max_model_len) in error["message"]
+    assert str(10**9) in error["message"]
+
+
+def test_prompt_beyond_the_context_is_400(http, model):
+    error = assert_openai_error(
+        http.post(COMPLETIONS, json={"model": model, "prompt": "word " * 3000}), 400, "prompt"
+    )
+    assert error["code"] == "context_length_exceeded"
+
+
+def test_ten_megabyte_prompt_is_413_without_reading_it_all(http, model):
+    body = json.dumps({"model": model, "prompt": "a" * (10 * 1024 * 1024)}).encode()
+    error = assert_openai_error(
+        http.post(COMPLETIONS, content=body, headers={"content-type": "application/json"}), 413
+    )
+    assert error["code"] == "request_too_large"
+
+    def chunks():
+        for start in range(0, len(body), 65536):
+            yield body[start : start + 65536]
+
+    # A chunked upload declares no length: the limit applies while it streams in.
+    streamed = http.post(COMPLETIONS, content=chunks(), headers={"content-type": "application/json"})
+    assert_openai_error(streamed, 413)
+
+
+@pytest.mark.parametrize("prompt", ["", [], [[]], [-1], [10**9], [1, "a"], {"text": "x"}])
+def test_bad_completion_prompts_are_400(http, model, prompt):
+    assert_openai_error(http.post(COMPLETIONS, json={"model": model, "prompt": prompt, "max_tokens": 2}), 400)
+
+
+def test_wrong_method_and_route(http):
+    assert_openai_error(http.get(CHAT), 405)
+    assert_openai_error(http.get("/v1/nothing-here"), 404)
+
+
+def test_server_keeps_serving_around_bad_requests(http, model):
+    for _ in range(3):
+        assert (
+            http.post(CHAT, content=b"{oops", headers={"content-type": "application/json"}).status_code == 400
+        )
+        ok = http.post(CHAT, json=chat(model, temperature=0))
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    assert http.get("/health").json() == {"status": "ok"}
+
+
+def test_unknown_fields_are_ignored(http, model):
+    reply = http.post(CHAT, json=chat(model, frobnicate=True, logit_bias={"1": 5}, temperature=0))
+    assert reply.status_code == 200, reply.text

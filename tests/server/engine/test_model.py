@@ -1,0 +1,44 @@
+"""Our decoder forward against the HF model's own forward."""
+
+from __future__ import annotations
+
+import torch
+
+from server.adapters.context import BatchContext
+from server.engine.kv_cache import KVCache
+from server.engine.model import Decoder, StepInputs
+
+
+def test_padded_prefill_then_decode_match_hf_logits(tiny_model):
+    hf, shape = tiny_model.hf, tiny_model.shape
+    decoder = Decoder(hf, shape)
+    cache = KVCache(
+        shape.num_layers, 4, shape.num_kv_heads, 64, shape.head_dim, torch.float32, torch.device("cpu")
+    )
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p)
+    lengths = torch.tensor([len(p) for p in prompts])
+    step = StepInputs(0, torch.arange(width).expand(3, width), lengths, BatchContext())
+    logits = decoder.forward(decoder.embed(ids), step, cache)
+    next_ids = torch.tensor([[20], [21], [22]])
+    decode = StepInputs(0, lengths.unsqueeze(1), torch.ones(3, dtype=torch.long), BatchContext())
+    decoded = decoder.forward(decoder.embed(next_ids), decode, cache)
+    for i, prompt in enumerate(prompts):
+        with torch.no_grad():
+            full = hf(torch.tensor([[*prompt, 20 + i]])).logits[0]
+        torch.testing.assert_close(logits[i], full[len(prompt) - 1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(decoded[i], full[len(prompt)], rtol=1e-4, atol=1e-4)
+
+
+def test_rows_moved_in_the_cache_keep_their_keys(tiny_model):
+    shape = tiny_model.shape
+    cache = KVCache(
+        shape.num_layers, 3, shape.num_kv_heads, 16, shape.head_dim, torch.float32, torch.device("cpu")
+    )
+    cache.data.normal_()
+    expected = cache.data[:, :, 2, :, :5].clone()
+    cache.move_row(2, 0, 5)
+    torch.testing.assert_close(cache.data[:, :, 0, :, :5], expected)

@@ -1,0 +1,105 @@
+"""The scheduling policy, on plain data."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.engine.scheduler import Limits, Plan, Slot, Waiting, _check, schedule
+
+LIMITS = Limits(max_batch_size=4, max_prefill_tokens=100)
+
+
+def waiting(*specs: tuple[str | None, int]) -> list[Waiting]:
+    return [Waiting(i, adapter, tokens) for i, (adapter, tokens) in enumerate(specs)]
+
+
+def test_admits_in_order_up_to_free_rows():
+    plan = schedule(waiting(*[(None, 10)] * 6), running=1, slots=[], limits=LIMITS)
+    assert plan.admit == [0, 1, 2]
+    assert plan.load == []
+
+
+def test_prefill_budget_keeps_queue_order():
+    plan = schedule(waiting((None, 60), (None, 50), (None, 10)), running=0, slots=[], limits=LIMITS)
+    # The 50-token prompt does not fit after the 60-token one; the short one may not overtake it.
+    assert plan.admit == [0]
+
+
+def test_a_prompt_larger_than_the_budget_still_runs_alone():
+    plan = schedule(waiting((None, 500), (None, 5)), running=0, slots=[], limits=LIMITS)
+    assert plan.admit == [0]
+
+
+def test_waiting_adapter_is_loaded_and_others_go_ahead():
+    slots = [Slot(), Slot()]
+    plan = schedule(waiting(("a", 10), (None, 10)), running=0, slots=slots, limits=LIMITS)
+    assert plan.admit == [1]
+    assert plan.load == [(0, "a")]
+
+
+def test_loading_adapter_is_not_loaded_twice_and_waits():
+    slots = [Slot("a", ready=False), Slot()]
+    plan = schedule(waiting(("a", 10), ("a", 10)), running=0, slots=slots, limits=LIMITS)
+    assert plan.admit == []
+    assert plan.load == []
+
+
+def test_ready_adapter_admits():
+    slots = [Slot("a", ready=True), Slot()]
+    plan = schedule(waiting(("a", 10), ("b", 10), ("a", 5)), running=0, slots=slots, limits=LIMITS)
+    assert plan.admit == [0, 2]
+    assert plan.load == [(1, "b")]
+
+
+def test_evicts_least_recently_used_idle_adapter_only():
+    slots = [
+        Slot("busy", True, users=2, last_used=1),
+        Slot("old", True, last_used=3),
+        Slot("new", True, last_used=9),
+    ]
+    plan = schedule(waiting(("x", 10)), running=2, slots=slots, limits=LIMITS)
+    assert plan.load == [(1, "x")]
+
+
+def test_never_evicts_an_adapter_wanted_earlier_in_the_queue():
+    slots = [Slot("a", True, last_used=1), Slot("b", True, last_used=2)]
+    # Batch full: nothing is admitted, but "a" is wanted by the head of the queue and must stay.
+    plan = schedule(waiting(("a", 10), ("x", 10)), running=4, slots=slots, limits=LIMITS)
+    assert plan.admit == []
+    assert plan.load == [(1, "x")]
+
+
+def test_no_slot_available_means_waiting():
+    slots = [Slot("a", True, users=1), Slot("b", False)]
+    plan = schedule(waiting(("x", 10)), running=1, slots=slots, limits=LIMITS)
+    assert plan.load == [] and plan.admit == []
+
+
+def test_prefetches_while_the_batch_is_full():
+    plan = schedule(waiting(("a", 10)), running=4, slots=[Slot()], limits=LIMITS)
+    assert plan.admit == []
+    assert plan.load == [(0, "a")]
+
+
+def test_a_slot_in_use_is_never_loaded_over():
+    plan = schedule(waiting(("a", 10)), running=0, slots=[Slot(None, users=1)], limits=LIMITS)
+    assert plan.load == []
+
+
+@pytest.mark.parametrize(
+    "plan, slots",
+    [
+        (Plan(admit=[0]), [Slot("a", ready=False)]),  # admitted before its adapter is ready
+        (Plan(load=[(0, "a")]), [Slot("b", True, users=1)]),  # evicts an adapter in use
+        (Plan(load=[(0, "a"), (0, "b")]), [Slot()]),  # two loads into one slot
+    ],
+)
+def test_broken_plans_fail_their_invariants(plan, slots):
+    with pytest.raises(AssertionError):
+        _check(plan, waiting(("a", 10)), 0, slots, LIMITS)
+
+
+@pytest.mark.parametrize("running", [0, 3, 4])
+def test_never_admits_more_than_free_rows(running):
+    plan = schedule(waiting(*[(None, 1)] * 10), running=running, slots=[], limits=LIMITS)
+    assert len(plan.admit) == LIMITS.max_batch_size - running
