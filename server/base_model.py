@@ -83,6 +83,27 @@ class LoadedModel:
     shape: ModelShape
 
 
+def linear_module(hf: PreTrainedModel, layer: int, name: str) -> torch.nn.Module:
+    """A decoder linear layer by (layer index, module name), e.g. (3, "q_proj")."""
+    block = hf.model.layers[layer]
+    return getattr(block.mlp if name in ("gate_proj", "up_proj", "down_proj") else block.self_attn, name)
+
+
+def dense_weight(module: torch.nn.Module) -> torch.Tensor:
+    """A linear layer's weight as a dense float32 (out, in) tensor, dequantizing bitsandbytes layers."""
+    weight = module.weight
+    if type(weight).__name__ == "Params4bit":
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    if type(weight).__name__ == "Int8Params":
+        scale = getattr(weight, "SCB", None)
+        if scale is None:
+            raise ModelLoadError("this int8 layer keeps no scales to dequantize with")
+        return weight.data.float() * (scale.float().unsqueeze(1) / 127.0)
+    return weight.detach().float()
+
+
 def default_gguf_path() -> Path:
     """The GGUF file of the embedded default model, without importing its package."""
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)

@@ -62,6 +62,25 @@ class EngineSettings(_Section):
     """Most prompt tokens prefilled in one forward pass; bounds the pause running requests see."""
 
 
+class AdapterSettings(_Section):
+    """Which adapters are served, and how many are kept where."""
+
+    adapter: list[str] = Field(default_factory=list)
+    """Serve the adapter folder PATH under NAME, as NAME=PATH; repeatable."""
+
+    store: Path = Path("adapters_store")
+    """Adapter store folder; every subfolder holding an adapter_config.json is an adapter named after it."""
+
+    max_active_adapters: int = Field(default=32, ge=1)
+    """Device slots: adapters resident for batching at once."""
+
+    max_cpu_adapters: int = Field(default=256, ge=0)
+    """Adapters kept parsed in CPU memory (least recently used leave first)."""
+
+    max_lora_rank: int = Field(default=64, ge=1)
+    """Highest LoRA rank accepted; higher ones are refused at load."""
+
+
 class ServerSettings(_Section):
     """The HTTP server."""
 
@@ -83,6 +102,7 @@ class Settings(BaseModel):
 
     model: ModelSettings = Field(default_factory=ModelSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    adapters: AdapterSettings = Field(default_factory=AdapterSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
 
     @classmethod

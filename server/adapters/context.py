@@ -1,18 +1,87 @@
-"""The per-step batch context: which adapter slot each token uses, passed into every layer."""
+"""The per-step batch context: which adapter slot each token uses, passed into every layer.
+
+Built once per forward pass from the slot table and the (N,) slot of every token (-1 = base
+model only). Everything that depends only on those slots (groups of rows per slot, gather
+indices) is computed here once and shared by all layers.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from server.adapters.lowrank import RowGroups, low_rank_apply
+from server.adapters.slots import ScaleTable, SlotTable
+
 
 class BatchContext:
     """Routes every linear layer and block output of one forward pass through the adapters in use."""
 
+    def __init__(self, slots: SlotTable | None = None, token_slots: torch.Tensor | None = None) -> None:
+        self.slots = slots
+        used = set() if token_slots is None else set(token_slots.unique().tolist()) - {-1}
+        self.active = bool(used)
+        if not self.active:
+            return
+        self.used = used
+        kinds = slots.kinds
+        # index into scale tables: slot, or the table's last row (ones) for the base model
+        self.scale_index = torch.where(token_slots >= 0, token_slots, slots.num_slots).long()
+        self.lora_groups = self._groups(token_slots, {s for s in used if kinds[s] == "lora"})
+        bottleneck = {s for s in used if kinds[s] == "bottleneck"}
+        self.bottleneck_groups = {
+            act: self._groups(token_slots, {s for s in bottleneck if slots.activation[s] == act})
+            for act in {slots.activation[s] for s in bottleneck}
+        }
+        readers = [s for s in bottleneck if slots.reads_residual[s]]
+        self.residual_mask = (
+            torch.isin(token_slots, torch.tensor(readers, device=token_slots.device)).unsqueeze(1)
+            if readers
+            else None
+        )
+
+    @staticmethod
+    def _groups(token_slots: torch.Tensor, keep: set[int]) -> RowGroups | None:
+        if not keep:
+            return None
+        mask = torch.isin(token_slots, torch.tensor(sorted(keep), device=token_slots.device))
+        return RowGroups.build(torch.where(mask, token_slots, -1))
+
+    def _scales(self, table: ScaleTable | None) -> torch.Tensor | None:
+        """(N, dim) per-token scales, or None when no token here uses the table."""
+        if table is None or not (table.slots & self.used):
+            return None
+        return table.rows(self.scale_index)
+
     def linear(self, layer: int, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """(N, in) -> (N, out): the base linear layer plus each token's adapter."""
-        return module(x)
+        if not self.active:
+            return module(x)
+        site, slots = (layer, name), self.slots
+        in_scale = self._scales(slots.ia3_in.get(site))
+        if in_scale is not None:
+            x = x * in_scale
+        y = module(x)
+        table = slots.lora.get(site)
+        if table is not None and self.lora_groups is not None:
+            low_rank_apply(x, y, table, self.lora_groups)
+        dora = self._scales(slots.dora.get(site))
+        if dora is not None:
+            # DoRA rescales W x + s B A x but not the bias: g * y + (1 - g) * bias.
+            y = y * dora if module.bias is None else y * dora + module.bias * (1 - dora)
+        out_scale = self._scales(slots.ia3_out.get(site))
+        if out_scale is not None:
+            y = y * out_scale
+        return y
 
-    def block_output(self, layer: int, site: str, out: torch.Tensor) -> torch.Tensor:
-        """(N, hidden) output of a block ("attn" or "mlp") before the residual add."""
+    def block_output(self, layer: int, block: str, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) output of a block ("attn" or "mlp") before the residual add; residual (N, hidden)."""
+        if not self.active or not self.bottleneck_groups:
+            return out
+        table = self.slots.bottleneck.get((layer, block))
+        if table is None:
+            return out
+        x = out if self.residual_mask is None else out + residual * self.residual_mask
+        for act, groups in self.bottleneck_groups.items():
+            low_rank_apply(x, out, table, groups, act=act)
         return out

@@ -17,6 +17,7 @@ from server.api.routes import chat, completions, health, models
 from server.base_model import LoadedModel, load_base_model
 from server.config import Settings
 from server.engine.engine import Engine
+from server.registry.store import Store, parse_adapter_flag
 
 log = logging.getLogger("peftserve")
 
@@ -68,10 +69,12 @@ def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = Store(settings.adapters.store, dict(parse_adapter_flag(a) for a in settings.adapters.adapter))
         loaded = model if model is not None else load_base_model(settings.model)
-        eng = Engine(loaded, settings.engine)
+        eng = Engine(loaded, settings.engine, settings.adapters, source=store)
         eng.start()
         app.state.engine = eng
+        app.state.store = store
         app.state.started = int(time.time())
         log.info("serving %s", loaded.name)
         try:

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
+from server.adapters.common import AdapterRef
 from server.api.errors import APIError
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
 from server.engine.engine import Engine
@@ -37,7 +38,7 @@ def engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
-def resolve_adapter(eng: Engine, model: str) -> str | None:
+def resolve_adapter(eng: Engine, model: str) -> AdapterRef | None:
     try:
         return eng.resolve_model(model)
     except UnknownModel as exc:
@@ -72,7 +73,7 @@ def submit_choices(
     eng: Engine,
     body: ChatCompletionRequest | CompletionRequest,
     prompts: list[list[int]],
-    adapter: str | None,
+    adapter: AdapterRef | None,
     prompt_param: str,
 ) -> list[Choice]:
     """Submit n choices per prompt; on any refusal cancel those already queued and raise an APIError."""
@@ -80,7 +81,8 @@ def submit_choices(
     try:
         for prompt_ids in prompts:
             limit = body.completion_limit()
-            max_tokens = limit if limit is not None else max(1, eng.max_model_len - len(prompt_ids))
+            virtual = adapter.virtual_tokens if adapter else 0
+            max_tokens = limit if limit is not None else max(1, eng.max_model_len - virtual - len(prompt_ids))
             for i in range(body.n):
                 params = SamplingParams(
                     max_tokens=max_tokens,
@@ -90,6 +92,7 @@ def submit_choices(
                     # n > 1 with a seed: distinct choices that are still reproducible.
                     seed=None if body.seed is None else body.seed + i,
                     stop=body.stop_strings(),
+                    ignore_eos=body.ignore_eos,
                 )
                 handle = eng.submit(prompt_ids, params, adapter)
                 choices.append(Choice(len(choices), handle))

@@ -47,6 +47,7 @@ class _Generation(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod

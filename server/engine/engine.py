@@ -16,14 +16,18 @@ import queue
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import jinja2
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from server.adapters.common import AdapterRef
 from server.adapters.context import BatchContext
-from server.base_model import LoadedModel
-from server.config import EngineSettings
+from server.adapters.loader import load_adapter
+from server.adapters.slots import SlotTable
+from server.base_model import LoadedModel, dense_weight, linear_module
+from server.config import AdapterSettings, EngineSettings
 from server.engine.detokenizer import Detokenizer
 from server.engine.kv_cache import KVCache
 from server.engine.model import Decoder, StepInputs
@@ -40,8 +44,16 @@ from server.engine.request import (
 )
 from server.engine.sampler import SamplingParams, new_generator, sample
 from server.engine.scheduler import Limits, Plan, Waiting, schedule
+from server.engine.tiers import AdapterTiers
 
 log = logging.getLogger("peftserve.engine")
+
+
+class AdapterSource(Protocol):
+    """Where adapter names are resolved (the registry)."""
+
+    def resolve(self, name: str) -> AdapterRef:
+        """The adapter version a `model` field names; KeyError if none."""
 
 
 @dataclass
@@ -51,13 +63,19 @@ class Sequence:
     request_id: int
     prompt_ids: list[int]
     params: SamplingParams
-    adapter: str | None
+    adapter: AdapterRef | None
     handle: RequestHandle
     generator: torch.Generator
     detok: Detokenizer
     output_ids: list[int] = field(default_factory=list)
     cached: int = 0
     """Positions of this sequence's cache row that hold keys and values."""
+    slot: int = -1
+    """Device slot of its adapter while running; -1 for the base model."""
+
+    @property
+    def virtual_tokens(self) -> int:
+        return self.adapter.virtual_tokens if self.adapter else 0
 
     def last_token(self) -> int:
         return self.output_ids[-1]
@@ -75,9 +93,17 @@ class StepReport:
 class Engine:
     """Owns the model, the cache and the running batch; `step` is the only mutator of all three."""
 
-    def __init__(self, model: LoadedModel, settings: EngineSettings) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        settings: EngineSettings,
+        adapters: AdapterSettings | None = None,
+        source: AdapterSource | None = None,
+    ) -> None:
         self.model = model
         self.settings = settings
+        self.adapter_settings = adapters or AdapterSettings()
+        self.source = source
         self.decoder = Decoder(model.hf, model.shape)
         shape = model.shape
         self.cache = KVCache(
@@ -99,7 +125,10 @@ class Engine:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._context = BatchContext()
+        self.slots = SlotTable(self.adapter_settings.max_active_adapters, shape, model.dtype, model.device)
+        self.tiers = AdapterTiers(
+            self.slots, self.adapter_settings.max_cpu_adapters, self._load_adapter, self._wake.set
+        )
 
     # ---- the caller's side (any thread) ----
 
@@ -125,14 +154,30 @@ class Engine:
         except jinja2.TemplateError as exc:
             raise ValueError(f"the chat template rejected these messages: {exc}") from exc
 
-    def resolve_model(self, name: str) -> str | None:
+    def resolve_model(self, name: str) -> AdapterRef | None:
         """The adapter a `model` field names, None for the base model; raises UnknownModel."""
         if name == self.model.name:
             return None
-        raise UnknownModel(name)
+        if self.source is None:
+            raise UnknownModel(name)
+        try:
+            return self.source.resolve(name)
+        except KeyError:
+            raise UnknownModel(name) from None
+
+    def _load_adapter(self, ref: AdapterRef):
+        """Disk -> parsed weights in the serving dtype; runs on the loader thread."""
+        hf, settings = self.model.hf, self.adapter_settings
+        return load_adapter(
+            ref.path,
+            self.model.shape,
+            max_rank=settings.max_lora_rank,
+            dtype=self.model.dtype,
+            base_weight=lambda layer, name: dense_weight(linear_module(hf, layer, name)),
+        )
 
     def submit(
-        self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None
+        self, prompt_ids: list[int], params: SamplingParams, adapter: AdapterRef | None = None
     ) -> RequestHandle:
         """Queue a request; its events arrive on the returned handle."""
         if self._stopping.is_set():
@@ -143,8 +188,9 @@ class Engine:
         vocab = self.model.shape.vocab_size
         if not all(0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if len(prompt_ids) + params.max_tokens > limit:
-            raise ContextLengthError(len(prompt_ids), params.max_tokens, limit)
+        prompt_tokens = len(prompt_ids) + (adapter.virtual_tokens if adapter else 0)
+        if prompt_tokens + params.max_tokens > limit:
+            raise ContextLengthError(prompt_tokens, params.max_tokens, limit)
         with self._queued_lock:
             if self._queued >= self.settings.max_queue:
                 raise QueueFull(self.settings.max_queue)
@@ -174,6 +220,7 @@ class Engine:
             self._finish(seq, "abort", error="the server is shutting down")
         self._waiting.clear()
         self._running.clear()
+        self.tiers.shutdown()
 
     def stats(self) -> dict[str, float]:
         """A snapshot for health and metrics; read without locking, so approximate."""
@@ -195,12 +242,22 @@ class Engine:
     def step(self) -> StepReport:
         """Admit what the scheduler allows, prefill it, decode one token for every running sequence."""
         self._take_inbox()
-        waiting = [Waiting(s.request_id, s.adapter, len(s.prompt_ids)) for s in self._waiting.values()]
-        plan = schedule(waiting, len(self._running), [], self.limits)
-        finished: list[int] = []
+        finished = self._fail_loads()
+        waiting = [
+            Waiting(s.request_id, s.adapter.key if s.adapter else None, len(s.prompt_ids) + s.virtual_tokens)
+            for s in self._waiting.values()
+        ]
+        plan = schedule(waiting, len(self._running), self.tiers.states(), self.limits)
+        refs = {s.adapter.key: s.adapter for s in self._waiting.values() if s.adapter}
+        for slot, key in plan.load:
+            self.tiers.start_load(slot, refs[key])
         admitted = [self._waiting.pop(i) for i in plan.admit]
         with self._queued_lock:
             self._queued -= len(admitted)
+        for seq in admitted:
+            if seq.adapter is not None:
+                seq.slot = self.tiers.slot_of(seq.adapter.key)
+                self.tiers.acquire(seq.slot)
         try:
             if admitted:
                 finished += self._prefill(admitted)
@@ -212,6 +269,20 @@ class Engine:
                 self._finish(seq, "error", error=f"internal error: {exc}")
             self._running.clear()
         return StepReport(plan, [s.request_id for s in self._running], finished)
+
+    def _fail_loads(self) -> list[int]:
+        """Requests waiting for an adapter that failed to load end with its error."""
+        failed: list[int] = []
+        for failure in self.tiers.poll():
+            for seq in [s for s in self._waiting.values() if s.adapter == failure.ref]:
+                del self._waiting[seq.request_id]
+                with self._queued_lock:
+                    self._queued -= 1
+                self._finish(
+                    seq, "error", error=f"adapter {failure.ref.name} could not be loaded: {failure.error}"
+                )
+                failed.append(seq.request_id)
+        return failed
 
     def _take_inbox(self) -> None:
         while True:
@@ -267,22 +338,41 @@ class Engine:
         return finished
 
     def _prefill_chunk(self, chunk: list[Sequence]) -> list[int]:
-        device = self.model.device
-        lengths = [len(s.prompt_ids) for s in chunk]
+        """Prefill new sequences into rows after the running ones; sample each one's first token.
+
+        Prompt-tuning rows get their virtual tokens in front of the prompt's embeddings;
+        prefix-tuning rows get their keys and values written at positions 0..n-1, and the
+        prompt starts at position n.
+        """
+        device, slots = self.model.device, self.slots
+        first_row = len(self._running)
+        kinds = [slots.kinds[s.slot] if s.slot >= 0 else None for s in chunk]
+        prompt_virtual = [
+            s.virtual_tokens if k == "prompt_tuning" or k == "p_tuning" else 0
+            for s, k in zip(chunk, kinds, strict=True)
+        ]
+        starts = [s.virtual_tokens if k == "prefix_tuning" else 0 for s, k in zip(chunk, kinds, strict=True)]
+        lengths = [v + len(s.prompt_ids) for s, v in zip(chunk, prompt_virtual, strict=True)]
         width = max(lengths)
         ids = torch.zeros(len(chunk), width, dtype=torch.long)
         for i, seq in enumerate(chunk):
-            ids[i, : lengths[i]] = torch.tensor(seq.prompt_ids)
-        first_row = len(self._running)
+            ids[i, prompt_virtual[i] : lengths[i]] = torch.tensor(seq.prompt_ids)
+        embeds = self.decoder.embed(ids.to(device))  # (B, T, hidden)
+        for i, seq in enumerate(chunk):
+            if prompt_virtual[i]:
+                embeds[i, : prompt_virtual[i]] = slots.prompts[seq.slot]
+            if starts[i]:
+                self.cache.write_prefix(first_row + i, *slots.prefixes[seq.slot])
+        token_slots = torch.tensor([s.slot for s in chunk], device=device).repeat_interleave(width)
         step = StepInputs(
             first_row=first_row,
-            positions=torch.arange(width).expand(len(chunk), width).to(device),
+            positions=(torch.tensor(starts).unsqueeze(1) + torch.arange(width)).to(device),
             lengths=torch.tensor(lengths, device=device),
-            adapters=self._context,
+            adapters=BatchContext(slots, token_slots),
         )
-        logits = self.decoder.forward(self.decoder.embed(ids.to(device)), step, self.cache)
-        for seq, length in zip(chunk, lengths, strict=True):
-            seq.cached = length
+        logits = self.decoder.forward(embeds, step, self.cache)
+        for seq, start, length in zip(chunk, starts, lengths, strict=True):
+            seq.cached = start + length
         self._running.extend(chunk)
         return self._accept(list(range(first_row, first_row + len(chunk))), logits)
 
@@ -294,7 +384,7 @@ class Engine:
             first_row=0,
             positions=torch.tensor([[s.cached] for s in batch], device=device),
             lengths=torch.ones(len(batch), dtype=torch.long, device=device),
-            adapters=self._context,
+            adapters=BatchContext(self.slots, torch.tensor([s.slot for s in batch], device=device)),
         )
         logits = self.decoder.forward(self.decoder.embed(tokens), step, self.cache)
         for seq in batch:
@@ -319,7 +409,7 @@ class Engine:
     def _append(self, seq: Sequence, token: int) -> FinishReason | None:
         """Record one generated token; the reason the sequence ends, if it does."""
         seq.output_ids.append(token)
-        if token in self.model.eos_token_ids:
+        if token in self.model.eos_token_ids and not seq.params.ignore_eos:
             return "stop"
         text = seq.detok.add(token)
         if text or not seq.detok.stopped:
@@ -331,6 +421,9 @@ class Engine:
         return None
 
     def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        if seq.slot >= 0:
+            self.tiers.release(seq.slot)
+            seq.slot = -1
         tail = seq.detok.finish() if reason in ("stop", "length") else ""
         if tail:
             seq.handle.push(Delta(tail, ()))

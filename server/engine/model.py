@@ -71,6 +71,7 @@ class Decoder:
         cos, sin = self.rotary(embeds, step.positions)
         # Key j is visible to a token at position p iff j <= p; padding never sits before a real token.
         key_span = int(step.positions.max()) + 1
+        cache.prepare(step.first_row, batch, key_span)
         visible = torch.arange(key_span, device=embeds.device) <= step.positions.unsqueeze(-1)  # (B, T, L)
         rows = torch.arange(step.first_row, step.first_row + batch, device=embeds.device)
         write_rows = rows.unsqueeze(1).expand(batch, tokens)
@@ -94,9 +95,9 @@ class Decoder:
                 key_span,
                 (batch, tokens),
             )
-            h = h + step.adapters.block_output(index, "attn", attn_out)
+            h = h + step.adapters.block_output(index, "attn", attn_out, h)
             mlp_in = layer.post_attention_layernorm(h)
-            h = h + step.adapters.block_output(index, "mlp", self._mlp(index, layer.mlp, mlp_in, step))
+            h = h + step.adapters.block_output(index, "mlp", self._mlp(index, layer.mlp, mlp_in, step), h)
         last = h.view(batch, tokens, hidden)[
             torch.arange(batch, device=h.device), step.lengths - 1
         ]  # (B, hidden)

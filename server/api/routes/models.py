@@ -11,19 +11,20 @@ from server.api.generation import engine
 router = APIRouter(tags=["models"])
 
 
+def _model(model_id: str, created: int, base: str, parent: str | None) -> dict[str, Any]:
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "peftserve",
+        "root": base,
+        "parent": parent,
+    }
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    eng = engine(request)
     created = request.app.state.started
-    base = eng.model.name
-    data = [
-        {
-            "id": base,
-            "object": "model",
-            "created": created,
-            "owned_by": "peftserve",
-            "root": base,
-            "parent": None,
-        }
-    ]
-    return {"object": "list", "data": data}
+    base = engine(request).model.name
+    adapters = [_model(ref.name, created, base, base) for ref in request.app.state.store.names()]
+    return {"object": "list", "data": [_model(base, created, base, None), *adapters]}

@@ -42,3 +42,19 @@ def test_rows_moved_in_the_cache_keep_their_keys(tiny_model):
     expected = cache.data[:, :, 2, :, :5].clone()
     cache.move_row(2, 0, 5)
     torch.testing.assert_close(cache.data[:, :, 0, :, :5], expected)
+
+
+def test_unwritten_cache_memory_never_reaches_the_output(tiny_model):
+    shape = tiny_model.shape
+    decoder = Decoder(tiny_model.hf, shape)
+    cache = KVCache(
+        shape.num_layers, 2, shape.num_kv_heads, 300, shape.head_dim, torch.float32, torch.device("cpu")
+    )
+    cache.data.fill_(float("nan"))  # what recycled memory may hold
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    step = StepInputs(0, torch.arange(4).expand(2, 4), torch.tensor([4, 2]), BatchContext())
+    logits = decoder.forward(decoder.embed(ids), step, cache)
+    assert torch.isfinite(logits).all()
+    # A decode step far into the cache reads a fresh block.
+    far = StepInputs(0, torch.tensor([[270], [4]]), torch.ones(2, dtype=torch.long), BatchContext())
+    assert torch.isfinite(decoder.forward(decoder.embed(torch.tensor([[1], [2]])), far, cache)).all()

@@ -1,0 +1,1 @@
+"""In-process benchmarks against the baselines in DESIGN.md."""

@@ -1,0 +1,286 @@
+"""Throughput with many adapters: the engine against PEFT and plain `generate`, in one process.
+
+Workload: N requests (default 64), prompts of 32-128 random tokens, 64 new tokens each (EOS
+ignored so every request generates all of them), adapters drawn from K LoRA adapters (rank 16,
+every linear layer) with a Zipf law, P(rank k) proportional to 1/k^s, s = 1.0. Plus one mix of
+all adapter kinds. Tokens/s = generated tokens / wall time from the first submit to the last
+token, prefill included. Engine figures are the median of --repeats runs after one warm-up
+run (adapters then sit in the CPU cache, as on a server that has been up a while).
+
+    python -m bench.bench_adapters --out bench/results/adapters.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.adapters import write_bottleneck, write_ia3, write_lora, write_prompt, zipf_choices
+from server.adapters.loader import load_adapter
+from server.adapters.slots import SlotTable
+from server.base_model import LoadedModel, dense_weight, linear_module, load_base_model
+from server.config import AdapterSettings, EngineSettings, Settings
+from server.engine.engine import Engine
+from server.engine.request import Finished
+from server.engine.sampler import SamplingParams
+from server.registry.store import Store
+
+# (numerator, denominator, goal); "engine K=max" is the engine with the largest K.
+TARGETS = [
+    ("engine K=max", "engine, no adapters", 0.85),
+    ("engine K=max", "PEFT set_adapter + generate", 8.0),
+    ("engine K=max", "PEFT adapter_names batch", 2.5),
+    ("engine, all kinds", "engine, no adapters", 0.75),
+]
+
+
+def make_prompts(count: int, vocab: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(32, 129, (count,), generator=gen).tolist()
+    # Skip the first 1000 ids: special and control tokens live there.
+    return [torch.randint(1000, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def run_engine(model: LoadedModel, store: Path, prompts, adapters, new_tokens: int) -> float:
+    """Generated tokens/s for the whole workload through the engine thread."""
+    engine = Engine(model, EngineSettings(max_batch_size=64), AdapterSettings(), Store(store))
+    engine.start()
+    try:
+        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        started = time.perf_counter()
+        handles = [
+            engine.submit(p, params, engine.resolve_model(a) if a else None)
+            for p, a in zip(prompts, adapters, strict=True)
+        ]
+        done = [False] * len(handles)
+        tokens = 0
+        while not all(done):
+            time.sleep(0.002)
+            for i, handle in enumerate(handles):
+                for event in handle.drain():
+                    if isinstance(event, Finished):
+                        assert event.reason == "length", event
+                        tokens += event.completion_tokens
+                        done[i] = True
+        return tokens / (time.perf_counter() - started)
+    finally:
+        engine.stop()
+
+
+def engine_median(model, store, prompts, adapters, new_tokens, repeats) -> float:
+    run_engine(model, store, prompts, adapters, new_tokens)  # warm-up: adapters into the CPU cache
+    return statistics.median(run_engine(model, store, prompts, adapters, new_tokens) for _ in range(repeats))
+
+
+def _left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+def _generate(model, prompts, pad: int, new_tokens: int, **kwargs) -> int:
+    ids, mask = _left_padded(prompts, pad)
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            **kwargs,
+        )
+    return (out.shape[1] - ids.shape[1]) * len(prompts)
+
+
+def plain_generate(model_dir: Path, dtype, prompts, pad, new_tokens, batch: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    started, tokens = time.perf_counter(), 0
+    for i in range(0, len(prompts), batch):
+        tokens += _generate(model, prompts[i : i + batch], pad, new_tokens)
+    return tokens / (time.perf_counter() - started)
+
+
+def peft_model(model_dir: Path, dtype, store: Path, names: list[str]):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    model = PeftModel.from_pretrained(base, store / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(store / name, adapter_name=name)
+    return model.eval()
+
+
+def peft_per_request(model, prompts, adapters, pad, new_tokens) -> float:
+    started, tokens = time.perf_counter(), 0
+    for prompt, name in zip(prompts, adapters, strict=True):
+        model.set_adapter(name)
+        tokens += _generate(model, [prompt], pad, new_tokens)
+    return tokens / (time.perf_counter() - started)
+
+
+def peft_mixed_batches(model, prompts, adapters, pad, new_tokens, batch: int) -> float:
+    started, tokens = time.perf_counter(), 0
+    for i in range(0, len(prompts), batch):
+        tokens += _generate(
+            model, prompts[i : i + batch], pad, new_tokens, adapter_names=adapters[i : i + batch]
+        )
+    return tokens / (time.perf_counter() - started)
+
+
+def adapter_load_median(model: LoadedModel, store: Path, names: list[str]) -> float:
+    """Seconds from an adapter folder on disk to weights in a device slot."""
+    table = SlotTable(1, model.shape, model.dtype, model.device)
+    hf = model.hf
+    times = []
+    for name in names:
+        started = time.perf_counter()
+        weights = load_adapter(
+            store / name,
+            model.shape,
+            max_rank=64,
+            dtype=model.dtype,
+            base_weight=lambda layer, module: dense_weight(linear_module(hf, layer, module)),
+        )
+        table.install(0, weights)
+        times.append(time.perf_counter() - started)
+        table.clear(0)
+    return statistics.median(times)
+
+
+def build_stores(root: Path, model: LoadedModel, max_k: int) -> tuple[Path, Path, list[str]]:
+    shape = model.shape
+    lora_store = root / "lora"
+    for k in range(max_k):
+        write_lora(lora_store / f"lora-{k:02d}", shape, rank=16, seed=k)
+    mix_store = root / "mix"
+    writers = {
+        "lora": lambda f, s: write_lora(f, shape, 16, s),
+        "dora": lambda f, s: write_lora(f, shape, 16, s, dora=True),
+        "ia3": lambda f, s: write_ia3(f, shape, s),
+        "prompt": lambda f, s: write_prompt(f, shape, 16, s),
+        "prefix": lambda f, s: write_prompt(f, shape, 16, s, prefix=True),
+        "bottleneck": lambda f, s: write_bottleneck(f, shape, 64, s),
+    }
+    mix_names = []
+    for round_ in range(2):  # two of each kind, interleaved so Zipf's popular ranks span every kind
+        for kind, write in writers.items():
+            name = f"{kind}-{round_}"
+            write(mix_store / name, 1000 + len(mix_names))
+            mix_names.append(name)
+    return lora_store, mix_store, mix_names
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument(
+        "--dtype", default="auto", help="model dtype for every contender (auto: as the server)"
+    )
+    parser.add_argument("--requests", type=int, default=64, help="requests in the workload")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request")
+    parser.add_argument("--ks", default="1,8,64", help="comma-separated adapter counts K")
+    parser.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent s (0 = uniform)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed engine runs per configuration (median)")
+    parser.add_argument("--batch", type=int, default=16, help="static batch size of the generate baselines")
+    parser.add_argument(
+        "--baseline-requests",
+        type=int,
+        default=16,
+        help="requests timed for the per-request PEFT baseline (its rate does not depend on N)",
+    )
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = load_base_model(Settings.load({"dtype": args.dtype}).model)
+    model_dir = Path(model.hf.name_or_path)
+    pad = model.tokenizer.pad_token_id
+    ks = [int(k) for k in args.ks.split(",")]
+    prompts = make_prompts(args.requests, model.shape.vocab_size, seed=1)
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="peftserve-bench-") as tmp:
+        lora_store, mix_store, mix_names = build_stores(Path(tmp), model, max(ks))
+        nt, rep = args.new_tokens, args.repeats
+        results["engine, no adapters"] = engine_median(
+            model, lora_store, prompts, [None] * len(prompts), nt, rep
+        )
+        for k in ks:
+            names = [f"lora-{i:02d}" for i in zipf_choices(len(prompts), k, args.zipf_s, seed=k)]
+            results[f"engine K={k}"] = engine_median(model, lora_store, prompts, names, nt, rep)
+        mix = [mix_names[i] for i in zipf_choices(len(prompts), len(mix_names), args.zipf_s, seed=99)]
+        results["engine, all kinds"] = engine_median(model, mix_store, prompts, mix, nt, rep)
+        sample = [f"lora-{i:02d}" for i in range(min(9, max(ks)))]
+        results["adapter load (s, median)"] = adapter_load_median(model, lora_store, sample)
+        k = max(ks)
+        names = [f"lora-{i:02d}" for i in zipf_choices(len(prompts), k, args.zipf_s, seed=k)]
+        results["plain generate, no adapters"] = plain_generate(
+            model_dir, model.dtype, prompts, pad, nt, args.batch
+        )
+        peft = peft_model(model_dir, model.dtype, lora_store, [f"lora-{i:02d}" for i in range(k)])
+        few = args.baseline_requests
+        results["PEFT set_adapter + generate"] = peft_per_request(peft, prompts[:few], names[:few], pad, nt)
+        results["PEFT adapter_names batch"] = peft_mixed_batches(peft, prompts, names, pad, nt, args.batch)
+    report(results, args, model)
+
+
+def report(results: dict[str, float], args, model: LoadedModel) -> None:
+    base = results["engine, no adapters"]
+    print(
+        f"\n{args.requests} requests, 32-128 prompt tokens, {args.new_tokens} new tokens each, "
+        f"Zipf s={args.zipf_s}, {str(model.dtype).removeprefix('torch.')}, "
+        f"{torch.get_num_threads()} threads\n"
+    )
+    print("| configuration | tokens/s | vs engine, no adapters |")
+    print("| --- | --- | --- |")
+    for name, value in results.items():
+        if name.startswith("adapter load"):
+            continue
+        print(f"| {name} | {value:.1f} | {value / base:.2f} |")
+    load_ms = results["adapter load (s, median)"] * 1000
+    print(f"\nLoading a rank-16 all-linear adapter from disk into a slot: {load_ms:.0f} ms (median)\n")
+    print("| target | measured | goal |")
+    print("| --- | --- | --- |")
+    ratios = {}
+    k_max = f"engine K={max(int(k) for k in args.ks.split(','))}"
+    for num, den, goal in TARGETS:
+        num = k_max if num == "engine K=max" else num
+        label = f"{num} / {den}"
+        ratio = results[num] / results[den]
+        ratios[label] = ratio
+        print(f"| {label} | {ratio:.2f} | >= {goal} {'ok' if ratio >= goal else 'MISSED'} |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "tokens_per_s": {k: v for k, v in results.items() if not k.startswith("adapter load")},
+            "adapter_load_seconds_median": results["adapter load (s, median)"],
+            "ratios": ratios,
+            "workload": {
+                "requests": args.requests,
+                "new_tokens": args.new_tokens,
+                "zipf_s": args.zipf_s,
+                "ks": args.ks,
+                "dtype": str(model.dtype),
+                "threads": torch.get_num_threads(),
+                "machine": platform.processor() or platform.machine(),
+            },
+        }
+        args.out.write_text(json.dumps(payload, indent=2))
+
+
+if __name__ == "__main__":
+    main()

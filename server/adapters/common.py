@@ -1,0 +1,180 @@
+"""What every adapter kind shares: reading a checkpoint folder, errors, and the parsed result's base."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+SUPPORTED_TYPES = ("LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "BOTTLENECK")
+SUPPORTED_TEXT = "LORA (with rsLoRA and DoRA), IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, BOTTLENECK"
+# PEFT names decoder linears `...layers.<i>.<self_attn|mlp>.<name>...`.
+LAYER_MODULE = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served; the message names the field or tensor at fault."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass
+class AdapterWeights:
+    """A parsed adapter, ready to be placed into a device slot."""
+
+    peft_type: str
+    config: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return self.peft_type.lower()
+
+    @property
+    def virtual_tokens(self) -> int:
+        """Cache positions the adapter occupies before the prompt (prompt and prefix kinds)."""
+        return 0
+
+    @property
+    def rank(self) -> int | None:
+        return None
+
+    @property
+    def target_modules(self) -> list[str]:
+        return []
+
+    def tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def cast(self, dtype: torch.dtype) -> None:
+        """Convert every tensor, in place, to the dtype the server computes in."""
+        _cast(self, dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def _cast(obj: Any, dtype: torch.dtype) -> None:
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, torch.Tensor):
+            setattr(obj, f.name, value.to(dtype))
+        elif isinstance(value, dict):
+            for item in value.values():
+                if is_dataclass(item):
+                    _cast(item, dtype)
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """One servable version of an adapter, as the engine schedules it."""
+
+    name: str
+    version: int
+    path: Path
+    peft_type: str
+    virtual_tokens: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterError(f"{folder} has no {CONFIG_FILE}", CONFIG_FILE)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {exc}", CONFIG_FILE) from exc
+    if not isinstance(config, dict):
+        raise AdapterError(f"{CONFIG_FILE} must hold a JSON object", CONFIG_FILE)
+    return config
+
+
+def peft_type_of(config: dict[str, Any]) -> str:
+    peft_type = config.get("peft_type")
+    if not isinstance(peft_type, str):
+        raise AdapterError("adapter_config.json has no peft_type", "peft_type")
+    if peft_type.upper() not in SUPPORTED_TYPES:
+        raise AdapterError(
+            f"peft_type {peft_type!r} is not supported; supported: {SUPPORTED_TEXT}", "peft_type"
+        )
+    return peft_type.upper()
+
+
+def read_tensors(folder: Path, file: str = WEIGHTS_FILE) -> dict[str, torch.Tensor]:
+    path = folder / file
+    if not path.is_file():
+        pickled = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+        hint = f" ({', '.join(pickled)} are pickle files, which are never loaded)" if pickled else ""
+        raise AdapterError(f"{folder} has no {file}{hint}", file)
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"{file} is not a readable safetensors file: {exc}", file) from exc
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise AdapterError(f"tensor {name} has dtype {tensor.dtype}; adapters hold float tensors", name)
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"tensor {name} holds NaN or Inf values", name)
+    return tensors
+
+
+def expect_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != shape:
+        raise AdapterError(
+            f"tensor {name} has shape {tuple(tensor.shape)} but the base model needs {shape}; "
+            "was this adapter trained for another base model?",
+            name,
+        )
+
+
+def positive_int(config: dict[str, Any], key: str) -> int:
+    value = config.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise AdapterError(f"{key} must be a positive integer, got {value!r}", key)
+    return value
+
+
+def finite_number(config: dict[str, Any], key: str, default: float) -> float:
+    value = config.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise AdapterError(f"{key} must be a finite number, got {value!r}", key)
+    return float(value)
+
+
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+
+
+def module_path(layer: int, module: str) -> str:
+    """The HF path of a decoder linear, as PEFT names it (without PEFT's own prefix)."""
+    block = "mlp" if module in MLP_MODULES else "self_attn"
+    return f"model.layers.{layer}.{block}.{module}"
+
+
+def layer_module(name: str, num_layers: int) -> tuple[int, str] | None:
+    """(layer index, module name) of a decoder linear named in a PEFT tensor name, else None."""
+    match = LAYER_MODULE.search(name)
+    if match is None:
+        return None
+    layer = int(match.group(1))
+    if layer >= num_layers:
+        raise AdapterError(
+            f"tensor {name} names layer {layer}, but the base model has {num_layers} layers", name
+        )
+    return layer, match.group(3)

@@ -1,0 +1,141 @@
+"""LoRA, rsLoRA and DoRA: `y += s * B(A x)` on chosen linear layers; DoRA rescales each output channel.
+
+Parsed per site (layer, linear) into `a` (r, in) and `b` (r, out) with the scaling folded into
+`b`, so the batched math is the shared low-rank apply. DoRA's factor m / ||W + s B A|| depends
+on the adapter only, not on the input, so it is computed once at load time and applied per row
+as an output scale: y = g * (W x + s B A x) + (1 - g) * bias.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from server.adapters.common import (
+    AdapterError,
+    AdapterWeights,
+    expect_shape,
+    finite_number,
+    layer_module,
+    module_path,
+)
+from server.base_model import ModelShape
+
+# (layer, module name) -> the base linear's dense float32 weight, (out, in).
+BaseWeight = Callable[[int, str], torch.Tensor]
+
+_TENSOR = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
+_REFUSED = {
+    "bias": ("none", "trained LoRA biases are not supported"),
+    "lora_bias": (False, "trained LoRA biases are not supported"),
+    "fan_in_fan_out": (False, "fan_in_fan_out is for Conv1D models, not Llama-style linears"),
+}
+
+
+@dataclass
+class LoraSite:
+    a: torch.Tensor  # (r, in)
+    b: torch.Tensor  # (r, out), scaling folded in
+    dora_scale: torch.Tensor | None = None  # (out,) DoRA's m / ||W + s B A||
+
+
+@dataclass
+class LoraWeights(AdapterWeights):
+    sites: dict[tuple[int, str], LoraSite] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return max(site.a.shape[0] for site in self.sites.values())
+
+    @property
+    def target_modules(self) -> list[str]:
+        return sorted({name for _, name in self.sites})
+
+    @property
+    def dora(self) -> bool:
+        return any(site.dora_scale is not None for site in self.sites.values())
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for s in self.sites.values() for t in (s.a, s.b, s.dora_scale) if t is not None]
+
+
+def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:
+    """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module path ending with it."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return value
+    return default
+
+
+def _check_config(config: dict[str, Any]) -> None:
+    for key, (allowed, why) in _REFUSED.items():
+        if config.get(key, allowed) not in (allowed, None):
+            raise AdapterError(f"{key}={config[key]!r}: {why}", key)
+    if config.get("modules_to_save"):
+        raise AdapterError(
+            "modules_to_save is not supported: only low-rank weights can be batched", "modules_to_save"
+        )
+    if config.get("target_parameters"):
+        raise AdapterError("target_parameters is not supported", "target_parameters")
+
+
+def parse(
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    shape: ModelShape,
+    max_rank: int,
+    base_weight: BaseWeight,
+) -> LoraWeights:
+    _check_config(config)
+    alpha = finite_number(config, "lora_alpha", 8.0)
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora"))
+    dims = shape.linear_dims()
+    parts: dict[tuple[int, str], dict[str, tuple[str, torch.Tensor]]] = {}
+    for name, tensor in tensors.items():
+        kind = _TENSOR.search(name)
+        site = layer_module(name, shape.num_layers) if kind else None
+        if kind is None or site is None:
+            raise AdapterError(f"tensor {name} is not a LoRA weight of a decoder linear layer", name)
+        if site[1] not in dims:
+            raise AdapterError(
+                f"tensor {name} targets module {site[1]!r}, which the base lacks; it has {', '.join(dims)}",
+                name,
+            )
+        parts.setdefault(site, {})[kind.group(1)] = (name, tensor)
+    if not parts:
+        raise AdapterError("adapter_model.safetensors holds no LoRA weights", "adapter_model.safetensors")
+    weights = LoraWeights(peft_type="LORA", config=config)
+    for (layer, module), found in sorted(parts.items()):
+        path = module_path(layer, module)
+        if "lora_A.weight" not in found or "lora_B.weight" not in found:
+            raise AdapterError(f"{path} needs both lora_A and lora_B weights", path)
+        (a_name, a), (b_name, b) = found["lora_A.weight"], found["lora_B.weight"]
+        rank = a.shape[0]
+        if rank > max_rank:
+            raise AdapterError(f"{path} has rank {rank}, above --max-lora-rank {max_rank}", "r")
+        in_features, out_features = dims[module]
+        expect_shape(a_name, a, (rank, in_features))
+        expect_shape(b_name, b, (out_features, rank))
+        module_alpha = float(_pattern_value(alpha_pattern, path, alpha))
+        scale = module_alpha / (math.sqrt(rank) if rslora else rank)
+        site = LoraSite(a=a.float().contiguous(), b=(b.float() * scale).t().contiguous())
+        if "lora_magnitude_vector" in found:
+            m_name, magnitude = found["lora_magnitude_vector"]
+            expect_shape(m_name, magnitude, (out_features,))
+            site.dora_scale = dora_scale(base_weight(layer, module), site, magnitude.float())
+        elif config.get("use_dora"):
+            raise AdapterError(f"use_dora is set but {path} has no lora_magnitude_vector", path)
+        weights.sites[(layer, module)] = site
+    return weights
+
+
+def dora_scale(weight: torch.Tensor, site: LoraSite, magnitude: torch.Tensor) -> torch.Tensor:
+    """m / ||W + s B A|| per output channel; weight (out, in) float32."""
+    merged = weight + site.b.t() @ site.a  # (out, in); b already carries s
+    return magnitude / merged.norm(dim=1)

@@ -1,0 +1,54 @@
+"""Prefix tuning: learned keys and values in every layer, written into a row's cache at prefill.
+
+PEFT saves the final `prompt_embeddings` (n, layers * 2 * kv_dim); layer l's keys are slice 2l
+and its values slice 2l + 1 of the (layers * 2) axis. The prompt then starts at position n.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from server.adapters.common import AdapterError, AdapterWeights, expect_shape, positive_int
+from server.base_model import ModelShape
+
+
+@dataclass
+class PrefixWeights(AdapterWeights):
+    keys: torch.Tensor | None = None  # (layers, kv_heads, n, head_dim)
+    values: torch.Tensor | None = None  # (layers, kv_heads, n, head_dim)
+
+    @property
+    def virtual_tokens(self) -> int:
+        return self.keys.shape[2]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.keys, self.values]
+
+
+def parse(config: dict[str, Any], tensors: dict[str, torch.Tensor], shape: ModelShape) -> PrefixWeights:
+    n = positive_int(config, "num_virtual_tokens")
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise AdapterError(
+            "num_transformer_submodules must be 1 for a decoder-only model", "num_transformer_submodules"
+        )
+    extra = sorted(set(tensors) - {"prompt_embeddings"})
+    if extra:
+        raise AdapterError(
+            f"unexpected tensor {extra[0]}: a prefix adapter holds only prompt_embeddings", extra[0]
+        )
+    if "prompt_embeddings" not in tensors:
+        raise AdapterError("a PREFIX_TUNING adapter needs a prompt_embeddings tensor", "prompt_embeddings")
+    layers, heads, dim = shape.num_layers, shape.num_kv_heads, shape.head_dim
+    embeddings = tensors["prompt_embeddings"]
+    expect_shape("prompt_embeddings", embeddings, (n, layers * 2 * heads * dim))
+    # (n, layers*2*kv_dim) -> (layers*2, kv_heads, n, head_dim)
+    stacked = embeddings.float().view(n, layers * 2, heads, dim).permute(1, 2, 0, 3)
+    return PrefixWeights(
+        peft_type="PREFIX_TUNING",
+        config=config,
+        keys=stacked[0::2].contiguous(),
+        values=stacked[1::2].contiguous(),
+    )

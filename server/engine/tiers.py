@@ -1,0 +1,142 @@
+"""Adapter memory tiers: disk store -> CPU cache (LRU) -> device slots.
+
+The engine thread owns the slots; reading and parsing an adapter from disk happens on a
+background thread so running requests keep decoding while it loads. A slot is only ever
+given to a new adapter when no running sequence uses the old one (the scheduler decides
+which; this class carries the plan out).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from server.adapters.common import AdapterRef, AdapterWeights
+from server.adapters.slots import SlotTable
+from server.engine.scheduler import Slot
+
+log = logging.getLogger("peftserve.adapters")
+
+
+@dataclass
+class SlotState:
+    ref: AdapterRef | None = None
+    ready: bool = False
+    users: int = 0
+    last_used: int = 0
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    ref: AdapterRef
+    error: Exception
+
+
+class AdapterTiers:
+    def __init__(
+        self,
+        table: SlotTable,
+        max_cpu_adapters: int,
+        load: Callable[[AdapterRef], AdapterWeights],
+        wake: Callable[[], None],
+    ) -> None:
+        self.table = table
+        self.max_cpu = max_cpu_adapters
+        self._load = load
+        self._wake = wake
+        self.slots = [SlotState() for _ in range(table.num_slots)]
+        self.cpu: OrderedDict[str, AdapterWeights] = OrderedDict()
+        self._done: queue.SimpleQueue[tuple[int, AdapterRef, AdapterWeights | Exception, float]] = (
+            queue.SimpleQueue()
+        )
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peftserve-adapter-loader")
+        self._clock = 0
+
+    def states(self) -> list[Slot]:
+        """The slots as the scheduler sees them."""
+        return [Slot(s.ref.key if s.ref else None, s.ready, s.users, s.last_used) for s in self.slots]
+
+    def slot_of(self, key: str) -> int:
+        """The ready slot holding this adapter version."""
+        for index, state in enumerate(self.slots):
+            if state.ref is not None and state.ref.key == key and state.ready:
+                return index
+        raise KeyError(key)
+
+    def start_load(self, slot: int, ref: AdapterRef) -> None:
+        """Evict whatever `slot` holds and bring `ref` into it, from the CPU cache or from disk."""
+        state = self.slots[slot]
+        assert state.users == 0, "evicting an adapter in use"
+        if state.ref is not None:
+            log.info("evicting %s from slot %d", state.ref.key, slot)
+            self.table.clear(slot)
+        self.slots[slot] = SlotState(ref=ref)
+        cached = self.cpu.get(ref.key)
+        if cached is not None:
+            self.cpu.move_to_end(ref.key)
+            self._install(slot, ref, cached, source="cpu", seconds=0.0)
+        else:
+            self._loader.submit(self._read, slot, ref)
+
+    def _read(self, slot: int, ref: AdapterRef) -> None:
+        started = time.perf_counter()
+        try:
+            result: AdapterWeights | Exception = self._load(ref)
+        except Exception as exc:  # reported to the requests waiting for it
+            result = exc
+        self._done.put((slot, ref, result, time.perf_counter() - started))
+        self._wake()
+
+    def poll(self) -> list[LoadFailure]:
+        """Install the loads that finished; the ones that failed."""
+        failures = []
+        while True:
+            try:
+                slot, ref, result, seconds = self._done.get_nowait()
+            except queue.Empty:
+                return failures
+            if self.slots[slot].ref != ref:
+                continue  # the slot was given to another adapter meanwhile
+            if isinstance(result, Exception):
+                log.error("adapter %s failed to load: %s", ref.key, result)
+                self.slots[slot] = SlotState()
+                failures.append(LoadFailure(ref, result))
+                continue
+            self._remember(ref.key, result)
+            self._install(slot, ref, result, source="disk", seconds=seconds)
+
+    def _remember(self, key: str, weights: AdapterWeights) -> None:
+        if self.max_cpu == 0:
+            return
+        self.cpu[key] = weights
+        self.cpu.move_to_end(key)
+        while len(self.cpu) > self.max_cpu:
+            self.cpu.popitem(last=False)
+
+    def _install(
+        self, slot: int, ref: AdapterRef, weights: AdapterWeights, source: str, seconds: float
+    ) -> None:
+        self.table.install(slot, weights)
+        self.slots[slot].ready = True
+        log.info("loaded %s into slot %d from %s in %.3f s", ref.key, slot, source, seconds)
+
+    def acquire(self, slot: int) -> None:
+        self.slots[slot].users += 1
+        self._touch(slot)
+
+    def release(self, slot: int) -> None:
+        assert self.slots[slot].users > 0
+        self.slots[slot].users -= 1
+        self._touch(slot)
+
+    def _touch(self, slot: int) -> None:
+        self._clock += 1
+        self.slots[slot].last_used = self._clock
+
+    def shutdown(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,1 @@
+"""The adapter registry: the store on disk, its index, validation and versions."""

@@ -1,0 +1,135 @@
+"""Random, non-zero adapters of every kind for a base model folder, and their references."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import (
+    IA3Config,
+    LoraConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from server.adapters.bottleneck import BottleneckReference, parse
+from server.base_model import ModelShape
+from tests.helpers import reference_greedy
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+PEFT_KINDS = {
+    "lora": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=ALL_LINEAR, init_lora_weights=False),
+    "rslora": lambda: LoraConfig(
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False,
+    ),
+    "dora": lambda: LoraConfig(
+        r=4,
+        lora_alpha=8,
+        use_dora=True,
+        target_modules=["q_proj", "o_proj", "up_proj"],
+        init_lora_weights=False,
+    ),
+    "ia3": lambda: IA3Config(init_ia3_weights=False),
+    "prompt": lambda: PromptTuningConfig(num_virtual_tokens=4),
+    "ptuning": lambda: PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=32),
+    "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=5),
+}
+
+
+def load_base(base_dir: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+
+
+def _randomize(peft_model: PeftModel, kind: str, seed: int) -> None:
+    """Make every trainable tensor random and large enough to change the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if not param.requires_grad:
+                continue
+            noise = torch.randn(param.shape, generator=generator)
+            if "magnitude" in name:
+                param.mul_(1 + 0.3 * noise)  # DoRA: move m away from ||W + sBA|| so the rescale matters
+            elif kind == "ia3":
+                param.copy_(1 + 0.5 * noise)
+            else:
+                param.copy_(noise * param.std().clamp(min=0.05))
+
+
+def make_peft_adapter(base_dir: Path, kind: str, out: Path, seed: int = 0) -> Path:
+    config = PEFT_KINDS[kind]()
+    config.task_type = "CAUSAL_LM"
+    torch.manual_seed(seed)
+    model = get_peft_model(load_base(base_dir), config)
+    _randomize(model, kind, seed)
+    model.save_pretrained(out)
+    return out
+
+
+def make_bottleneck_adapter(
+    shape: ModelShape,
+    out: Path,
+    seed: int = 0,
+    placement: str = "houlsby",
+    activation: str = "gelu",
+    adapter_input: str = "block_output",
+    size: int = 8,
+) -> Path:
+    generator = torch.Generator().manual_seed(seed)
+    hidden = shape.hidden_size
+    blocks = ("attn", "mlp") if placement == "houlsby" else ("mlp",)
+    tensors = {}
+    for layer in range(shape.num_layers):
+        for block in blocks:
+            tensors[f"layers.{layer}.{block}.down.weight"] = (
+                torch.randn(size, hidden, generator=generator) * 0.3
+            )
+            tensors[f"layers.{layer}.{block}.down.bias"] = torch.randn(size, generator=generator) * 0.1
+            tensors[f"layers.{layer}.{block}.up.weight"] = (
+                torch.randn(hidden, size, generator=generator) * 0.3
+            )
+            tensors[f"layers.{layer}.{block}.up.bias"] = torch.randn(hidden, generator=generator) * 0.1
+    config = {
+        "peft_type": "BOTTLENECK",
+        "bottleneck_size": size,
+        "placement": placement,
+        "non_linearity": activation,
+        "scaling": 0.5,
+        "adapter_input": adapter_input,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, out / "adapter_model.safetensors")
+    return out
+
+
+def reference_tokens(
+    base_dir: Path, adapter_dir: Path, prompt_ids: list[int], max_new_tokens: int
+) -> list[int]:
+    """Greedy tokens of one adapter alone: PEFT for PEFT kinds, our reference module for bottleneck ones."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base = load_base(base_dir)
+    if config["peft_type"] == "BOTTLENECK":
+        from safetensors.torch import load_file
+
+        from server.base_model import model_shape
+
+        weights = parse(
+            config, load_file(adapter_dir / "adapter_model.safetensors"), model_shape(base.config)
+        )
+        with BottleneckReference(base, weights).applied():
+            return reference_greedy(base, prompt_ids, max_new_tokens)
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    out = model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(prompt_ids) :].tolist()

@@ -1,0 +1,125 @@
+"""Correctness by reference: every adapter kind, served concurrently in one mixed batch with
+base-only requests, gives the greedy tokens PEFT (or our bottleneck reference) gives alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from server.config import AdapterSettings, EngineSettings
+from server.engine.engine import Engine
+from server.engine.sampler import SamplingParams
+from server.registry.store import Store
+from tests.adapter_factory import (
+    PEFT_KINDS,
+    load_base,
+    make_bottleneck_adapter,
+    make_peft_adapter,
+    reference_tokens,
+)
+from tests.helpers import reference_greedy, run_until_done, token_ids
+
+NEW_TOKENS = 8
+BOTTLENECKS = {
+    "houlsby": dict(placement="houlsby", activation="gelu"),
+    "pfeiffer": dict(placement="pfeiffer", activation="relu", adapter_input="residual_stream"),
+}
+
+
+def build_store(root: Path, base_dir: Path, shape) -> Path:
+    for seed, kind in enumerate(PEFT_KINDS):
+        make_peft_adapter(base_dir, kind, root / kind, seed=seed)
+    for seed, (name, options) in enumerate(BOTTLENECKS.items(), start=100):
+        make_bottleneck_adapter(shape, root / name, seed=seed, **options)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory, tiny_model_dir, tiny_model) -> Path:
+    return build_store(tmp_path_factory.mktemp("store"), tiny_model_dir, tiny_model.shape)
+
+
+def serve_mixed(model, store: Path, prompts: list[list[int]], **adapter_settings) -> dict:
+    """Every (adapter or base, prompt) pair submitted at once; greedy tokens of each."""
+    engine = Engine(
+        model, EngineSettings(max_batch_size=64), AdapterSettings(**adapter_settings), Store(store)
+    )
+    names = [ref.name for ref in engine.source.names()]
+    jobs = [(name, i) for i in range(len(prompts)) for name in [None, *names]]
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
+    handles = [engine.submit(prompts[i], params, engine.resolve_model(n) if n else None) for n, i in jobs]
+    results = run_until_done(engine, handles)
+    return {job: token_ids(events) for job, events in zip(jobs, results, strict=True)}
+
+
+def check_against_references(
+    model, base_dir: Path, store: Path, prompts: list[list[int]], served: dict
+) -> None:
+    for (name, i), tokens in served.items():
+        if name is None:
+            expected = reference_greedy(model.hf, prompts[i], NEW_TOKENS)
+        else:
+            expected = reference_tokens(base_dir, store / name, prompts[i], NEW_TOKENS)
+        assert tokens == expected, f"{name or 'base'} on prompt {i}"
+    for name in {n for n, _ in served if n}:
+        assert any(served[(name, i)] != served[(None, i)] for i in range(len(prompts))), (
+            f"{name} changed nothing"
+        )
+
+
+def test_every_kind_mixed_in_one_batch_equals_its_reference(tiny_model, tiny_model_dir, tiny_store):
+    prompts = [tiny_model.tokenizer(t).input_ids for t in ("Hello there", "The cat sat on the", "1 2 3")]
+    served = serve_mixed(tiny_model, tiny_store, prompts)
+    assert len({n for n, _ in served}) == len(PEFT_KINDS) + len(BOTTLENECKS) + 1
+    check_against_references(tiny_model, tiny_model_dir, tiny_store, prompts, served)
+
+
+def test_three_times_more_adapters_than_slots(tiny_model, tiny_model_dir, tiny_store):
+    prompts = [tiny_model.tokenizer("Once upon a time").input_ids]
+    served = serve_mixed(tiny_model, tiny_store, prompts, max_active_adapters=3, max_cpu_adapters=2)
+    check_against_references(tiny_model, tiny_model_dir, tiny_store, prompts, served)
+
+
+def test_lora_mixed_batch_equals_peft_adapter_names(tiny_model, tiny_model_dir, tmp_path):
+    names = [f"lora{i}" for i in range(3)]
+    for seed, name in enumerate(names):
+        make_peft_adapter(tiny_model_dir, "lora" if seed != 1 else "rslora", tmp_path / name, seed=seed)
+    prompts = [tiny_model.tokenizer(t).input_ids for t in ("a b c d", "e f g h", "i j k l", "m n o p")]
+    assert len({len(p) for p in prompts}) == 1, "equal lengths: PEFT's batch then needs no padding"
+    peft_model = PeftModel.from_pretrained(
+        load_base(tiny_model_dir), tmp_path / names[0], adapter_name=names[0]
+    )
+    for name in names[1:]:
+        peft_model.load_adapter(tmp_path / name, adapter_name=name)
+    row_adapters = [names[0], "__base__", names[2], names[1]]
+    out = peft_model.generate(
+        input_ids=torch.tensor(prompts),
+        adapter_names=row_adapters,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+    )
+    engine = Engine(tiny_model, EngineSettings(), AdapterSettings(), Store(tmp_path))
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
+    handles = [
+        engine.submit(p, params, None if a == "__base__" else engine.resolve_model(a))
+        for p, a in zip(prompts, row_adapters, strict=True)
+    ]
+    for row, events in enumerate(run_until_done(engine, handles)):
+        assert token_ids(events) == out[row, len(prompts[row]) :].tolist()
+
+
+@pytest.mark.slow
+def test_default_model_every_kind_mixed_equals_its_reference(default_model, default_model_dir, tmp_path):
+    store = build_store(tmp_path, default_model_dir, default_model.shape)
+    chat = [[{"role": "user", "content": q}] for q in ("What is 2+2?", "Name a fruit.")]
+    prompts = [
+        default_model.tokenizer.apply_chat_template(
+            c, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for c in chat
+    ]
+    served = serve_mixed(default_model, store, prompts)
+    check_against_references(default_model, default_model_dir, store, prompts, served)

@@ -1,0 +1,210 @@
+"""Adapters that cannot be served are refused at load with a message naming the problem."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from server.adapters.common import SUPPORTED_TEXT, AdapterError
+from server.adapters.loader import describe, load_adapter
+from server.base_model import ModelShape, dense_weight, linear_module
+from tests.adapter_factory import make_bottleneck_adapter, make_peft_adapter
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    return make_peft_adapter(tiny_model_dir, "lora", tmp_path_factory.mktemp("lora") / "a")
+
+
+def load(folder: Path, model, max_rank: int = 64):
+    hf = model.hf
+    return load_adapter(
+        folder,
+        model.shape,
+        max_rank=max_rank,
+        dtype=torch.float32,
+        base_weight=lambda layer, name: dense_weight(linear_module(hf, layer, name)),
+    )
+
+
+def copy_with(src: Path, dst: Path, config: dict | None = None, tensors: dict | None = None) -> Path:
+    shutil.copytree(src, dst)
+    if config is not None:
+        merged = {**json.loads((src / "adapter_config.json").read_text()), **config}
+        (dst / "adapter_config.json").write_text(json.dumps(merged))
+    if tensors is not None:
+        save_file(tensors, dst / "adapter_model.safetensors")
+    return dst
+
+
+def refused(folder: Path, model, match: str, **kwargs) -> AdapterError:
+    with pytest.raises(AdapterError, match=match) as error:
+        load(folder, model, **kwargs)
+    return error.value
+
+
+def test_a_good_lora_loads(lora_dir, tiny_model):
+    weights = load(lora_dir, tiny_model)
+    assert weights.rank == 8
+    assert weights.target_modules == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    assert describe(lora_dir) == ("LORA", 0)
+
+
+def test_unsupported_kind_lists_what_is(lora_dir, tiny_model, tmp_path):
+    error = refused(copy_with(lora_dir, tmp_path / "x", {"peft_type": "LOHA"}), tiny_model, "LOHA")
+    assert SUPPORTED_TEXT in str(error) and error.field == "peft_type"
+
+
+def test_rank_above_the_limit(lora_dir, tiny_model):
+    assert refused(lora_dir, tiny_model, "rank 8, above --max-lora-rank 4", max_rank=4).field == "r"
+
+
+def test_adapter_for_another_base(lora_dir, tiny_model, tmp_path):
+    tensors = load_file(lora_dir / "adapter_model.safetensors")
+    name = next(n for n in tensors if "q_proj.lora_A" in n)
+    tensors[name] = torch.randn(8, 32)
+    error = refused(copy_with(lora_dir, tmp_path / "x", tensors=tensors), tiny_model, "another base model")
+    assert error.field == name
+
+
+def test_module_the_base_lacks(lora_dir, tiny_model, tmp_path):
+    tensors = load_file(lora_dir / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.0.mlp.fc9.lora_A.weight"] = torch.randn(8, 64)
+    refused(copy_with(lora_dir, tmp_path / "x", tensors=tensors), tiny_model, "fc9")
+
+
+def test_layer_the_base_lacks(lora_dir, tiny_model, tmp_path):
+    tensors = load_file(lora_dir / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"] = torch.randn(8, 64)
+    refused(copy_with(lora_dir, tmp_path / "x", tensors=tensors), tiny_model, "layer 7")
+
+
+def test_nan_and_inf(lora_dir, tiny_model, tmp_path):
+    tensors = load_file(lora_dir / "adapter_model.safetensors")
+    name = next(iter(tensors))
+    tensors[name][0, 0] = float("nan")
+    assert (
+        refused(copy_with(lora_dir, tmp_path / "x", tensors=tensors), tiny_model, "NaN or Inf").field == name
+    )
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"bias": "all"}, "biases"),
+        ({"lora_alpha": "big"}, "lora_alpha"),
+    ],
+)
+def test_unsupported_lora_options(lora_dir, tiny_model, tmp_path, config, match):
+    refused(copy_with(lora_dir, tmp_path / "x", config), tiny_model, match)
+
+
+def test_pickle_weights_are_never_read(lora_dir, tiny_model, tmp_path):
+    folder = copy_with(lora_dir, tmp_path / "x")
+    (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
+    refused(folder, tiny_model, "pickle")
+
+
+def test_broken_files(lora_dir, tiny_model, tmp_path):
+    folder = copy_with(lora_dir, tmp_path / "x")
+    (folder / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    refused(folder, tiny_model, "not a readable safetensors")
+    (folder / "adapter_config.json").write_text("{nope")
+    refused(folder, tiny_model, "not valid JSON")
+    (folder / "adapter_config.json").unlink()
+    refused(folder, tiny_model, "no adapter_config.json")
+
+
+def test_prompt_for_another_width(tiny_model_dir, tiny_model, tmp_path):
+    folder = make_peft_adapter(tiny_model_dir, "prompt", tmp_path / "p")
+    save_file({"prompt_embeddings": torch.randn(4, 32)}, folder / "adapter_model.safetensors")
+    refused(folder, tiny_model, "prompt_embeddings has shape")
+    assert describe(folder) == ("PROMPT_TUNING", 4)
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"placement": "sideways"}, "placement"),
+        ({"non_linearity": "softmax"}, "non_linearity"),
+        ({"bottleneck_size": 0}, "bottleneck_size"),
+        ({"adapter_input": "elsewhere"}, "adapter_input"),
+    ],
+)
+def test_bad_bottleneck_configs(tiny_model, tmp_path, config, match):
+    folder = make_bottleneck_adapter(tiny_model.shape, tmp_path / "b")
+    merged = {**json.loads((folder / "adapter_config.json").read_text()), **config}
+    (folder / "adapter_config.json").write_text(json.dumps(merged))
+    refused(folder, tiny_model, match)
+
+
+def test_bottleneck_missing_a_layer(tiny_model, tmp_path):
+    folder = make_bottleneck_adapter(tiny_model.shape, tmp_path / "b")
+    tensors = load_file(folder / "adapter_model.safetensors")
+    del tensors["layers.1.mlp.up.bias"]
+    save_file(tensors, folder / "adapter_model.safetensors")
+    refused(folder, tiny_model, "layers.1.mlp.up.bias is missing")
+
+
+def _as_adapterhub(ours: Path, dst: Path, shape: ModelShape, **options) -> Path:
+    """Write our bottleneck adapter in AdapterHub's saved layout."""
+    tensors = load_file(ours / "adapter_model.safetensors")
+    config = json.loads((ours / "adapter_config.json").read_text())
+    hub = {}
+    for name, tensor in tensors.items():
+        _, layer, block, part, kind = name.split(".")
+        where = "attention_adapters" if block == "attn" else "output_adapters"
+        part = "adapter_down.0" if part == "down" else "adapter_up"
+        hub[f"model.layers.{layer}.{where}.adapters.demo.{part}.{kind}"] = tensor
+    dst.mkdir()
+    save_file(hub, dst / "adapter.safetensors")
+    hub_config = {
+        "mh_adapter": config["placement"] == "houlsby",
+        "output_adapter": True,
+        "reduction_factor": shape.hidden_size // config["bottleneck_size"],
+        "non_linearity": config["non_linearity"],
+        "original_ln_before": config["adapter_input"] == "residual_stream",
+        "original_ln_after": True,
+        "residual_before_ln": True,
+        "ln_before": False,
+        "ln_after": False,
+        "scaling": config["scaling"],
+        **options,
+    }
+    (dst / "adapter_config.json").write_text(
+        json.dumps(
+            {"config": hub_config, "hidden_size": shape.hidden_size, "name": "demo", "model_type": "llama"}
+        )
+    )
+    return dst
+
+
+@pytest.mark.parametrize(
+    "placement, adapter_input", [("houlsby", "block_output"), ("pfeiffer", "residual_stream")]
+)
+def test_adapterhub_layout_reads_as_ours(tiny_model, tmp_path, placement, adapter_input):
+    ours = make_bottleneck_adapter(
+        tiny_model.shape, tmp_path / "ours", placement=placement, adapter_input=adapter_input
+    )
+    hub = _as_adapterhub(ours, tmp_path / "hub", tiny_model.shape)
+    a, b = load(ours, tiny_model), load(hub, tiny_model)
+    assert a.sites.keys() == b.sites.keys()
+    assert (a.activation, a.reads_residual) == (b.activation, b.reads_residual)
+    for x, y in zip(a.tensors(), b.tensors(), strict=True):
+        torch.testing.assert_close(x, y)
+    assert describe(hub) == ("BOTTLENECK", 0)
+
+
+@pytest.mark.parametrize("option", [{"ln_after": True}, {"use_gating": True}, {"scaling": "learned"}])
+def test_adapterhub_options_we_cannot_reproduce(tiny_model, tmp_path, option):
+    ours = make_bottleneck_adapter(tiny_model.shape, tmp_path / "ours")
+    hub = _as_adapterhub(ours, tmp_path / "hub", tiny_model.shape, **option)
+    refused(hub, tiny_model, next(iter(option)))
