@@ -13,10 +13,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import __version__
 from server.api.errors import APIError, error_response, install_error_handlers
-from server.api.routes import chat, completions, health, models
+from server.api.routes import chat, completions, health, metrics, models
 from server.base_model import LoadedModel, load_base_model
 from server.config import Settings
 from server.engine.engine import Engine
+from server.metrics import Metrics
 from server.registry.store import Store, parse_adapter_flag
 
 log = logging.getLogger("peftserve")
@@ -71,7 +72,8 @@ def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = Store(settings.adapters.store, dict(parse_adapter_flag(a) for a in settings.adapters.adapter))
         loaded = model if model is not None else load_base_model(settings.model)
-        eng = Engine(loaded, settings.engine, settings.adapters, source=store)
+        app.state.metrics = Metrics()
+        eng = Engine(loaded, settings.engine, settings.adapters, source=store, metrics=app.state.metrics)
         eng.start()
         app.state.engine = eng
         app.state.store = store
@@ -84,7 +86,7 @@ def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
 
     app = FastAPI(title="peftserve", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
-    for module in (health, models, chat, completions):
+    for module in (health, models, chat, completions, metrics):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, limit=settings.server.max_request_bytes)
     return app

@@ -38,11 +38,18 @@ def engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
-def resolve_adapter(eng: Engine, model: str) -> AdapterRef | None:
+def resolve_adapter(request: Request, model: str) -> AdapterRef | None:
+    """The adapter the `model` field names (None: the base); counts the request per model name."""
+    counter = request.app.state.metrics.adapter_requests
+    eng = engine(request)
     try:
-        return eng.resolve_model(model)
+        ref = eng.resolve_model(model)
     except UnknownModel as exc:
+        counter.labels(adapter="other").inc()
+        request.app.state.metrics.request_failure.labels(reason="invalid_request").inc()
         raise APIError(404, str(exc), param="model", code="model_not_found") from exc
+    counter.labels(adapter=ref.name if ref else eng.model.name).inc()
+    return ref
 
 
 def as_api_error(exc: Exception, prompt_param: str) -> APIError:
@@ -70,13 +77,14 @@ class Choice:
 
 
 def submit_choices(
-    eng: Engine,
+    request: Request,
     body: ChatCompletionRequest | CompletionRequest,
     prompts: list[list[int]],
     adapter: AdapterRef | None,
     prompt_param: str,
 ) -> list[Choice]:
     """Submit n choices per prompt; on any refusal cancel those already queued and raise an APIError."""
+    eng = engine(request)
     choices: list[Choice] = []
     try:
         for prompt_ids in prompts:
@@ -99,7 +107,10 @@ def submit_choices(
     except (EngineError, ValueError) as exc:
         for choice in choices:
             choice.handle.cancel()
-        raise as_api_error(exc, prompt_param) from exc
+        error = as_api_error(exc, prompt_param)
+        reason = "queue_full" if isinstance(exc, QueueFull) else "invalid_request"
+        request.app.state.metrics.request_failure.labels(reason=reason).inc()
+        raise error from exc
     return choices
 
 

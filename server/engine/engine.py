@@ -14,6 +14,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -45,6 +46,7 @@ from server.engine.request import (
 from server.engine.sampler import SamplingParams, new_generator, sample
 from server.engine.scheduler import Limits, Plan, Waiting, schedule
 from server.engine.tiers import AdapterTiers
+from server.metrics import EngineSnapshot, Metrics
 
 log = logging.getLogger("peftserve.engine")
 
@@ -67,6 +69,9 @@ class Sequence:
     handle: RequestHandle
     generator: torch.Generator
     detok: Detokenizer
+    arrival: float
+    """time.monotonic() at submit."""
+    last_token_at: float = 0.0
     output_ids: list[int] = field(default_factory=list)
     cached: int = 0
     """Positions of this sequence's cache row that hold keys and values."""
@@ -99,11 +104,14 @@ class Engine:
         settings: EngineSettings,
         adapters: AdapterSettings | None = None,
         source: AdapterSource | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.model = model
         self.settings = settings
         self.adapter_settings = adapters or AdapterSettings()
         self.source = source
+        self.metrics = metrics or Metrics()
+        self.metrics.describe(model.name, str(model.dtype).removeprefix("torch."), model.quantize)
         self.decoder = Decoder(model.hf, model.shape)
         shape = model.shape
         self.cache = KVCache(
@@ -127,8 +135,14 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.slots = SlotTable(self.adapter_settings.max_active_adapters, shape, model.dtype, model.device)
         self.tiers = AdapterTiers(
-            self.slots, self.adapter_settings.max_cpu_adapters, self._load_adapter, self._wake.set
+            self.slots,
+            self.adapter_settings.max_cpu_adapters,
+            self._load_adapter,
+            self._wake.set,
+            self.metrics,
         )
+        self._snapshot = self._take_snapshot()
+        self.metrics.watch(lambda: self._snapshot)
 
     # ---- the caller's side (any thread) ----
 
@@ -196,7 +210,7 @@ class Engine:
                 raise QueueFull(self.settings.max_queue)
             self._queued += 1
         handle = RequestHandle(next(self._ids), self.cancel)
-        self._inbox.put(("submit", handle, list(prompt_ids), params, adapter))
+        self._inbox.put(("submit", handle, list(prompt_ids), params, adapter, time.monotonic()))
         self._wake.set()
         return handle
 
@@ -222,13 +236,10 @@ class Engine:
         self._running.clear()
         self.tiers.shutdown()
 
-    def stats(self) -> dict[str, float]:
-        """A snapshot for health and metrics; read without locking, so approximate."""
-        return {
-            "running": len(self._running),
-            "waiting": self._queued,
-            "kv_cache_usage": sum(s.cached for s in self._running) / (self.cache.rows * self.cache.max_len),
-        }
+    @property
+    def snapshot(self) -> EngineSnapshot:
+        """The state after the last step (the gauges read it; callers may too)."""
+        return self._snapshot
 
     # ---- the engine thread ----
 
@@ -254,7 +265,10 @@ class Engine:
         admitted = [self._waiting.pop(i) for i in plan.admit]
         with self._queued_lock:
             self._queued -= len(admitted)
+        now = time.monotonic()
         for seq in admitted:
+            self.metrics.queue_time.observe(now - seq.arrival)
+            self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
             if seq.adapter is not None:
                 seq.slot = self.tiers.slot_of(seq.adapter.key)
                 self.tiers.acquire(seq.slot)
@@ -268,7 +282,24 @@ class Engine:
             for seq in {id(s): s for s in [*admitted, *self._running]}.values():
                 self._finish(seq, "error", error=f"internal error: {exc}")
             self._running.clear()
+        self._snapshot = self._take_snapshot()
         return StepReport(plan, [s.request_id for s in self._running], finished)
+
+    def _take_snapshot(self) -> EngineSnapshot:
+        slots = self.tiers.slots
+        resident = {s.ref.key: s.ref.name for s in slots if s.ref is not None and s.ready}
+        waiting = [s.adapter for s in self._waiting.values() if s.adapter and s.adapter.key not in resident]
+        return EngineSnapshot(
+            running=len(self._running),
+            waiting=self._queued,
+            kv_cache_usage=sum(s.cached for s in self._running) / (self.cache.rows * self.cache.max_len),
+            slots=len(slots),
+            slots_used=sum(s.ref is not None for s in slots),
+            cached_adapters=len(self.tiers.cpu),
+            running_adapters=tuple(dict.fromkeys(resident.values())),
+            waiting_adapters=tuple(dict.fromkeys(ref.name for ref in waiting)),
+            taken_at=time.time(),
+        )
 
     def _fail_loads(self) -> list[int]:
         """Requests waiting for an adapter that failed to load end with its error."""
@@ -291,7 +322,7 @@ class Engine:
             except queue.Empty:
                 return
             if message[0] == "submit":
-                _, handle, prompt_ids, params, adapter = message
+                _, handle, prompt_ids, params, adapter, arrival = message
                 seq = Sequence(
                     request_id=handle.request_id,
                     prompt_ids=prompt_ids,
@@ -300,6 +331,7 @@ class Engine:
                     handle=handle,
                     generator=new_generator(params.seed),
                     detok=Detokenizer(self.tokenizer, prompt_ids, params.stop),
+                    arrival=arrival,
                 )
                 self._waiting[seq.request_id] = seq
             else:
@@ -387,6 +419,7 @@ class Engine:
             adapters=BatchContext(self.slots, torch.tensor([s.slot for s in batch], device=device)),
         )
         logits = self.decoder.forward(self.decoder.embed(tokens), step, self.cache)
+        self.metrics.batch_size.observe(len(batch))
         for seq in batch:
             seq.cached += 1
         return self._accept(list(range(len(batch))), logits)
@@ -408,7 +441,14 @@ class Engine:
 
     def _append(self, seq: Sequence, token: int) -> FinishReason | None:
         """Record one generated token; the reason the sequence ends, if it does."""
+        now = time.monotonic()
+        if seq.output_ids:
+            self.metrics.itl.observe(now - seq.last_token_at)
+        else:
+            self.metrics.ttft.observe(now - seq.arrival)
+        seq.last_token_at = now
         seq.output_ids.append(token)
+        self.metrics.generation_tokens.inc()
         if token in self.model.eos_token_ids and not seq.params.ignore_eos:
             return "stop"
         text = seq.detok.add(token)
@@ -421,6 +461,11 @@ class Engine:
         return None
 
     def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        if reason in ("stop", "length"):
+            self.metrics.request_success.labels(finish_reason=reason).inc()
+            self.metrics.e2e.observe(time.monotonic() - seq.arrival)
+        else:
+            self.metrics.request_failure.labels(reason="cancelled" if reason == "abort" else "error").inc()
         if seq.slot >= 0:
             self.tiers.release(seq.slot)
             seq.slot = -1

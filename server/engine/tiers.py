@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from server.adapters.common import AdapterRef, AdapterWeights
 from server.adapters.slots import SlotTable
 from server.engine.scheduler import Slot
+from server.metrics import Metrics
 
 log = logging.getLogger("peftserve.adapters")
 
@@ -44,11 +45,13 @@ class AdapterTiers:
         max_cpu_adapters: int,
         load: Callable[[AdapterRef], AdapterWeights],
         wake: Callable[[], None],
+        metrics: Metrics,
     ) -> None:
         self.table = table
         self.max_cpu = max_cpu_adapters
         self._load = load
         self._wake = wake
+        self.metrics = metrics
         self.slots = [SlotState() for _ in range(table.num_slots)]
         self.cpu: OrderedDict[str, AdapterWeights] = OrderedDict()
         self._done: queue.SimpleQueue[tuple[int, AdapterRef, AdapterWeights | Exception, float]] = (
@@ -75,6 +78,7 @@ class AdapterTiers:
         if state.ref is not None:
             log.info("evicting %s from slot %d", state.ref.key, slot)
             self.table.clear(slot)
+            self.metrics.adapter_evictions.inc()
         self.slots[slot] = SlotState(ref=ref)
         cached = self.cpu.get(ref.key)
         if cached is not None:
@@ -123,6 +127,9 @@ class AdapterTiers:
     ) -> None:
         self.table.install(slot, weights)
         self.slots[slot].ready = True
+        self.metrics.adapter_loads.labels(source=source).inc()
+        if source == "disk":
+            self.metrics.adapter_load_time.observe(seconds)
         log.info("loaded %s into slot %d from %s in %.3f s", ref.key, slot, source, seconds)
 
     def acquire(self, slot: int) -> None:

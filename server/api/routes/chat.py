@@ -43,13 +43,13 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request
 ) -> dict[str, Any] | StreamingResponse:
     eng = engine(request)
-    adapter = resolve_adapter(eng, body.model)
+    adapter = resolve_adapter(request, body.model)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     try:
         prompt_ids = await tokenize(lambda: eng.encode_chat(messages))
     except ValueError as exc:
         raise APIError(400, str(exc), param="messages") from exc
-    choices = submit_choices(eng, body, [prompt_ids], adapter, "messages")
+    choices = submit_choices(request, body, [prompt_ids], adapter, "messages")
     response_id = new_id("chatcmpl")
     if body.stream:
         events = stream(choices, CHAT_STREAM, response_id, body.model, body.include_usage(), body.n)

@@ -35,11 +35,11 @@ COMPLETION_STREAM = StreamFormat(
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> dict[str, Any] | StreamingResponse:
     eng = engine(request)
-    adapter = resolve_adapter(eng, body.model)
+    adapter = resolve_adapter(request, body.model)
     prompts = [
         p if isinstance(p, list) else await tokenize(lambda p=p: eng.encode_text(p)) for p in body.prompts()
     ]
-    choices = submit_choices(eng, body, prompts, adapter, "prompt")
+    choices = submit_choices(request, body, prompts, adapter, "prompt")
     response_id = new_id("cmpl")
     if body.stream:
         events = stream(choices, COMPLETION_STREAM, response_id, body.model, body.include_usage(), body.n)

@@ -51,9 +51,9 @@ def test_a_client_that_disconnects_cancels_its_request(live_server, tiny_model, 
             + f"content-length: {len(body)}\r\n\r\n".encode()
             + body
         )
-        wait_until(lambda: engine.stats()["running"] == 1)
+        wait_until(lambda: engine.snapshot.running == 1)
         sock.close()
-        wait_until(lambda: engine.stats()["running"] == 0)
+        wait_until(lambda: engine.snapshot.running == 0)
     assert reasons == ["abort", "abort"]
 
 

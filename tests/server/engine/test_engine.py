@@ -136,14 +136,15 @@ def test_cancel_waiting_and_running(tiny_model):
     running = engine.submit(engine.encode_text(PROMPTS[0]), SamplingParams(max_tokens=100, temperature=0))
     waiting = engine.submit(engine.encode_text(PROMPTS[1]), SamplingParams(max_tokens=100, temperature=0))
     engine.step()
-    assert engine.stats()["running"] == 1
+    assert engine.snapshot.running == 1
     waiting.cancel()
     running.cancel()
     report = engine.step()
     assert report.running == []
     assert running.drain()[-1].reason == "abort"
     assert waiting.drain()[-1].reason == "abort"
-    assert engine.stats() == {"running": 0, "waiting": 0, "kv_cache_usage": 0.0}
+    snapshot = engine.snapshot
+    assert (snapshot.running, snapshot.waiting, snapshot.kv_cache_usage) == (0, 0, 0.0)
 
 
 def test_queue_bound(tiny_model):
