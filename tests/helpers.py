@@ -11,17 +11,19 @@ from server.engine.engine import Engine
 from server.engine.request import Delta, Event, Finished, RequestHandle
 
 
-def run_until_done(
-    engine: Engine, handles: list[RequestHandle], max_steps: int = 10_000
-) -> list[list[Event]]:
+def run_until_done(engine: Engine, handles: list[RequestHandle], timeout: float = 300.0) -> list[list[Event]]:
     """Drive an engine that has no thread by hand until every handle finishes; each handle's events."""
     events: list[list[Event]] = [[] for _ in handles]
-    for _ in range(max_steps):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         for i, handle in enumerate(handles):
             events[i] += handle.drain()
         if all(e and isinstance(e[-1], Finished) for e in events):
             return events
-        engine.step()
+        report = engine.step()
+        if not (report.running or report.plan.admit):
+            time.sleep(0.002)  # waiting for an adapter to load in the background
+    faulthandler.dump_traceback(all_threads=True)  # where every thread was, for the failure report
     raise AssertionError("requests did not finish")
 
 
