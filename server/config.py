@@ -80,6 +80,12 @@ class AdapterSettings(_Section):
     max_lora_rank: int = Field(default=64, ge=1)
     """Highest LoRA rank accepted; higher ones are refused at load."""
 
+    max_adapter_bytes: int = Field(default=1024**3, ge=1024)
+    """Largest adapter upload (files, or an archive's contents) in bytes; larger ones answer 413."""
+
+    merge_adapter: str | None = None
+    """Start with this store adapter (LoRA or IA3) folded into the base; the server then serves only it."""
+
 
 class ServerSettings(_Section):
     """The HTTP server."""
@@ -96,6 +102,19 @@ class ServerSettings(_Section):
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     """Largest generation request body in bytes; larger ones answer 413."""
 
+    api_key: str | None = None
+    """Bearer key for generation and listing: the server demands it (or the admin key); clients send it."""
+
+    admin_key: str | None = None
+    """Bearer key for adapter uploads, deletes and merges: the server demands it when set; clients send it."""
+
+
+class ClientSettings(_Section):
+    """Where the `peftserve adapters` commands send their requests."""
+
+    url: str = "http://127.0.0.1:8000"
+    """Base URL of a running peftserve server."""
+
 
 class Settings(BaseModel):
     """The whole tree; sections keep related fields together, field names are unique across them."""
@@ -104,6 +123,7 @@ class Settings(BaseModel):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     adapters: AdapterSettings = Field(default_factory=AdapterSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    client: ClientSettings = Field(default_factory=ClientSettings)
 
     @classmethod
     def sections(cls) -> dict[str, type[_Section]]:

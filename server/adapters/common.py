@@ -85,10 +85,12 @@ class AdapterRef:
     path: Path
     peft_type: str
     virtual_tokens: int = 0
+    digest: str = ""
+    """Identifies the files' contents: a slot never mistakes one upload for another."""
 
     @property
     def key(self) -> str:
-        return f"{self.name}@{self.version}"
+        return f"{self.name}@{self.version}#{self.digest[:12]}"
 
 
 def read_config(folder: Path) -> dict[str, Any]:

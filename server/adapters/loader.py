@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +18,7 @@ from server.adapters.common import (
     read_tensors,
 )
 from server.adapters.lora import BaseWeight
-from server.base_model import ModelShape
+from server.base_model import LoadedModel, ModelShape, dense_weight, linear_module
 
 ADAPTERHUB_WEIGHTS = "adapter.safetensors"
 
@@ -49,12 +51,41 @@ def load_adapter(
     return weights
 
 
-def describe(folder: Path) -> tuple[str, int]:
-    """(peft_type, virtual tokens) from the config alone, without reading the weights."""
+def folder_loader(model: LoadedModel, max_rank: int) -> Callable[[Path], AdapterWeights]:
+    """Load (and so validate) adapter folders against this base model, in its dtype."""
+    hf = model.hf
+
+    def load(folder: Path) -> AdapterWeights:
+        return load_adapter(
+            folder,
+            model.shape,
+            max_rank=max_rank,
+            dtype=model.dtype,
+            base_weight=lambda layer, name: dense_weight(linear_module(hf, layer, name)),
+        )
+
+    return load
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What an adapter's config says, read without its weights."""
+
+    peft_type: str
+    virtual_tokens: int = 0
+    rank: int | None = None
+    target_modules: tuple[str, ...] = ()
+
+
+def describe(folder: Path) -> AdapterInfo:
+    """Kind, virtual tokens, rank and targets from the config alone; raises AdapterError."""
     config = read_config(folder)
     if bottleneck.is_adapterhub(config):
-        return "BOTTLENECK", 0
+        return AdapterInfo("BOTTLENECK")
     peft_type = peft_type_of(config)
     if peft_type in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
-        return peft_type, positive_int(config, "num_virtual_tokens")
-    return peft_type, 0
+        return AdapterInfo(peft_type, virtual_tokens=positive_int(config, "num_virtual_tokens"))
+    targets = config.get("target_modules") or []
+    targets = (targets,) if isinstance(targets, str) else tuple(sorted(targets))
+    rank = config.get("bottleneck_size") if peft_type == "BOTTLENECK" else config.get("r")
+    return AdapterInfo(peft_type, rank=rank if isinstance(rank, int) else None, target_modules=targets)

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import __version__
+from server.adapters.loader import folder_loader
+from server.api.auth import require_api_key, warn_if_open
 from server.api.errors import APIError, error_response, install_error_handlers
+from server.api.routes import adapters as adapters_routes
 from server.api.routes import chat, completions, health, metrics, models
 from server.base_model import LoadedModel, load_base_model
 from server.config import Settings
 from server.engine.engine import Engine
 from server.metrics import Metrics
+from server.registry.merge import fold_into
 from server.registry.store import Store, parse_adapter_flag
 
 log = logging.getLogger("peftserve")
@@ -70,13 +75,25 @@ def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = Store(settings.adapters.store, dict(parse_adapter_flag(a) for a in settings.adapters.adapter))
+        warn_if_open(settings.server)
         loaded = model if model is not None else load_base_model(settings.model)
+        adapters = settings.adapters
+        store = Store(
+            adapters.store,
+            dict(parse_adapter_flag(a) for a in adapters.adapter),
+            validate=folder_loader(loaded, adapters.max_lora_rank),
+        )
+        source: Store | None = store
+        if adapters.merge_adapter:
+            loaded = dedicate(loaded, store, adapters.merge_adapter, adapters.max_lora_rank)
+            source = None  # one adapter, folded into the base: nothing else is served
+        app.state.settings = settings
         app.state.metrics = Metrics()
-        eng = Engine(loaded, settings.engine, settings.adapters, source=store, metrics=app.state.metrics)
+        app.state.store = store
+        app.state.dedicated = adapters.merge_adapter is not None
+        eng = Engine(loaded, settings.engine, adapters, source=source, metrics=app.state.metrics)
         eng.start()
         app.state.engine = eng
-        app.state.store = store
         app.state.started = int(time.time())
         log.info("serving %s", loaded.name)
         try:
@@ -86,10 +103,22 @@ def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
 
     app = FastAPI(title="peftserve", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
-    for module in (health, models, chat, completions, metrics):
-        app.include_router(module.router)
+    app.include_router(health.router)
+    app.include_router(metrics.router)
+    keyed = [Depends(require_api_key)]
+    for module in (models, chat, completions, adapters_routes):
+        app.include_router(module.router, dependencies=keyed)
     app.add_middleware(BodyLimit, limit=settings.server.max_request_bytes)
     return app
+
+
+def dedicate(model: LoadedModel, store: Store, name: str, max_rank: int) -> LoadedModel:
+    """Fold one store adapter into the base and serve the result under the adapter's name."""
+    ref = store.resolve(name)
+    weights = folder_loader(model, max_rank)(ref.path)
+    fold_into(model, weights)
+    log.info("merged %s (version %d) into the base; serving only %s", ref.name, ref.version, ref.name)
+    return dataclasses.replace(model, name=ref.name)
 
 
 def configure_logging(level: str) -> None:

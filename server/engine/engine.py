@@ -25,9 +25,9 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from server.adapters.common import AdapterRef
 from server.adapters.context import BatchContext
-from server.adapters.loader import load_adapter
+from server.adapters.loader import folder_loader
 from server.adapters.slots import SlotTable
-from server.base_model import LoadedModel, dense_weight, linear_module
+from server.base_model import LoadedModel
 from server.config import AdapterSettings, EngineSettings
 from server.engine.detokenizer import Detokenizer
 from server.engine.kv_cache import KVCache
@@ -134,10 +134,11 @@ class Engine:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.slots = SlotTable(self.adapter_settings.max_active_adapters, shape, model.dtype, model.device)
+        load = folder_loader(model, self.adapter_settings.max_lora_rank)
         self.tiers = AdapterTiers(
             self.slots,
             self.adapter_settings.max_cpu_adapters,
-            self._load_adapter,
+            lambda ref: load(ref.path),
             self._wake.set,
             self.metrics,
         )
@@ -178,17 +179,6 @@ class Engine:
             return self.source.resolve(name)
         except KeyError:
             raise UnknownModel(name) from None
-
-    def _load_adapter(self, ref: AdapterRef):
-        """Disk -> parsed weights in the serving dtype; runs on the loader thread."""
-        hf, settings = self.model.hf, self.adapter_settings
-        return load_adapter(
-            ref.path,
-            self.model.shape,
-            max_rank=settings.max_lora_rank,
-            dtype=self.model.dtype,
-            base_weight=lambda layer, name: dense_weight(linear_module(hf, layer, name)),
-        )
 
     def submit(
         self, prompt_ids: list[int], params: SamplingParams, adapter: AdapterRef | None = None

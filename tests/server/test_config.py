@@ -14,14 +14,23 @@ def test_every_field_has_a_docstring_and_a_unique_name():
         assert info.description, f"{name} has no docstring"
 
 
-def test_help_lists_every_field(capsys):
+def help_text(capsys, *command: str) -> str:
     with pytest.raises(SystemExit) as exit_:
-        main(["serve", "--help"])
+        main([*command, "--help"])
     assert exit_.value.code == 0
-    out = capsys.readouterr().out
-    for name in Settings.fields():
-        assert "--" + name.replace("_", "-") in out
-        assert f"PEFTSERVE_{name.upper()}" in out
+    return capsys.readouterr().out
+
+
+def test_help_lists_every_field(capsys):
+    serve = help_text(capsys, "serve")
+    client = help_text(capsys, "adapters", "list")
+    for name, (section, _) in Settings.fields().items():
+        text = client if section == "client" else serve
+        assert "--" + name.replace("_", "-") in text
+        assert f"PEFTSERVE_{name.upper()}" in text
+    assert "--admin-key" in client and "--max-batch-size" not in client
+    merge = help_text(capsys, "merge")
+    assert "--adapter" in merge and "--out" in merge and "--quantize" in merge
 
 
 def test_environment_then_flags(monkeypatch):

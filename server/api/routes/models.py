@@ -26,5 +26,7 @@ def _model(model_id: str, created: int, base: str, parent: str | None) -> dict[s
 async def list_models(request: Request) -> dict[str, Any]:
     created = request.app.state.started
     base = engine(request).model.name
+    if request.app.state.dedicated:  # one adapter folded into the base is the only model served
+        return {"object": "list", "data": [_model(base, created, base, None)]}
     adapters = [_model(ref.name, created, base, base) for ref in request.app.state.store.names()]
     return {"object": "list", "data": [_model(base, created, base, None), *adapters]}

@@ -54,7 +54,9 @@ def test_a_good_lora_loads(lora_dir, tiny_model):
     assert weights.target_modules == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    assert describe(lora_dir) == ("LORA", 0)
+    info = describe(lora_dir)
+    assert (info.peft_type, info.virtual_tokens, info.rank) == ("LORA", 0, 8)
+    assert set(info.target_modules) == set(weights.target_modules)
 
 
 def test_unsupported_kind_lists_what_is(lora_dir, tiny_model, tmp_path):
@@ -127,7 +129,7 @@ def test_prompt_for_another_width(tiny_model_dir, tiny_model, tmp_path):
     folder = make_peft_adapter(tiny_model_dir, "prompt", tmp_path / "p")
     save_file({"prompt_embeddings": torch.randn(4, 32)}, folder / "adapter_model.safetensors")
     refused(folder, tiny_model, "prompt_embeddings has shape")
-    assert describe(folder) == ("PROMPT_TUNING", 4)
+    assert (describe(folder).peft_type, describe(folder).virtual_tokens) == ("PROMPT_TUNING", 4)
 
 
 @pytest.mark.parametrize(
@@ -200,7 +202,7 @@ def test_adapterhub_layout_reads_as_ours(tiny_model, tmp_path, placement, adapte
     assert (a.activation, a.reads_residual) == (b.activation, b.reads_residual)
     for x, y in zip(a.tensors(), b.tensors(), strict=True):
         torch.testing.assert_close(x, y)
-    assert describe(hub) == ("BOTTLENECK", 0)
+    assert describe(hub).peft_type == "BOTTLENECK"
 
 
 @pytest.mark.parametrize("option", [{"ln_after": True}, {"use_gating": True}, {"scaling": "learned"}])
