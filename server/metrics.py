@@ -130,7 +130,7 @@ class Metrics:
         )
         self.adapter_load_time = Histogram(
             "peftserve_adapter_load_seconds",
-            "Disk to device slot, per adapter load.",
+            "Into a device slot, from disk or the CPU cache, per load.",
             buckets=LOAD_BUCKETS,
             registry=r,
         )

@@ -233,12 +233,26 @@ class Engine:
 
     # ---- the engine thread ----
 
+    @property
+    def alive(self) -> bool:
+        """True while the step loop runs (or was never started, for callers that drive it by hand)."""
+        return self._thread is None or self._thread.is_alive()
+
     def _loop(self) -> None:
         while not self._stopping.is_set():
             if not (self._waiting or self._running):
                 self._wake.wait()
             self._wake.clear()
-            self.step()
+            try:
+                self.step()
+            except Exception as exc:  # a bug outside the forward pass: end what is in flight, keep serving
+                log.exception("engine step failed")
+                for seq in [*self._waiting.values(), *self._running]:
+                    self._finish(seq, "error", error=f"internal error: {exc}")
+                with self._queued_lock:
+                    self._queued -= len(self._waiting)
+                self._waiting.clear()
+                self._running.clear()
 
     def step(self) -> StepReport:
         """Admit what the scheduler allows, prefill it, decode one token for every running sequence."""

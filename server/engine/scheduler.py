@@ -74,6 +74,10 @@ def schedule(waiting: Sequence[Waiting], running: int, slots: Sequence[Slot], li
         if name is not None and name not in slot_of:
             target = _slot_for_load(slots, protected, plan)
             if target is not None:
+                evicted = slots[target].adapter
+                if evicted is not None:  # gone after this step: later requests for it must wait for a reload
+                    del slot_of[evicted]
+                    ready.discard(evicted)
                 plan.load.append((target, name))
                 slot_of[name] = target
                 protected.add(target)

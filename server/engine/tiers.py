@@ -83,7 +83,7 @@ class AdapterTiers:
         cached = self.cpu.get(ref.key)
         if cached is not None:
             self.cpu.move_to_end(ref.key)
-            self._install(slot, ref, cached, source="cpu", seconds=0.0)
+            self._install(slot, ref, cached, source="cpu", read_seconds=0.0)
         else:
             self._loader.submit(self._read, slot, ref)
 
@@ -112,7 +112,7 @@ class AdapterTiers:
                 failures.append(LoadFailure(ref, result))
                 continue
             self._remember(ref.key, result)
-            self._install(slot, ref, result, source="disk", seconds=seconds)
+            self._install(slot, ref, result, source="disk", read_seconds=seconds)
 
     def _remember(self, key: str, weights: AdapterWeights) -> None:
         if self.max_cpu == 0:
@@ -123,13 +123,14 @@ class AdapterTiers:
             self.cpu.popitem(last=False)
 
     def _install(
-        self, slot: int, ref: AdapterRef, weights: AdapterWeights, source: str, seconds: float
+        self, slot: int, ref: AdapterRef, weights: AdapterWeights, source: str, read_seconds: float
     ) -> None:
+        started = time.perf_counter()
         self.table.install(slot, weights)
         self.slots[slot].ready = True
+        seconds = read_seconds + time.perf_counter() - started
         self.metrics.adapter_loads.labels(source=source).inc()
-        if source == "disk":
-            self.metrics.adapter_load_time.observe(seconds)
+        self.metrics.adapter_load_time.observe(seconds)
         log.info("loaded %s into slot %d from %s in %.3f s", ref.key, slot, source, seconds)
 
     def acquire(self, slot: int) -> None:

@@ -1,10 +1,14 @@
-"""Liveness: answers once the model is loaded and the engine runs."""
+"""Liveness: answers once the model is loaded, and while the engine's step loop runs."""
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
+
+from server.api.errors import APIError
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/health")
-async def health() -> dict[str, str]:
+async def health(request: Request) -> dict[str, str]:
+    if not request.app.state.engine.alive:
+        raise APIError(503, "the engine's step loop has stopped; see the server log")
     return {"status": "ok"}

@@ -188,3 +188,33 @@ def test_engine_thread_streams_to_asyncio(tiny_model):
         engine.stop()
     assert token_ids(events) == reference_greedy(tiny_model.hf, engine.encode_text(PROMPTS[0]), 12)
     assert events[-1].reason == "length"
+
+
+def test_a_failing_step_ends_requests_and_the_loop_goes_on(tiny_model, monkeypatch):
+    engine = make_engine(tiny_model)
+    calls = {"n": 0}
+    real = engine._take_snapshot
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first step's snapshot: outside the forward pass
+            raise RuntimeError("boom")
+        return real()
+
+    monkeypatch.setattr(engine, "_take_snapshot", flaky)
+    engine.start()
+    try:
+
+        async def main() -> list:
+            first = engine.submit(engine.encode_text(PROMPTS[0]), GREEDY)
+            events = [event async for event in first]
+            second = engine.submit(engine.encode_text(PROMPTS[1]), GREEDY)
+            return [events[-1], [event async for event in second][-1]]
+
+        failed, served = asyncio.run(main())
+        assert engine.alive
+    finally:
+        engine.stop()
+    assert failed.reason == "error" and "boom" in failed.error
+    assert served.reason == "length"
+    assert not engine.alive

@@ -69,6 +69,14 @@ def test_never_evicts_an_adapter_wanted_earlier_in_the_queue():
     assert plan.load == [(1, "x")]
 
 
+def test_an_adapter_evicted_by_this_plan_is_not_admitted_after_it():
+    # "old" is resident and idle; "x" evicts it; a later request for "old" must wait for a reload.
+    slots = [Slot("old", True, last_used=1)]
+    plan = schedule(waiting(("x", 10), ("old", 10)), running=0, slots=slots, limits=LIMITS)
+    assert plan.load == [(0, "x")]
+    assert plan.admit == []
+
+
 def test_no_slot_available_means_waiting():
     slots = [Slot("a", True, users=1), Slot("b", False)]
     plan = schedule(waiting(("x", 10)), running=1, slots=slots, limits=LIMITS)
