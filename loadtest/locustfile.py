@@ -68,9 +68,9 @@ def add_options(parser: LocustArgumentParser) -> None:
     parser.add_argument(
         "--max-tokens",
         type=int,
-        default=128,
+        default=64,
         help="most max_tokens of a request; each request draws uniformly from the range and, "
-        "with ignore_eos, generates exactly that many (default 128)",
+        "with ignore_eos, generates exactly that many (default 64)",
     )
     parser.add_argument(
         "--prompts",

@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--max-tokens",
         type=int,
-        default=128,
-        help="most max_tokens of a request; requests draw uniformly from the range (default 128)",
+        default=64,
+        help="most max_tokens of a request; requests draw uniformly from the range (default 64)",
     )
     load.add_argument("--seed", type=int, default=0, help="seed of the workload's draws (default 0)")
     parser.add_argument(
