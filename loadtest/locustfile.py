@@ -4,8 +4,11 @@ Zipf law over the server's adapters. Run it from the repository root:
     python -m locust -f loadtest/locustfile.py --host http://127.0.0.1:8000 --zipf-s 1.0
 
 Each simulated user sends one request after another (a closed loop, so --users is the number of
-requests in flight). Locust would time only a stream's headers, so every request reports its own
-measures as custom entries instead:
+requests in flight). With --stop-timeout, the requests running when the run ends may finish; those
+still running after it count as failures (without it, they are cut off and not counted).
+
+Locust would time only a stream's headers, so every request reports its own measures as custom
+entries instead:
 
     type "chat",     name = the adapter:  end-to-end latency (ms); "size" = output tokens
     type "TTFT",     name "first token":  time to the first token (ms)
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import gevent
 import requests
+from gevent import GreenletExit
 from locust import User, constant, events, task
 from locust.argument_parser import LocustArgumentParser
 from locust.env import Environment
@@ -175,6 +179,14 @@ class ChatUser(User):
         except (requests.RequestException, StreamError, ValueError) as exc:
             self._report(body["model"], started_at, started, None, exc)
             return
+        except GreenletExit:
+            # With --stop-timeout, locust lets running requests finish and kills only those still
+            # running when it runs out: a server that stopped answering, which must not pass unseen.
+            # Without it, every request running at the end is killed and none of them is a failure.
+            if options.stop_timeout:
+                cut_off = StreamError(f"unfinished {options.stop_timeout:g} s after the end of the run")
+                self._report(body["model"], started_at, started, None, cut_off)
+            raise
         self._report(body["model"], started_at, started, result, None)
 
     def _report(

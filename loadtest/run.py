@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="most max_tokens of a request; requests draw uniformly from the range (default 64)",
     )
     load.add_argument("--seed", type=int, default=0, help="seed of the workload's draws (default 0)")
+    load.add_argument(
+        "--drain-timeout",
+        type=int,
+        default=60,
+        help="seconds the requests running at the end of --duration get to finish; those still "
+        "running then count as failures (default 60)",
+    )
     parser.add_argument(
         "--results",
         type=Path,
@@ -111,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 def validate(args: argparse.Namespace) -> None:
     if args.url is None and args.adapters < 0:
         raise SetupError("--adapters must be >= 0")
-    if args.users < 1 or args.duration < 1:
-        raise SetupError("--users and --duration must be >= 1")
+    if args.users < 1 or args.duration < 1 or args.drain_timeout < 1:
+        raise SetupError("--users, --duration and --drain-timeout must be >= 1")
     if not 1 <= args.min_tokens <= args.max_tokens:
         raise SetupError("need 1 <= --min-tokens <= --max-tokens")
     if args.zipf_s < 0:
@@ -229,11 +236,13 @@ def run_locust(url: str, args: argparse.Namespace, results: Path) -> int:
     ]
     command += ["--zipf-s", str(args.zipf_s), "--min-tokens", str(args.min_tokens)]
     command += ["--max-tokens", str(args.max_tokens), "--seed", str(args.seed)]
+    command += ["--stop-timeout", str(args.drain_timeout)]
     print(f"running locust: {args.users} users for {args.duration} s against {url}", flush=True)
     with (results / "locust.log").open("w") as log_file:
-        # Locust stops by itself after --run-time; the margin covers its start and its reports.
+        # Locust stops by itself after --run-time and the drain; the margin covers its start and reports.
+        limit = args.duration + args.drain_timeout + 120
         done = subprocess.run(
-            command, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT, timeout=args.duration + 120
+            command, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT, timeout=limit
         )
     return done.returncode
 
@@ -275,21 +284,37 @@ def list_models(url: str) -> list[str]:
     return adapters or [base]
 
 
-def verdict_line(requests: int, failures: int, locust_code: int) -> str:
+def server_problems(server: ServerProcess) -> list[str]:
+    """Summary lines for a server that died or logged a traceback during the run (none if neither)."""
+    lines = []
+    if server.process.poll() is not None:
+        lines.append(f"server        exited with code {server.process.returncode} during the run")
+    tracebacks = server.log_path.read_text(errors="replace").count("Traceback (most recent call last)")
+    if tracebacks:
+        lines.append(f"server        logged {tracebacks} traceback(s); see {server.log_path}")
+    return lines
+
+
+def verdict_line(requests: int, failures: int, locust_code: int, server_ok: bool = True) -> str:
     if requests == 0:
         return "FAILED: no request finished"
     if failures:
         return f"FAILED: {failures} of {requests} requests failed"
     if locust_code != 0:
         return "FAILED: locust reported errors"
+    if not server_ok:
+        return "FAILED: the server failed during the run"
     return "OK: every request succeeded"
 
 
-def load_and_report(url: str, args: argparse.Namespace, results: Path, adapters: int) -> int:
-    """Run locust against a ready server, then summarize. The process exit code."""
+def load_and_report(
+    url: str, args: argparse.Namespace, results: Path, adapters: int, server: ServerProcess | None = None
+) -> int:
+    """Run locust against a ready server (ours, if `server` is given), then summarize. The exit code."""
     ranking = list_models(url)
     locust_code = run_locust(url, args, results)
-    server_lines = save_metrics(url, results)
+    problems = server_problems(server) if server is not None else []
+    server_lines = [*save_metrics(url, results), *problems]
     requests_csv = results / f"{CSV_PREFIX}_requests.csv"
     if not requests_csv.is_file():
         print(f"locust wrote no {requests_csv.name} (exit code {locust_code}); see {results / 'locust.log'}")
@@ -307,7 +332,7 @@ def load_and_report(url: str, args: argparse.Namespace, results: Path, adapters:
     )
     if locust_code != 0:
         lines.append(f"locust        exited with code {locust_code}; see {results / 'locust.log'}")
-    verdict = verdict_line(summary.requests, summary.failures, locust_code)
+    verdict = verdict_line(summary.requests, summary.failures, locust_code, server_ok=not problems)
     lines.append(verdict)
     text = "\n".join(lines)
     (results / "summary.txt").write_text(text + "\n")
@@ -328,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"writing {args.adapters} random LoRA adapters (rank {args.rank}) to {store}", flush=True)
             write_adapters(Path(store), args.model, args.adapters, args.rank)
             with start_server(args, Path(store), results / "server.log") as server:
-                return load_and_report(server.url, args, results, args.adapters)
+                return load_and_report(server.url, args, results, args.adapters, server)
     except (SetupError, httpx.HTTPError, OSError, subprocess.TimeoutExpired) as exc:
         print(f"load test not run: {exc}", file=sys.stderr)
         return 2

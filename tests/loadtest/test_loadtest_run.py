@@ -4,11 +4,13 @@ failures and writes its reports."""
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from loadtest.run import adapter_metric_lines, main, verdict_line
+from loadtest.run import ServerProcess, adapter_metric_lines, main, server_problems, verdict_line
 from loadtest.workload import read_requests
 
 
@@ -73,6 +75,26 @@ def test_the_verdict_fails_on_any_failure_and_on_no_requests():
     assert verdict_line(10, 1, 1) == "FAILED: 1 of 10 requests failed"
     assert verdict_line(0, 0, 0) == "FAILED: no request finished"
     assert verdict_line(10, 0, 2).startswith("FAILED")
+    assert verdict_line(10, 0, 0, server_ok=False) == "FAILED: the server failed during the run"
+
+
+def test_a_server_that_died_or_logged_a_traceback_is_a_problem(tmp_path: Path):
+    log = tmp_path / "server.log"
+    log.write_text("INFO started\nException in thread engine:\nTraceback (most recent call last):\n")
+    process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    process.wait()
+    problems = server_problems(ServerProcess(process, "http://127.0.0.1:1", log))
+    assert problems == [
+        "server        exited with code 3 during the run",
+        f"server        logged 1 traceback(s); see {log}",
+    ]
+    log.write_text("INFO started\n")
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert server_problems(ServerProcess(alive, "http://127.0.0.1:1", log)) == []
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 def test_adapter_loads_and_evictions_are_read_from_the_metrics():
