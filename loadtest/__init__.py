@@ -1,0 +1,1 @@
+"""Load test of a peftserve server: a locust workload, a headless runner and its report."""
