@@ -1,0 +1,1 @@
+"""Adapter kinds: parse saved checkpoints into tensors and apply them to a batch by slot."""

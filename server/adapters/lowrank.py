@@ -1,0 +1,467 @@
+"""Many different low-rank adapters inside one linear layer, one adapter per row.
+
+LoRA and bottleneck adapters both reduce to, for every row n whose slot s is set:
+
+    y[n] += b_s^T @ act(a_s @ x[n] + a_bias_s) + b_bias_s
+
+with a_s of shape (r_s, in) and b_s of shape (r_s, out). `low_rank_apply` does this for a
+whole batch: groups of few rows (decode) go to a native C kernel that reads each adapter's
+weights once, groups of many rows (prefill) go to torch matmuls, which win once a weight
+tile is reused by enough rows. `low_rank_apply_reference` is the plain per-row loop the
+tests hold it to.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+Activation = Literal["relu", "gelu", "silu", "tanh"] | None
+
+_ACT_CODES: dict[str | None, int] = {None: 0, "relu": 1, "gelu": 2, "silu": 3, "tanh": 4}
+_KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+BIG_GROUP_ROWS = 48
+"""Groups with at least this many rows use torch matmuls instead of the native kernel.
+
+Measured with bench/bench_lowrank.py on the SmolLM2-135M shapes: below it the kernel is
+faster, since it reads each weight once and has no per-group dispatch cost.
+"""
+
+
+class LowRankError(ValueError):
+    """A low-rank table or a call into it got tensors of the wrong shape, dtype or device."""
+
+
+class KernelBuildError(RuntimeError):
+    """The native kernel could not be compiled or loaded."""
+
+
+# ---------------------------------------------------------------------------- row groups
+
+
+@dataclass(frozen=True, eq=False)
+class RowGroups:
+    """A batch's rows grouped by adapter slot; built once per forward step, used by every site.
+
+    Besides `order`, `starts` and `slots` it keeps what each call needs already split by
+    group size: Python spans for the torch path and a packed int32 array for the kernel, so
+    a call never reads tensor values.
+    """
+
+    order: torch.Tensor  # (M,) int32: rows with slot >= 0, sorted by slot (stable)
+    starts: torch.Tensor  # (G+1,) int32: group g is order[starts[g]:starts[g+1]]
+    slots: torch.Tensor  # (G,) int32: slot of each group, ascending
+    num_rows: int  # N, the batch size the groups were built for
+    max_slot: int  # largest slot used, -1 when no row has an adapter
+    spans: tuple[tuple[int, int, int], ...]  # (slot, lo, hi) per group, lo/hi into order
+    big_spans: tuple[tuple[int, int, int], ...]  # the spans of groups for the torch path
+    kernel_groups: torch.Tensor | None  # the other groups packed for the kernel, None if none
+    device: torch.device  # where row_slots was, and so where the torch path's index lives
+
+    @classmethod
+    def build(cls, row_slots: torch.Tensor, big_group_rows: int = BIG_GROUP_ROWS) -> RowGroups:
+        """Group rows by slot; `row_slots` is (N,) int, -1 meaning no adapter."""
+        if row_slots.dim() != 1 or row_slots.is_floating_point() or row_slots.is_complex():
+            raise LowRankError(
+                f"row_slots must be a 1-D integer tensor, got {tuple(row_slots.shape)} {row_slots.dtype}"
+            )
+        # Plain Python: for a decode batch this is several times faster than torch's sort.
+        slot_of = row_slots.tolist()
+        order = sorted((n for n, s in enumerate(slot_of) if s >= 0), key=slot_of.__getitem__)
+        spans, lo = [], 0
+        while lo < len(order):
+            slot, hi = slot_of[order[lo]], lo + 1
+            while hi < len(order) and slot_of[order[hi]] == slot:
+                hi += 1
+            spans.append((slot, lo, hi))
+            lo = hi
+        packed = _pack_groups(order, spans)
+        small = [sp for sp in spans if sp[2] - sp[1] < big_group_rows]
+        g = len(spans)
+        return cls(
+            order=packed[2 * g + 3 :],
+            starts=packed[2 : g + 3],
+            slots=packed[g + 3 : 2 * g + 3],
+            num_rows=len(slot_of),
+            max_slot=spans[-1][0] if spans else -1,
+            spans=tuple(spans),
+            big_spans=tuple(sp for sp in spans if sp[2] - sp[1] >= big_group_rows),
+            kernel_groups=None if not small else packed if len(small) == g else _pack_groups(order, small),
+            device=row_slots.device,
+        )
+
+    @functools.cached_property
+    def index(self) -> torch.Tensor:
+        """(M,) `order` as int64 on row_slots' device, for the torch path."""
+        return self.order.to(self.device, torch.int64)
+
+
+def _pack_groups(order: list[int], spans: list[tuple[int, int, int]]) -> torch.Tensor:
+    """The kernel's int32 layout of these groups: G, M, starts (G+1), slots (G), order (M)."""
+    starts, rows = [0], []
+    for _, lo, hi in spans:
+        starts.append(starts[-1] + hi - lo)
+        rows.extend(order[lo:hi])
+    packed = array.array("i", [len(spans), len(rows), *starts, *(s for s, _, _ in spans), *rows])
+    return torch.frombuffer(packed, dtype=torch.int32)
+
+
+# ---------------------------------------------------------------------------- the table
+
+
+class LowRankWeights(NamedTuple):
+    a: torch.Tensor  # (r, in)
+    b: torch.Tensor  # (r, out), scaling folded in
+    a_bias: torch.Tensor | None  # (r,)
+    b_bias: torch.Tensor | None  # (out,)
+
+
+class LowRankTable:
+    """The adapters of one site (e.g. layer 3 q_proj), one per slot, ranks free per slot.
+
+    The table keeps references to the tensors it is given (no copy when they are already
+    contiguous) and keeps the kernel's per-slot pointer arrays in step on every set/clear.
+    """
+
+    def __init__(
+        self,
+        num_slots: int,
+        in_features: int,
+        out_features: int,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if num_slots < 1 or in_features < 1 or out_features < 1:
+            raise LowRankError(
+                f"num_slots, in_features and out_features must be >= 1, "
+                f"got {num_slots}, {in_features}, {out_features}"
+            )
+        self.num_slots = num_slots
+        self.in_features = in_features
+        self.out_features = out_features
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self._weights: list[LowRankWeights | None] = [None] * num_slots
+        # The kernel's view of the table (lowrank_kernel.c): in, out, dtype code, slots, then
+        # per slot the data pointers of a, b, a_bias, b_bias (0 = absent), then the ranks.
+        self._meta = torch.zeros(4 + 5 * num_slots, dtype=torch.int64)
+        self._meta[:4] = torch.tensor([in_features, out_features, _KERNEL_DTYPES.get(dtype, -1), num_slots])
+        self._ptrs = self._meta[4 : 4 + 4 * num_slots].view(4, num_slots)
+        self._ranks = self._meta[4 + 4 * num_slots :]
+        self._native = dtype in _KERNEL_DTYPES and self.device.type == "cpu"
+
+    def set(
+        self,
+        slot: int,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        a_bias: torch.Tensor | None = None,
+        b_bias: torch.Tensor | None = None,
+    ) -> None:
+        """Put an adapter in `slot`: a (r, in), b (r, out), a_bias (r,), b_bias (out,)."""
+        self._check_slot(slot)
+        if a.dim() != 2 or a.shape[1] != self.in_features or a.shape[0] < 1:
+            raise LowRankError(f"a must be (rank, {self.in_features}), got {tuple(a.shape)}")
+        rank = a.shape[0]
+        if tuple(b.shape) != (rank, self.out_features):
+            raise LowRankError(
+                f"b must be (rank={rank}, {self.out_features}) (transposed from nn.Linear), "
+                f"got {tuple(b.shape)}"
+            )
+        if a_bias is not None and tuple(a_bias.shape) != (rank,):
+            raise LowRankError(f"a_bias must be ({rank},), got {tuple(a_bias.shape)}")
+        if b_bias is not None and tuple(b_bias.shape) != (self.out_features,):
+            raise LowRankError(f"b_bias must be ({self.out_features},), got {tuple(b_bias.shape)}")
+        for name, t in (("a", a), ("b", b), ("a_bias", a_bias), ("b_bias", b_bias)):
+            if t is not None and (t.dtype != self.dtype or t.device != self.device):
+                raise LowRankError(
+                    f"{name} is {t.dtype} on {t.device}, the table holds {self.dtype} on {self.device}: "
+                    f"cast it with .to({self.dtype}, device='{self.device}') first"
+                )
+        w = LowRankWeights(*(t if t is None else t.detach().contiguous() for t in (a, b, a_bias, b_bias)))
+        self._weights[slot] = w
+        for i, t in enumerate(w):
+            self._ptrs[i, slot] = 0 if t is None else t.data_ptr()
+        self._ranks[slot] = rank
+
+    def clear(self, slot: int) -> None:
+        """Empty `slot`: its rows then get no adapter."""
+        self._check_slot(slot)
+        self._weights[slot] = None
+        self._ranks[slot] = 0
+        self._ptrs[:, slot] = 0
+
+    def get(self, slot: int) -> LowRankWeights | None:
+        self._check_slot(slot)
+        return self._weights[slot]
+
+    def rank(self, slot: int) -> int:
+        w = self.get(slot)
+        return 0 if w is None else w.a.shape[0]
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise LowRankError(f"slot {slot} is outside this table's 0..{self.num_slots - 1}")
+
+
+# ---------------------------------------------------------------------------- applying
+
+
+def low_rank_apply(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    table: LowRankTable,
+    groups: RowGroups,
+    act: Activation = None,
+    use_native: bool = True,
+) -> None:
+    """y[n] += b_s^T act(a_s x[n] + a_bias_s) + b_bias_s for every row n with a slot, in place.
+
+    x: (N, in), y: (N, out), both of the table's dtype; `x is y` is allowed. `use_native=False`
+    runs every group through torch (for tests and comparisons).
+    """
+    _check_call(x, y, table, groups, act)
+    if not groups.spans:
+        return
+    kernel = _native_for(x, y, table) if use_native else None
+    if kernel is None:
+        _torch_groups(x, y, table, groups, groups.spans, act)
+        return
+    # Big and small groups own disjoint rows, so their order does not matter, even in place.
+    if groups.big_spans:
+        _torch_groups(x, y, table, groups, groups.big_spans, act)
+    if groups.kernel_groups is not None:
+        kernel.apply(x, y, table, groups.kernel_groups, act)
+
+
+def low_rank_apply_reference(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    table: LowRankTable,
+    row_slots: torch.Tensor,
+    act: Activation = None,
+) -> None:
+    """The same as `low_rank_apply`, one row at a time in float32, for tests."""
+    x32 = x.to(torch.float32, copy=True)  # x may be y
+    for n, slot in enumerate(row_slots.tolist()):
+        w = table.get(slot) if slot >= 0 else None
+        if w is None:
+            continue
+        h = w.a.float() @ x32[n]  # (r,)
+        if w.a_bias is not None:
+            h = h + w.a_bias.float()
+        d = w.b.float().t() @ _act_torch(h, act)  # (out,)
+        if w.b_bias is not None:
+            d = d + w.b_bias.float()
+        y[n] = (y[n].float() + d).to(y.dtype)
+
+
+def _check_call(
+    x: torch.Tensor, y: torch.Tensor, table: LowRankTable, groups: RowGroups, act: Activation
+) -> None:
+    # Called for every site of every step: plain comparisons only, no tensor ops.
+    n = groups.num_rows
+    if x.shape != (n, table.in_features) or y.shape != (n, table.out_features):
+        raise LowRankError(
+            f"x must be ({n}, {table.in_features}) and y ({n}, {table.out_features}), "
+            f"got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    if x.dtype != table.dtype or y.dtype != table.dtype:
+        raise LowRankError(f"x and y must be {table.dtype} like the table, got {x.dtype} and {y.dtype}")
+    if groups.max_slot >= table.num_slots:
+        raise LowRankError(f"row slot {groups.max_slot} is outside the table's {table.num_slots} slots")
+    if act not in _ACT_CODES:
+        raise LowRankError(f"act must be one of {sorted(k for k in _ACT_CODES if k)} or None, got {act!r}")
+
+
+def _act_torch(h: torch.Tensor, act: Activation) -> torch.Tensor:
+    if act == "relu":
+        return F.relu(h)
+    if act == "gelu":
+        return F.gelu(h)
+    if act == "silu":
+        return F.silu(h)
+    if act == "tanh":
+        return torch.tanh(h)
+    return h
+
+
+def _torch_groups(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    table: LowRankTable,
+    groups: RowGroups,
+    spans: tuple[tuple[int, int, int], ...],
+    act: Activation,
+) -> None:
+    """One gather, two float32 matmuls and one scatter per group."""
+    for slot, lo, hi in spans:
+        w = table.get(slot)
+        if w is None:
+            continue
+        idx = groups.index[lo:hi]  # (m,)
+        h = x.index_select(0, idx).float() @ w.a.float().t()  # (m, r)
+        if w.a_bias is not None:
+            h += w.a_bias.float()
+        d = _act_torch(h, act) @ w.b.float()  # (m, out)
+        if w.b_bias is not None:
+            d += w.b_bias.float()
+        if y.dtype == torch.float32:
+            y.index_add_(0, idx, d)
+        else:
+            # Add in float32 and round once, as the kernel does.
+            y.index_copy_(0, idx, (y.index_select(0, idx).float() + d).to(y.dtype))
+
+
+# ---------------------------------------------------------------------------- native kernel
+
+_SOURCE = Path(__file__).with_name("lowrank_kernel.c")
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_I32 = ctypes.c_int
+
+
+class NativeKernel:
+    """The compiled lowrank_kernel.c, called through ctypes."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as e:
+            raise KernelBuildError(f"cannot load {path}: {e}") from e
+        fn = lib.peftserve_lowrank_apply
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        fn.argtypes = [p, p, p, i64, p, i64, i32, i32]
+        fn.restype = i32
+        self.path = path
+        self._lib = lib  # keeps the library loaded as long as this object lives
+        self._fn = fn
+
+    def apply(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        table: LowRankTable,
+        packed_groups: torch.Tensor,
+        act: Activation,
+    ) -> None:
+        """Run the kernel over packed groups (RowGroups.kernel_groups); x, y already checked."""
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        if y.stride(1) != 1:
+            raise LowRankError("y's last dimension must be contiguous (stride 1) to be updated in place")
+        rc = self._fn(
+            table._meta.data_ptr(),
+            packed_groups.data_ptr(),
+            x.data_ptr(),
+            x.stride(0),
+            y.data_ptr(),
+            y.stride(0),
+            _ACT_CODES[act],
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise RuntimeError(f"lowrank kernel failed with code {rc} (1: bad argument, 2: out of memory)")
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels live: $PEFTSERVE_CACHE/kernels, by default ~/.cache/peftserve/kernels."""
+    root = os.environ.get("PEFTSERVE_CACHE") or Path.home() / ".cache" / "peftserve"
+    return Path(root) / "kernels"
+
+
+def _machine_id() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    lines = []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features", "CPU part")):
+                    lines.append(line.strip())
+                if len(lines) >= 2:
+                    break
+    except OSError:
+        pass
+    return "\n".join([platform.machine(), platform.processor(), *lines])
+
+
+def build_kernel(flags: tuple[str, ...] = CFLAGS) -> Path:
+    """Compile lowrank_kernel.c once per source, flags and machine; return the .so path."""
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + "\0".join(flags).encode() + _machine_id().encode()).hexdigest()[:16]
+    target = cache_dir() / key / "lowrank_kernel.so"
+    if target.exists():
+        return target
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise KernelBuildError("no C compiler found (install gcc, or set CC)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A unique temporary name and an atomic rename let concurrent processes build side by side.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [cc, *flags, "-o", tmp, str(_SOURCE), "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise KernelBuildError(f"{' '.join(cmd)} failed:\n{proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+_lock = threading.Lock()
+_kernel: NativeKernel | None = None
+_kernel_tried = False
+_warned: set[str] = set()
+
+
+def native_kernel() -> NativeKernel | None:
+    """The native kernel, built and loaded on first use; None (with one warning) if it can't be."""
+    global _kernel, _kernel_tried
+    if _kernel_tried:
+        return _kernel
+    with _lock:
+        if not _kernel_tried:
+            try:
+                _kernel = NativeKernel(build_kernel())
+            except KernelBuildError as e:
+                _warn_once("build", f"low-rank adapters use the slower torch path: {e}")
+            _kernel_tried = True
+    return _kernel
+
+
+def _native_for(x: torch.Tensor, y: torch.Tensor, table: LowRankTable) -> NativeKernel | None:
+    if table._native and x.is_cpu and y.is_cpu:
+        return _kernel if _kernel_tried else native_kernel()
+    if table.dtype not in _KERNEL_DTYPES:
+        _warn_once("dtype", f"low-rank adapters in {table.dtype} use the torch path (the kernel: f32, bf16)")
+    else:
+        _warn_once("device", f"low-rank adapters on {x.device} use the torch path (the kernel is CPU only)")
+    return None
+
+
+def _warn_once(reason: str, message: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        log.warning(message)

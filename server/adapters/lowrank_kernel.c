@@ -1,0 +1,616 @@
+/*
+ * Many different low-rank adapters in one linear layer, one adapter per row (peftserve, CPU).
+ *
+ * For every group g of rows sharing slot s = slots[g] (rows order[starts[g] .. starts[g+1]]):
+ *     u[n]  = act(A_s x[n] + a_bias_s)      shrink: A_s is (r_s, in), row-major
+ *     y[n] += B_s^T u[n] + b_bias_s          expand: B_s is (r_s, out), row-major
+ * accumulating in float32. Weights are reached through per-slot pointer arrays, so the caller
+ * never copies them; a slot of rank 0 is skipped.
+ *
+ * At decode there is about one row per group, so the work is bound by reading every weight
+ * once from memory. Three choices follow from that:
+ *   - Threads split the work by estimated cost (weight bytes plus per-row compute), not by
+ *     rows or groups; a thread gets a run of whole groups, split only at its two ends.
+ *   - Shrink reads A rank row by rank row, one linear stream the hardware prefetcher follows.
+ *   - Expand keeps a 4 x 64 tile of outputs in registers across all ranks, which reads B in
+ *     r short pieces at once; the hardware prefetcher does badly on that, so each thread
+ *     prefetches its *next* work item linearly into L2 while it computes the current one.
+ * A barrier separates the phases: expand needs every u, and it is what makes x == y (in
+ * place) safe, since every x row is read before any y row is written.
+ *
+ * Built by server/adapters/lowrank.py with -O3 -march=native -fopenmp; the AVX-512 paths
+ * are chosen at compile time and the plain C paths compile anywhere.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define LR_AVX512 1
+#include <immintrin.h>
+#endif
+
+#define LR_INLINE static inline __attribute__((always_inline))
+
+enum { LR_F32 = 0, LR_BF16 = 1 };
+enum { ACT_NONE = 0, ACT_RELU = 1, ACT_GELU = 2, ACT_SILU = 3, ACT_TANH = 4 };
+enum { LR_OK = 0, LR_EBADARG = 1, LR_ENOMEM = 2 };
+
+/* Rows per register tile. */
+#define LR_ROWS 4
+/* Output columns per expand tile: 4 vectors of 16 floats. */
+#define LR_VEC 16
+#define LR_COLS 64
+#define LR_LINE 64
+/* Loading a weight element costs about as much as using it for this many rows. */
+#define LR_MEM_ROWS 4
+/* Below this many weight elements one thread is faster than waking a second. */
+#define LR_SERIAL_ELEMS 8192
+
+/* ---------------------------------------------------------------- scalar helpers */
+
+LR_INLINE float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Round to nearest even, keeping NaN a (quiet) NaN. */
+LR_INLINE uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+static float act_apply(int act, float v) {
+    switch (act) {
+    case ACT_RELU:
+        return v > 0.0f ? v : 0.0f;
+    case ACT_GELU:
+        return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    case ACT_SILU:
+        return v / (1.0f + expf(-v));
+    case ACT_TANH:
+        return tanhf(v);
+    default:
+        return v;
+    }
+}
+
+/* ---------------------------------------------------------------- the job and its split */
+
+typedef struct {
+    int dtype;
+    size_t es; /* element size in bytes */
+    const char *x; /* row n starts at x + n * x_stride elements */
+    int64_t x_stride;
+    char *y;
+    int64_t y_stride;
+    int64_t in, out, n_vec;
+    const int32_t *order, *starts, *slots;
+    int64_t n_groups;
+    const int64_t *ptrs; /* per slot: A, B, A bias, B bias addresses, num_slots apart */
+    int64_t n_slots;
+    const int64_t *ranks;
+    int act;
+    float *u;             /* group g's u is u + u_off[g], laid out [row][rank] */
+    const int64_t *u_off; /* (n_groups,) */
+    int64_t total[2];     /* cost of the shrink and of the expand phase */
+} lr_job;
+
+enum { PHASE_SHRINK = 0, PHASE_EXPAND = 1, PHASE_DONE = 2 };
+
+/* A shrink unit is one rank row of A, an expand unit one 16-column vector of every B row. */
+LR_INLINE int64_t unit_cost(const lr_job *job, int phase, int64_t r, int64_t n_rows) {
+    return (phase == PHASE_SHRINK ? job->in : LR_VEC * r) * (LR_MEM_ROWS + n_rows);
+}
+
+enum { W_A = 0, W_B = 1, W_A_BIAS = 2, W_B_BIAS = 3 };
+
+/* The table holds addresses as int64; converting each one keeps the types honest. */
+LR_INLINE const char *weight(const lr_job *job, int which, int slot) {
+    return (const char *)(uintptr_t)job->ptrs[which * job->n_slots + slot];
+}
+
+LR_INLINE int64_t unit_count(const lr_job *job, int phase, int64_t r) {
+    return phase == PHASE_SHRINK ? r : job->n_vec;
+}
+
+/* First of `units` units costing `cost` each from `prefix` on that starts at or after c. */
+static int64_t first_unit_from(int64_t c, int64_t prefix, int64_t cost, int64_t units) {
+    int64_t rel = c - prefix;
+    if (rel <= 0) return 0;
+    int64_t u = (rel + cost - 1) / cost;
+    return u < units ? u : units;
+}
+
+/* One thread's work items, in order: runs of units of one group, shrink phase then expand.
+ * Thread t takes the units whose start cost lies in [total*t/nth, total*(t+1)/nth), so the
+ * threads' shares tile each phase exactly. */
+typedef struct {
+    const lr_job *job;
+    int tid, nth;
+    int phase;
+    int64_t g, prefix, lo, hi;
+} lr_items;
+
+typedef struct {
+    int phase;
+    int64_t g, u0, u1;
+} lr_item;
+
+static void items_start_phase(lr_items *it, int phase) {
+    it->phase = phase;
+    it->g = 0;
+    it->prefix = 0;
+    if (phase == PHASE_DONE) return;
+    int64_t total = it->job->total[phase];
+    it->lo = total / it->nth * it->tid + total % it->nth * it->tid / it->nth;
+    it->hi = total / it->nth * (it->tid + 1) + total % it->nth * (it->tid + 1) / it->nth;
+}
+
+static void items_init(lr_items *it, const lr_job *job, int tid, int nth) {
+    it->job = job;
+    it->tid = tid;
+    it->nth = nth;
+    items_start_phase(it, PHASE_SHRINK);
+}
+
+/* The next item, crossing into the expand phase when the shrink items run out; 0 at the end. */
+static int items_next(lr_items *it, lr_item *item) {
+    const lr_job *job = it->job;
+    while (it->phase != PHASE_DONE) {
+        while (it->g < job->n_groups && it->prefix < it->hi) {
+            int64_t g = it->g++;
+            int64_t r = job->ranks[job->slots[g]], n_rows = job->starts[g + 1] - job->starts[g];
+            if (r <= 0 || n_rows <= 0) continue;
+            int64_t cost = unit_cost(job, it->phase, r, n_rows), units = unit_count(job, it->phase, r);
+            int64_t u0 = first_unit_from(it->lo, it->prefix, cost, units);
+            int64_t u1 = first_unit_from(it->hi, it->prefix, cost, units);
+            it->prefix += cost * units;
+            if (u0 < u1) {
+                *item = (lr_item){it->phase, g, u0, u1};
+                return 1;
+            }
+        }
+        items_start_phase(it, it->phase + 1);
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- prefetch of the next item
+ * Walks the weights of the item after the one being computed, one cache line per line the
+ * compute consumes, into L2. A shrink item is one contiguous stretch of A; an expand item
+ * is r stretches of B (one contiguous stretch when it covers whole rows).
+ */
+typedef struct {
+    lr_items items; /* one item ahead of the compute */
+    const char *p, *end;      /* the stretch being prefetched */
+    const char *next;         /* start of the item's next stretch */
+    int64_t stride, len, left; /* stretches of the item: `left` more, `len` bytes, `stride` apart */
+    int done;
+} lr_prefetch;
+
+static void pf_refill(lr_prefetch *pf) {
+    while (pf->left == 0) {
+        lr_item item;
+        if (!items_next(&pf->items, &item)) {
+            pf->done = 1;
+            return;
+        }
+        const lr_job *job = pf->items.job;
+        int slot = job->slots[item.g];
+        int64_t r = job->ranks[slot];
+        if (item.phase == PHASE_SHRINK) {
+            pf->next = weight(job, W_A, slot) + (size_t)(item.u0 * job->in) * job->es;
+            pf->len = (item.u1 - item.u0) * job->in * (int64_t)job->es;
+            pf->left = 1;
+        } else {
+            int64_t j0 = item.u0 * LR_VEC, j1 = item.u1 * LR_VEC < job->out ? item.u1 * LR_VEC : job->out;
+            pf->next = weight(job, W_B, slot) + (size_t)j0 * job->es;
+            pf->len = (j1 - j0) * (int64_t)job->es;
+            pf->stride = job->out * (int64_t)job->es;
+            pf->left = r;
+            if (j0 == 0 && j1 == job->out) {
+                pf->len *= r;
+                pf->left = 1;
+            }
+        }
+    }
+    pf->p = pf->next;
+    pf->end = pf->next + pf->len;
+    pf->next += pf->stride;
+    pf->left--;
+}
+
+static void pf_init(lr_prefetch *pf, const lr_items *now) {
+    memset(pf, 0, sizeof *pf);
+    pf->items = *now;
+}
+
+LR_INLINE void pf_step(lr_prefetch *pf) {
+    if (pf->p < pf->end) {
+        __builtin_prefetch(pf->p, 0, 2);
+        pf->p += LR_LINE;
+    } else if (!pf->done) {
+        pf_refill(pf);
+    }
+}
+
+/* ---------------------------------------------------------------- shrink: one rank row
+ * dots[n] = a . xr[n] over `in` elements for NR rows; a is read once, linearly.
+ */
+
+#ifdef LR_AVX512
+
+LR_INLINE __m512 load_bf16x16(__mmask16 m, const uint16_t *p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+LR_INLINE void store_bf16x16(__mmask16 m, uint16_t *p, __m512 v) {
+#ifdef __AVX512BF16__
+    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+#else
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet)));
+#endif
+}
+
+LR_INLINE __mmask16 mask16(int64_t left) {
+    return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+}
+
+LR_INLINE void shrink_f32_nr(const int NR, const float *const *xr, const float *a, int64_t in, float *dots,
+                             lr_prefetch *pf) {
+    __m512 acc[2][LR_ROWS];
+    for (int n = 0; n < NR; n++) acc[0][n] = acc[1][n] = _mm512_setzero_ps();
+    /* Two accumulators per row hide the FMA latency. */
+    for (int64_t i = 0; i < in; i += 32) {
+        pf_step(pf);
+        pf_step(pf);
+        __mmask16 m0 = mask16(in - i), m1 = in - i > 16 ? mask16(in - i - 16) : 0;
+        __m512 a0 = _mm512_maskz_loadu_ps(m0, a + i), a1 = _mm512_maskz_loadu_ps(m1, a + i + 16);
+        for (int n = 0; n < NR; n++) {
+            acc[0][n] = _mm512_fmadd_ps(a0, _mm512_maskz_loadu_ps(m0, xr[n] + i), acc[0][n]);
+            acc[1][n] = _mm512_fmadd_ps(a1, _mm512_maskz_loadu_ps(m1, xr[n] + i + 16), acc[1][n]);
+        }
+    }
+    for (int n = 0; n < NR; n++) dots[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][n], acc[1][n]));
+}
+
+LR_INLINE void shrink_bf16_nr(const int NR, const uint16_t *const *xr, const uint16_t *a, int64_t in,
+                              float *dots, lr_prefetch *pf) {
+    __m512 acc[2][LR_ROWS];
+    for (int n = 0; n < NR; n++) acc[0][n] = acc[1][n] = _mm512_setzero_ps();
+#ifdef __AVX512BF16__
+    /* vdpbf16ps multiplies bf16 pairs exactly and adds them into float32: 32 elements per op. */
+    for (int64_t i = 0; i < in; i += 64) {
+        pf_step(pf);
+        pf_step(pf);
+        int64_t left = in - i;
+        __mmask32 m0 = left >= 32 ? 0xffffffffu : (__mmask32)((1u << left) - 1u);
+        __mmask32 m1 = left >= 64 ? 0xffffffffu : left > 32 ? (__mmask32)((1u << (left - 32)) - 1u) : 0;
+        __m512i a0 = _mm512_maskz_loadu_epi16(m0, a + i), a1 = _mm512_maskz_loadu_epi16(m1, a + i + 32);
+        for (int n = 0; n < NR; n++) {
+            __m512i x0 = _mm512_maskz_loadu_epi16(m0, xr[n] + i), x1 = _mm512_maskz_loadu_epi16(m1, xr[n] + i + 32);
+            acc[0][n] = _mm512_dpbf16_ps(acc[0][n], (__m512bh)a0, (__m512bh)x0);
+            acc[1][n] = _mm512_dpbf16_ps(acc[1][n], (__m512bh)a1, (__m512bh)x1);
+        }
+    }
+#else
+    for (int64_t i = 0; i < in; i += 32) {
+        pf_step(pf);
+        __mmask16 m0 = mask16(in - i), m1 = in - i > 16 ? mask16(in - i - 16) : 0;
+        __m512 a0 = load_bf16x16(m0, a + i), a1 = load_bf16x16(m1, a + i + 16);
+        for (int n = 0; n < NR; n++) {
+            acc[0][n] = _mm512_fmadd_ps(a0, load_bf16x16(m0, xr[n] + i), acc[0][n]);
+            acc[1][n] = _mm512_fmadd_ps(a1, load_bf16x16(m1, xr[n] + i + 16), acc[1][n]);
+        }
+    }
+#endif
+    for (int n = 0; n < NR; n++) dots[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][n], acc[1][n]));
+}
+
+#else /* portable */
+
+LR_INLINE void shrink_f32_nr(const int NR, const float *const *xr, const float *a, int64_t in, float *dots,
+                             lr_prefetch *pf) {
+    (void)pf;
+    for (int n = 0; n < NR; n++) {
+        float s = 0.0f;
+        for (int64_t i = 0; i < in; i++) s += a[i] * xr[n][i];
+        dots[n] = s;
+    }
+}
+
+LR_INLINE void shrink_bf16_nr(const int NR, const uint16_t *const *xr, const uint16_t *a, int64_t in,
+                              float *dots, lr_prefetch *pf) {
+    (void)pf;
+    for (int n = 0; n < NR; n++) {
+        float s = 0.0f;
+        for (int64_t i = 0; i < in; i++) s += bf16_to_f32(a[i]) * bf16_to_f32(xr[n][i]);
+        dots[n] = s;
+    }
+}
+
+#endif
+
+/* The switch gives every row count its own fully unrolled copy. */
+static void shrink_rank(const lr_job *job, int nr, const char *const *xr, const char *a, float *dots,
+                        lr_prefetch *pf) {
+    /* Typed copies of the row pointers: reading a char * object as a float * is not allowed. */
+    if (job->dtype == LR_BF16) {
+        const uint16_t *xh[LR_ROWS], *ah = (const uint16_t *)a;
+        for (int i = 0; i < nr; i++) xh[i] = (const uint16_t *)xr[i];
+        switch (nr) {
+        case 1: shrink_bf16_nr(1, xh, ah, job->in, dots, pf); break;
+        case 2: shrink_bf16_nr(2, xh, ah, job->in, dots, pf); break;
+        case 3: shrink_bf16_nr(3, xh, ah, job->in, dots, pf); break;
+        default: shrink_bf16_nr(4, xh, ah, job->in, dots, pf); break;
+        }
+    } else {
+        const float *xf[LR_ROWS], *af = (const float *)a;
+        for (int i = 0; i < nr; i++) xf[i] = (const float *)xr[i];
+        switch (nr) {
+        case 1: shrink_f32_nr(1, xf, af, job->in, dots, pf); break;
+        case 2: shrink_f32_nr(2, xf, af, job->in, dots, pf); break;
+        case 3: shrink_f32_nr(3, xf, af, job->in, dots, pf); break;
+        default: shrink_f32_nr(4, xf, af, job->in, dots, pf); break;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- expand tiles
+ * For NR rows and `cols` (1..64) output columns starting at b, bias and yr[n]:
+ *     yr[n][c] = round(yr[n][c] + (sum_k u[n*r + k] * b[k*out + c] + bias[c]))
+ * The outputs stay in registers across all r ranks, so a B tile is read once per group and
+ * reused by every row of the tile.
+ */
+
+#ifdef LR_AVX512
+
+LR_INLINE void col_masks(int64_t cols, __mmask16 m[4]) {
+    for (int v = 0; v < 4; v++) m[v] = cols > v * LR_VEC ? mask16(cols - v * LR_VEC) : 0;
+}
+
+LR_INLINE void expand_f32_nr(const int NR, int64_t cols, const float *b, int64_t out, int64_t r, const float *u,
+                             const float *bias, float *const *yr, lr_prefetch *pf) {
+    __mmask16 m[4];
+    col_masks(cols, m);
+    __m512 acc[LR_ROWS][4];
+    for (int n = 0; n < NR; n++)
+        for (int v = 0; v < 4; v++) acc[n][v] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < r; k++) {
+        for (int l = 0; l < 4; l++) pf_step(pf);
+        __m512 bv[4];
+        for (int v = 0; v < 4; v++) bv[v] = _mm512_maskz_loadu_ps(m[v], b + k * out + v * LR_VEC);
+        for (int n = 0; n < NR; n++) {
+            __m512 un = _mm512_set1_ps(u[n * r + k]);
+            for (int v = 0; v < 4; v++) acc[n][v] = _mm512_fmadd_ps(bv[v], un, acc[n][v]);
+        }
+    }
+    for (int v = 0; v < 4; v++) {
+        __m512 bb = bias ? _mm512_maskz_loadu_ps(m[v], bias + v * LR_VEC) : _mm512_setzero_ps();
+        for (int n = 0; n < NR; n++) {
+            float *p = yr[n] + v * LR_VEC;
+            _mm512_mask_storeu_ps(p, m[v], _mm512_add_ps(_mm512_maskz_loadu_ps(m[v], p), _mm512_add_ps(acc[n][v], bb)));
+        }
+    }
+}
+
+LR_INLINE void expand_bf16_nr(const int NR, int64_t cols, const uint16_t *b, int64_t out, int64_t r,
+                              const float *u, const uint16_t *bias, uint16_t *const *yr, lr_prefetch *pf) {
+    __mmask16 m[4];
+    col_masks(cols, m);
+    __m512 acc[LR_ROWS][4];
+    for (int n = 0; n < NR; n++)
+        for (int v = 0; v < 4; v++) acc[n][v] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < r; k++) {
+        pf_step(pf);
+        pf_step(pf);
+        __m512 bv[4];
+        for (int v = 0; v < 4; v++) bv[v] = load_bf16x16(m[v], b + k * out + v * LR_VEC);
+        for (int n = 0; n < NR; n++) {
+            __m512 un = _mm512_set1_ps(u[n * r + k]);
+            for (int v = 0; v < 4; v++) acc[n][v] = _mm512_fmadd_ps(bv[v], un, acc[n][v]);
+        }
+    }
+    for (int v = 0; v < 4; v++) {
+        __m512 bb = bias ? load_bf16x16(m[v], bias + v * LR_VEC) : _mm512_setzero_ps();
+        for (int n = 0; n < NR; n++) {
+            uint16_t *p = yr[n] + v * LR_VEC;
+            store_bf16x16(m[v], p, _mm512_add_ps(load_bf16x16(m[v], p), _mm512_add_ps(acc[n][v], bb)));
+        }
+    }
+}
+
+#else /* portable */
+
+LR_INLINE void expand_f32_nr(const int NR, int64_t cols, const float *b, int64_t out, int64_t r, const float *u,
+                             const float *bias, float *const *yr, lr_prefetch *pf) {
+    (void)pf;
+    float acc[LR_ROWS][LR_COLS] = {{0.0f}};
+    for (int64_t k = 0; k < r; k++)
+        for (int n = 0; n < NR; n++) {
+            float un = u[n * r + k];
+            for (int64_t c = 0; c < cols; c++) acc[n][c] += un * b[k * out + c];
+        }
+    for (int n = 0; n < NR; n++)
+        for (int64_t c = 0; c < cols; c++) yr[n][c] += acc[n][c] + (bias ? bias[c] : 0.0f);
+}
+
+LR_INLINE void expand_bf16_nr(const int NR, int64_t cols, const uint16_t *b, int64_t out, int64_t r,
+                              const float *u, const uint16_t *bias, uint16_t *const *yr, lr_prefetch *pf) {
+    (void)pf;
+    float acc[LR_ROWS][LR_COLS] = {{0.0f}};
+    for (int64_t k = 0; k < r; k++)
+        for (int n = 0; n < NR; n++) {
+            float un = u[n * r + k];
+            for (int64_t c = 0; c < cols; c++) acc[n][c] += un * bf16_to_f32(b[k * out + c]);
+        }
+    for (int n = 0; n < NR; n++)
+        for (int64_t c = 0; c < cols; c++) {
+            float delta = acc[n][c] + (bias ? bf16_to_f32(bias[c]) : 0.0f);
+            yr[n][c] = f32_to_bf16(bf16_to_f32(yr[n][c]) + delta);
+        }
+}
+
+#endif
+
+static void expand_tile(const lr_job *job, int nr, int64_t cols, const char *b, int64_t r, const float *u,
+                        const char *bias, char *const *yr, lr_prefetch *pf) {
+    int64_t out = job->out;
+    if (job->dtype == LR_BF16) {
+        const uint16_t *bh = (const uint16_t *)b, *ch = (const uint16_t *)bias;
+        uint16_t *yh[LR_ROWS];
+        for (int i = 0; i < nr; i++) yh[i] = (uint16_t *)yr[i];
+        switch (nr) {
+        case 1: expand_bf16_nr(1, cols, bh, out, r, u, ch, yh, pf); break;
+        case 2: expand_bf16_nr(2, cols, bh, out, r, u, ch, yh, pf); break;
+        case 3: expand_bf16_nr(3, cols, bh, out, r, u, ch, yh, pf); break;
+        default: expand_bf16_nr(4, cols, bh, out, r, u, ch, yh, pf); break;
+        }
+    } else {
+        const float *bf = (const float *)b, *cf = (const float *)bias;
+        float *yf[LR_ROWS];
+        for (int i = 0; i < nr; i++) yf[i] = (float *)yr[i];
+        switch (nr) {
+        case 1: expand_f32_nr(1, cols, bf, out, r, u, cf, yf, pf); break;
+        case 2: expand_f32_nr(2, cols, bf, out, r, u, cf, yf, pf); break;
+        case 3: expand_f32_nr(3, cols, bf, out, r, u, cf, yf, pf); break;
+        default: expand_f32_nr(4, cols, bf, out, r, u, cf, yf, pf); break;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- one work item */
+
+/* u of group g for ranks [k0, k1): rank rows outside, so A is read once and in order. */
+static void shrink_item(const lr_job *job, int64_t g, int64_t k0, int64_t k1, lr_prefetch *pf) {
+    const int32_t *rows = job->order + job->starts[g];
+    int64_t n_rows = job->starts[g + 1] - job->starts[g];
+    int slot = job->slots[g];
+    int64_t r = job->ranks[slot];
+    const char *bias = weight(job, W_A_BIAS, slot);
+    float *u = job->u + job->u_off[g];
+    for (int64_t k = k0; k < k1; k++) {
+        const char *a = weight(job, W_A, slot) + (size_t)(k * job->in) * job->es;
+        float add = !bias ? 0.0f : job->dtype == LR_BF16 ? bf16_to_f32(((const uint16_t *)bias)[k]) : ((const float *)bias)[k];
+        for (int64_t n0 = 0; n0 < n_rows; n0 += LR_ROWS) {
+            int nr = n_rows - n0 < LR_ROWS ? (int)(n_rows - n0) : LR_ROWS;
+            const char *xr[LR_ROWS];
+            for (int i = 0; i < nr; i++) xr[i] = job->x + (size_t)(rows[n0 + i] * job->x_stride) * job->es;
+            float dots[LR_ROWS];
+            shrink_rank(job, nr, xr, a, dots, pf);
+            for (int i = 0; i < nr; i++) u[(n0 + i) * r + k] = act_apply(job->act, dots[i] + add);
+        }
+    }
+}
+
+/* y of group g for output vectors [v0, v1): tiles of 4 vectors outside and rows inside, so a
+ * B tile stays in L1 while every row of the group uses it. */
+static void expand_item(const lr_job *job, int64_t g, int64_t v0, int64_t v1, lr_prefetch *pf) {
+    const int32_t *rows = job->order + job->starts[g];
+    int64_t n_rows = job->starts[g + 1] - job->starts[g];
+    int slot = job->slots[g];
+    int64_t r = job->ranks[slot];
+    const char *b = weight(job, W_B, slot), *bias = weight(job, W_B_BIAS, slot);
+    const float *u = job->u + job->u_off[g];
+    int64_t end = v1 * LR_VEC < job->out ? v1 * LR_VEC : job->out;
+    for (int64_t j0 = v0 * LR_VEC; j0 < end; j0 += LR_COLS) {
+        int64_t cols = end - j0 < LR_COLS ? end - j0 : LR_COLS;
+        for (int64_t n0 = 0; n0 < n_rows; n0 += LR_ROWS) {
+            int nr = n_rows - n0 < LR_ROWS ? (int)(n_rows - n0) : LR_ROWS;
+            char *yr[LR_ROWS];
+            for (int i = 0; i < nr; i++) yr[i] = job->y + (size_t)(rows[n0 + i] * job->y_stride + j0) * job->es;
+            expand_tile(job, nr, cols, b + (size_t)j0 * job->es, r, u + n0 * r,
+                        bias ? bias + (size_t)j0 * job->es : NULL, yr, pf);
+        }
+    }
+}
+
+static void run_thread(const lr_job *job, int tid, int nth) {
+    lr_items items;
+    lr_prefetch pf;
+    lr_item item;
+    items_init(&items, job, tid, nth);
+    int have = items_next(&items, &item);
+    pf_init(&pf, &items);
+    for (; have && item.phase == PHASE_SHRINK; have = items_next(&items, &item))
+        shrink_item(job, item.g, item.u0, item.u1, &pf);
+#pragma omp barrier
+    for (; have; have = items_next(&items, &item)) expand_item(job, item.g, item.u0, item.u1, &pf);
+}
+
+/* ---------------------------------------------------------------- entry point */
+
+/*
+ * table (int64): in, out, dtype (0 float32, 1 bfloat16 as uint16 bits), num_slots S, then
+ *     S pointers each to A, B, A bias, B bias (a bias pointer may be 0), then S ranks (0 = empty).
+ * groups (int32): G, M, starts[G+1], slots[G], order[M]; group g is rows
+ *     order[starts[g] .. starts[g+1]], every row index < the rows of x and y.
+ * x: rows of `in` elements, x_stride elements apart; y likewise with `out`; x may be y.
+ * act: 0 none, 1 relu, 2 gelu (erf), 3 silu, 4 tanh.
+ * Returns 0, 1 on a bad argument, 2 when scratch memory cannot be had (y then untouched).
+ */
+int peftserve_lowrank_apply(const int64_t *table, const int32_t *groups, const void *x, int64_t x_stride, void *y,
+                            int64_t y_stride, int act, int n_threads) {
+    int64_t in = table[0], out = table[1], dtype = table[2], n_slots = table[3];
+    int64_t n_groups = groups[0];
+    if ((dtype != LR_F32 && dtype != LR_BF16) || in <= 0 || out <= 0 || n_groups < 0 || act < ACT_NONE ||
+        act > ACT_TANH)
+        return LR_EBADARG;
+    if (n_groups == 0) return LR_OK;
+    const int64_t *ranks = table + 4 + 4 * n_slots;
+    const int32_t *starts = groups + 2, *slots = starts + n_groups + 1, *order = slots + n_groups;
+    for (int64_t g = 0; g < n_groups; g++)
+        if (slots[g] < 0 || slots[g] >= n_slots) return LR_EBADARG;
+
+    int64_t *u_off = malloc((size_t)n_groups * sizeof *u_off);
+    if (!u_off) return LR_ENOMEM;
+    lr_job job = {(int)dtype, dtype == LR_BF16 ? 2 : 4, x, x_stride, y, y_stride, in, out,
+                  (out + LR_VEC - 1) / LR_VEC, order, starts, slots, n_groups, table + 4, n_slots, ranks, act, NULL,
+                  u_off, {0, 0}};
+    int64_t u_len = 0, weight_elems = 0;
+    for (int64_t g = 0; g < n_groups; g++) {
+        int64_t r = ranks[slots[g]], n_rows = starts[g + 1] - starts[g];
+        u_off[g] = u_len;
+        if (r <= 0 || n_rows <= 0) continue;
+        u_len += n_rows * r;
+        for (int phase = PHASE_SHRINK; phase <= PHASE_EXPAND; phase++)
+            job.total[phase] += unit_cost(&job, phase, r, n_rows) * unit_count(&job, phase, r);
+        weight_elems += r * (in + out);
+    }
+    job.u = malloc((size_t)(u_len > 0 ? u_len : 1) * sizeof *job.u);
+    if (!job.u) {
+        free(u_off);
+        return LR_ENOMEM;
+    }
+    int nth = weight_elems < LR_SERIAL_ELEMS || n_threads < 1 ? 1 : n_threads;
+
+#pragma omp parallel num_threads(nth)
+    {
+#ifdef _OPENMP
+        run_thread(&job, omp_get_thread_num(), omp_get_num_threads());
+#else
+        run_thread(&job, 0, 1);
+#endif
+    }
+
+    free(job.u);
+    free(u_off);
+    return LR_OK;
+}
