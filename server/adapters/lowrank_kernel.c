@@ -37,6 +37,16 @@
 
 #define LR_INLINE static inline __attribute__((always_inline))
 
+/* Fully unrolled small loops let the compiler keep the tiles' accumulator arrays in
+ * registers; without it GCC keeps them on the stack and the tiles run at half speed. */
+#if defined(__clang__)
+#define LR_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define LR_UNROLL _Pragma("GCC unroll 16")
+#else
+#define LR_UNROLL
+#endif
+
 enum { LR_F32 = 0, LR_BF16 = 1 };
 enum { ACT_NONE = 0, ACT_RELU = 1, ACT_GELU = 2, ACT_SILU = 3, ACT_TANH = 4 };
 enum { LR_OK = 0, LR_EBADARG = 1, LR_ENOMEM = 2 };
@@ -236,13 +246,18 @@ static void pf_init(lr_prefetch *pf, const lr_items *now) {
     pf->items = *now;
 }
 
-LR_INLINE void pf_step(lr_prefetch *pf) {
-    if (pf->p < pf->end) {
-        __builtin_prefetch(pf->p, 0, 2);
-        pf->p += LR_LINE;
-    } else if (!pf->done) {
-        pf_refill(pf);
+/* Inside the register-tiled loops, on a local copy of pf->p: no call there (it would spill
+ * every vector register) and no store to memory on the loop's critical path. */
+LR_INLINE void pf_step(const char **p, const char *end) {
+    if (*p < end) {
+        __builtin_prefetch(*p, 0, 2);
+        *p += LR_LINE;
     }
+}
+
+/* Between tiles: move on to the next stretch once this one is done. */
+LR_INLINE void pf_top_up(lr_prefetch *pf) {
+    if (pf->p >= pf->end && !pf->done) pf_refill(pf);
 }
 
 /* ---------------------------------------------------------------- shrink: one rank row
@@ -251,59 +266,78 @@ LR_INLINE void pf_step(lr_prefetch *pf) {
 
 #ifdef LR_AVX512
 
-LR_INLINE __m512 load_bf16x16(__mmask16 m, const uint16_t *p) {
-    __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
-LR_INLINE void store_bf16x16(__mmask16 m, uint16_t *p, __m512 v) {
-#ifdef __AVX512BF16__
-    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
-#else
-    __m512i bits = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-    __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
-    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet)));
-#endif
-}
-
 LR_INLINE __mmask16 mask16(int64_t left) {
     return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
 }
 
+LR_INLINE __mmask32 mask32(int64_t left) {
+    return left >= 32 ? (__mmask32)0xffffffffu : left > 0 ? (__mmask32)((1u << left) - 1u) : 0;
+}
+
+/* 32 bf16 values in one register: lane j holds element 2j in its low half and 2j+1 in its
+ * high half, so one shift or one mask turns all even or all odd elements into float32. That
+ * is half the work of widening 16 at a time, and sums and per-column updates do not care
+ * that the columns come in two interleaved sets. */
+LR_INLINE __m512 bf16_even(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
+
+LR_INLINE __m512 bf16_odd(__m512i v) {
+    return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+/* float32 -> bf16 bits in the high half of each lane, rounding to nearest even; NaN stays a
+ * (quiet) NaN. */
+LR_INLINE __m512i bf16_round_high(__m512 v) {
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    __m512i quiet = _mm512_or_si512(bits, _mm512_set1_epi32(0x400000));
+    return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet);
+}
+
+/* Round the even and odd elements and interleave them back into 32 bf16 values. */
+LR_INLINE __m512i bf16_pack(__m512 even, __m512 odd) {
+    __m512i lo = _mm512_srli_epi32(bf16_round_high(even), 16);
+    __m512i hi = _mm512_and_si512(bf16_round_high(odd), _mm512_set1_epi32((int)0xffff0000u));
+    return _mm512_or_si512(lo, hi);
+}
+
 LR_INLINE void shrink_f32_nr(const int NR, const float *const *xr, const float *a, int64_t in, float *dots,
                              lr_prefetch *pf) {
+    const char *pp = pf->p, *pf_end = pf->end;
     __m512 acc[2][LR_ROWS];
+    LR_UNROLL
     for (int n = 0; n < NR; n++) acc[0][n] = acc[1][n] = _mm512_setzero_ps();
     /* Two accumulators per row hide the FMA latency. */
     for (int64_t i = 0; i < in; i += 32) {
-        pf_step(pf);
-        pf_step(pf);
+        pf_step(&pp, pf_end);
+        pf_step(&pp, pf_end);
         __mmask16 m0 = mask16(in - i), m1 = in - i > 16 ? mask16(in - i - 16) : 0;
         __m512 a0 = _mm512_maskz_loadu_ps(m0, a + i), a1 = _mm512_maskz_loadu_ps(m1, a + i + 16);
+        LR_UNROLL
         for (int n = 0; n < NR; n++) {
             acc[0][n] = _mm512_fmadd_ps(a0, _mm512_maskz_loadu_ps(m0, xr[n] + i), acc[0][n]);
             acc[1][n] = _mm512_fmadd_ps(a1, _mm512_maskz_loadu_ps(m1, xr[n] + i + 16), acc[1][n]);
         }
     }
+    pf->p = pp;
+    LR_UNROLL
     for (int n = 0; n < NR; n++) dots[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][n], acc[1][n]));
 }
 
 LR_INLINE void shrink_bf16_nr(const int NR, const uint16_t *const *xr, const uint16_t *a, int64_t in,
                               float *dots, lr_prefetch *pf) {
+    const char *pp = pf->p, *pf_end = pf->end;
     __m512 acc[2][LR_ROWS];
+    LR_UNROLL
     for (int n = 0; n < NR; n++) acc[0][n] = acc[1][n] = _mm512_setzero_ps();
 #ifdef __AVX512BF16__
     /* vdpbf16ps multiplies bf16 pairs exactly and adds them into float32: 32 elements per op. */
     for (int64_t i = 0; i < in; i += 64) {
-        pf_step(pf);
-        pf_step(pf);
-        int64_t left = in - i;
-        __mmask32 m0 = left >= 32 ? 0xffffffffu : (__mmask32)((1u << left) - 1u);
-        __mmask32 m1 = left >= 64 ? 0xffffffffu : left > 32 ? (__mmask32)((1u << (left - 32)) - 1u) : 0;
+        pf_step(&pp, pf_end);
+        pf_step(&pp, pf_end);
+        __mmask32 m0 = mask32(in - i), m1 = mask32(in - i - 32);
         __m512i a0 = _mm512_maskz_loadu_epi16(m0, a + i), a1 = _mm512_maskz_loadu_epi16(m1, a + i + 32);
+        LR_UNROLL
         for (int n = 0; n < NR; n++) {
             __m512i x0 = _mm512_maskz_loadu_epi16(m0, xr[n] + i), x1 = _mm512_maskz_loadu_epi16(m1, xr[n] + i + 32);
             acc[0][n] = _mm512_dpbf16_ps(acc[0][n], (__m512bh)a0, (__m512bh)x0);
@@ -312,15 +346,20 @@ LR_INLINE void shrink_bf16_nr(const int NR, const uint16_t *const *xr, const uin
     }
 #else
     for (int64_t i = 0; i < in; i += 32) {
-        pf_step(pf);
-        __mmask16 m0 = mask16(in - i), m1 = in - i > 16 ? mask16(in - i - 16) : 0;
-        __m512 a0 = load_bf16x16(m0, a + i), a1 = load_bf16x16(m1, a + i + 16);
+        pf_step(&pp, pf_end);
+        __mmask32 m = mask32(in - i);
+        __m512i av = _mm512_maskz_loadu_epi16(m, a + i);
+        __m512 a0 = bf16_even(av), a1 = bf16_odd(av);
+        LR_UNROLL
         for (int n = 0; n < NR; n++) {
-            acc[0][n] = _mm512_fmadd_ps(a0, load_bf16x16(m0, xr[n] + i), acc[0][n]);
-            acc[1][n] = _mm512_fmadd_ps(a1, load_bf16x16(m1, xr[n] + i + 16), acc[1][n]);
+            __m512i xv = _mm512_maskz_loadu_epi16(m, xr[n] + i);
+            acc[0][n] = _mm512_fmadd_ps(a0, bf16_even(xv), acc[0][n]);
+            acc[1][n] = _mm512_fmadd_ps(a1, bf16_odd(xv), acc[1][n]);
         }
     }
 #endif
+    pf->p = pp;
+    LR_UNROLL
     for (int n = 0; n < NR; n++) dots[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][n], acc[1][n]));
 }
 
@@ -329,6 +368,7 @@ LR_INLINE void shrink_bf16_nr(const int NR, const uint16_t *const *xr, const uin
 LR_INLINE void shrink_f32_nr(const int NR, const float *const *xr, const float *a, int64_t in, float *dots,
                              lr_prefetch *pf) {
     (void)pf;
+    LR_UNROLL
     for (int n = 0; n < NR; n++) {
         float s = 0.0f;
         for (int64_t i = 0; i < in; i++) s += a[i] * xr[n][i];
@@ -339,6 +379,7 @@ LR_INLINE void shrink_f32_nr(const int NR, const float *const *xr, const float *
 LR_INLINE void shrink_bf16_nr(const int NR, const uint16_t *const *xr, const uint16_t *a, int64_t in,
                               float *dots, lr_prefetch *pf) {
     (void)pf;
+    LR_UNROLL
     for (int n = 0; n < NR; n++) {
         float s = 0.0f;
         for (int64_t i = 0; i < in; i++) s += bf16_to_f32(a[i]) * bf16_to_f32(xr[n][i]);
@@ -383,27 +424,38 @@ static void shrink_rank(const lr_job *job, int nr, const char *const *xr, const 
 #ifdef LR_AVX512
 
 LR_INLINE void col_masks(int64_t cols, __mmask16 m[4]) {
+    LR_UNROLL
     for (int v = 0; v < 4; v++) m[v] = cols > v * LR_VEC ? mask16(cols - v * LR_VEC) : 0;
 }
 
 LR_INLINE void expand_f32_nr(const int NR, int64_t cols, const float *b, int64_t out, int64_t r, const float *u,
                              const float *bias, float *const *yr, lr_prefetch *pf) {
+    const char *pp = pf->p, *pf_end = pf->end;
     __mmask16 m[4];
     col_masks(cols, m);
     __m512 acc[LR_ROWS][4];
+    LR_UNROLL
     for (int n = 0; n < NR; n++)
+        LR_UNROLL
         for (int v = 0; v < 4; v++) acc[n][v] = _mm512_setzero_ps();
     for (int64_t k = 0; k < r; k++) {
-        for (int l = 0; l < 4; l++) pf_step(pf);
+        LR_UNROLL
+        for (int l = 0; l < 4; l++) pf_step(&pp, pf_end);
         __m512 bv[4];
+        LR_UNROLL
         for (int v = 0; v < 4; v++) bv[v] = _mm512_maskz_loadu_ps(m[v], b + k * out + v * LR_VEC);
+        LR_UNROLL
         for (int n = 0; n < NR; n++) {
             __m512 un = _mm512_set1_ps(u[n * r + k]);
+            LR_UNROLL
             for (int v = 0; v < 4; v++) acc[n][v] = _mm512_fmadd_ps(bv[v], un, acc[n][v]);
         }
     }
+    pf->p = pp;
+    LR_UNROLL
     for (int v = 0; v < 4; v++) {
         __m512 bb = bias ? _mm512_maskz_loadu_ps(m[v], bias + v * LR_VEC) : _mm512_setzero_ps();
+        LR_UNROLL
         for (int n = 0; n < NR; n++) {
             float *p = yr[n] + v * LR_VEC;
             _mm512_mask_storeu_ps(p, m[v], _mm512_add_ps(_mm512_maskz_loadu_ps(m[v], p), _mm512_add_ps(acc[n][v], bb)));
@@ -411,28 +463,39 @@ LR_INLINE void expand_f32_nr(const int NR, int64_t cols, const float *b, int64_t
     }
 }
 
+/* acc[n][2h] holds the even and acc[n][2h+1] the odd columns of half h (32 columns). */
 LR_INLINE void expand_bf16_nr(const int NR, int64_t cols, const uint16_t *b, int64_t out, int64_t r,
                               const float *u, const uint16_t *bias, uint16_t *const *yr, lr_prefetch *pf) {
-    __mmask16 m[4];
-    col_masks(cols, m);
+    const char *pp = pf->p, *pf_end = pf->end;
+    __mmask32 m[2] = {mask32(cols), mask32(cols - 32)};
     __m512 acc[LR_ROWS][4];
+    LR_UNROLL
     for (int n = 0; n < NR; n++)
+        LR_UNROLL
         for (int v = 0; v < 4; v++) acc[n][v] = _mm512_setzero_ps();
     for (int64_t k = 0; k < r; k++) {
-        pf_step(pf);
-        pf_step(pf);
-        __m512 bv[4];
-        for (int v = 0; v < 4; v++) bv[v] = load_bf16x16(m[v], b + k * out + v * LR_VEC);
+        pf_step(&pp, pf_end);
+        pf_step(&pp, pf_end);
+        __m512i w0 = _mm512_maskz_loadu_epi16(m[0], b + k * out), w1 = _mm512_maskz_loadu_epi16(m[1], b + k * out + 32);
+        __m512 bv[4] = {bf16_even(w0), bf16_odd(w0), bf16_even(w1), bf16_odd(w1)};
+        LR_UNROLL
         for (int n = 0; n < NR; n++) {
             __m512 un = _mm512_set1_ps(u[n * r + k]);
+            LR_UNROLL
             for (int v = 0; v < 4; v++) acc[n][v] = _mm512_fmadd_ps(bv[v], un, acc[n][v]);
         }
     }
-    for (int v = 0; v < 4; v++) {
-        __m512 bb = bias ? load_bf16x16(m[v], bias + v * LR_VEC) : _mm512_setzero_ps();
+    pf->p = pp;
+    LR_UNROLL
+    for (int h = 0; h < 2; h++) {
+        __m512i bb = bias ? _mm512_maskz_loadu_epi16(m[h], bias + 32 * h) : _mm512_setzero_si512();
+        LR_UNROLL
         for (int n = 0; n < NR; n++) {
-            uint16_t *p = yr[n] + v * LR_VEC;
-            store_bf16x16(m[v], p, _mm512_add_ps(load_bf16x16(m[v], p), _mm512_add_ps(acc[n][v], bb)));
+            uint16_t *p = yr[n] + 32 * h;
+            __m512i yv = _mm512_maskz_loadu_epi16(m[h], p);
+            __m512 even = _mm512_add_ps(bf16_even(yv), _mm512_add_ps(acc[n][2 * h], bf16_even(bb)));
+            __m512 odd = _mm512_add_ps(bf16_odd(yv), _mm512_add_ps(acc[n][2 * h + 1], bf16_odd(bb)));
+            _mm512_mask_storeu_epi16(p, m[h], bf16_pack(even, odd));
         }
     }
 }
@@ -444,10 +507,12 @@ LR_INLINE void expand_f32_nr(const int NR, int64_t cols, const float *b, int64_t
     (void)pf;
     float acc[LR_ROWS][LR_COLS] = {{0.0f}};
     for (int64_t k = 0; k < r; k++)
+        LR_UNROLL
         for (int n = 0; n < NR; n++) {
             float un = u[n * r + k];
             for (int64_t c = 0; c < cols; c++) acc[n][c] += un * b[k * out + c];
         }
+    LR_UNROLL
     for (int n = 0; n < NR; n++)
         for (int64_t c = 0; c < cols; c++) yr[n][c] += acc[n][c] + (bias ? bias[c] : 0.0f);
 }
@@ -457,10 +522,12 @@ LR_INLINE void expand_bf16_nr(const int NR, int64_t cols, const uint16_t *b, int
     (void)pf;
     float acc[LR_ROWS][LR_COLS] = {{0.0f}};
     for (int64_t k = 0; k < r; k++)
+        LR_UNROLL
         for (int n = 0; n < NR; n++) {
             float un = u[n * r + k];
             for (int64_t c = 0; c < cols; c++) acc[n][c] += un * bf16_to_f32(b[k * out + c]);
         }
+    LR_UNROLL
     for (int n = 0; n < NR; n++)
         for (int64_t c = 0; c < cols; c++) {
             float delta = acc[n][c] + (bias ? bf16_to_f32(bias[c]) : 0.0f);
@@ -514,6 +581,7 @@ static void shrink_item(const lr_job *job, int64_t g, int64_t k0, int64_t k1, lr
             const char *xr[LR_ROWS];
             for (int i = 0; i < nr; i++) xr[i] = job->x + (size_t)(rows[n0 + i] * job->x_stride) * job->es;
             float dots[LR_ROWS];
+            pf_top_up(pf);
             shrink_rank(job, nr, xr, a, dots, pf);
             for (int i = 0; i < nr; i++) u[(n0 + i) * r + k] = act_apply(job->act, dots[i] + add);
         }
@@ -536,6 +604,7 @@ static void expand_item(const lr_job *job, int64_t g, int64_t v0, int64_t v1, lr
             int nr = n_rows - n0 < LR_ROWS ? (int)(n_rows - n0) : LR_ROWS;
             char *yr[LR_ROWS];
             for (int i = 0; i < nr; i++) yr[i] = job->y + (size_t)(rows[n0 + i] * job->y_stride + j0) * job->es;
+            pf_top_up(pf);
             expand_tile(job, nr, cols, b + (size_t)j0 * job->es, r, u + n0 * r,
                         bias ? bias + (size_t)j0 * job->es : NULL, yr, pf);
         }
