@@ -38,11 +38,12 @@ Activation = Literal["relu", "gelu", "silu", "tanh"] | None
 _ACT_CODES: dict[str | None, int] = {None: 0, "relu": 1, "gelu": 2, "silu": 3, "tanh": 4}
 _KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
-BIG_GROUP_ROWS = 48
+BIG_GROUP_ROWS = 512
 """Groups with at least this many rows use torch matmuls instead of the native kernel.
 
-Measured with bench/bench_lowrank.py on the SmolLM2-135M shapes: below it the kernel is
-faster, since it reads each weight once and has no per-group dispatch cost.
+Measured with bench/bench_lowrank.py (rows-per-group sweep, SmolLM2-135M shapes, bf16):
+the kernel is faster below about this many rows, since it reads each weight once and pays
+no per-group dispatch; above it oneDNN's bf16 matmuls win on arithmetic.
 """
 
 
@@ -312,23 +313,21 @@ def _torch_groups(
     spans: tuple[tuple[int, int, int], ...],
     act: Activation,
 ) -> None:
-    """One gather, two float32 matmuls and one scatter per group."""
+    """One gather, two matmuls and one scatter-add per group.
+
+    The matmuls run in the table's dtype, accumulating in float32 inside, so the rank-r
+    intermediate is rounded to that dtype between them, as PEFT's own layers do.
+    """
     for slot, lo, hi in spans:
         w = table.get(slot)
         if w is None:
             continue
         idx = groups.index[lo:hi]  # (m,)
-        h = x.index_select(0, idx).float() @ w.a.float().t()  # (m, r)
-        if w.a_bias is not None:
-            h += w.a_bias.float()
-        d = _act_torch(h, act) @ w.b.float()  # (m, out)
-        if w.b_bias is not None:
-            d += w.b_bias.float()
-        if y.dtype == torch.float32:
-            y.index_add_(0, idx, d)
-        else:
-            # Add in float32 and round once, as the kernel does.
-            y.index_copy_(0, idx, (y.index_select(0, idx).float() + d).to(y.dtype))
+        xg = x.index_select(0, idx)  # (m, in)
+        h = xg @ w.a.t() if w.a_bias is None else torch.addmm(w.a_bias, xg, w.a.t())  # (m, r)
+        h = _act_torch(h, act)
+        d = h @ w.b if w.b_bias is None else torch.addmm(w.b_bias, h, w.b)  # (m, out)
+        y.index_add_(0, idx, d)
 
 
 # ---------------------------------------------------------------------------- native kernel

@@ -21,6 +21,7 @@ from server.adapters.lowrank import (
 )
 
 ACTS = [None, "relu", "gelu", "silu", "tanh"]
+BIG = 24  # a small big-group threshold keeps the reference loop short
 HAS_CC = shutil.which("cc") is not None
 
 
@@ -52,6 +53,7 @@ def check(
     act: str | None = None,
     in_place: bool = False,
     use_native: bool = True,
+    big_group_rows: int = lowrank.BIG_GROUP_ROWS,
     seed: int = 1,
 ) -> torch.Tensor:
     """Run fast and reference on the same inputs, assert they agree and that y moved."""
@@ -63,8 +65,14 @@ def check(
     before = y.clone()
     expected = y.clone()
     low_rank_apply_reference(x.clone() if in_place else x, expected, table, slots, act)
-    low_rank_apply(y if in_place else x, y, table, RowGroups.build(slots), act, use_native=use_native)
-    torch.testing.assert_close(y, expected)
+    groups = RowGroups.build(slots, big_group_rows)
+    low_rank_apply(y if in_place else x, y, table, groups, act, use_native=use_native)
+    kernel_only = use_native and not groups.big_spans and lowrank.native_kernel() is not None
+    if table.dtype == torch.float32 or (kernel_only and table.dtype == torch.bfloat16):
+        torch.testing.assert_close(y, expected)
+    else:
+        # The torch path rounds the rank-r intermediate to the table's dtype between matmuls.
+        torch.testing.assert_close(y, expected, rtol=1.6e-2, atol=2e-2)
     with_adapter = torch.tensor([s >= 0 and table.get(s) is not None for s in row_slots], dtype=torch.bool)
     assert torch.equal(y[~with_adapter], before[~with_adapter]), "a row without adapter changed"
     if with_adapter.any():
@@ -111,7 +119,7 @@ def test_in_place_bottleneck(dtype, act):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_in_place_with_big_and_small_groups(dtype):
     table = make_table(64, 64, [8, 4], dtype, biases=True)
-    check(table, [0] * lowrank.BIG_GROUP_ROWS + [1, -1, 1], act="silu", in_place=True)
+    check(table, [0] * BIG + [1, -1, 1], act="silu", in_place=True, big_group_rows=BIG)
 
 
 def test_empty_batch_and_no_adapters():
@@ -126,23 +134,23 @@ def test_empty_batch_and_no_adapters():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_all_rows_one_slot_takes_the_big_group_path(dtype):
-    rows = [1] * (lowrank.BIG_GROUP_ROWS + 5)
-    groups = RowGroups.build(torch.tensor(rows))
+    rows = [1] * (BIG + 5)
+    groups = RowGroups.build(torch.tensor(rows), BIG)
     assert groups.kernel_groups is None
     assert groups.big_spans == ((1, 0, len(rows)),)
-    check(make_table(64, 96, [4, 16], dtype, biases=True), rows, act="gelu")
+    check(make_table(64, 96, [4, 16], dtype, biases=True), rows, act="gelu", big_group_rows=BIG)
+    assert RowGroups.build(torch.tensor([0] * lowrank.BIG_GROUP_ROWS)).kernel_groups is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mixed_big_and_small_groups(dtype):
-    big = lowrank.BIG_GROUP_ROWS
-    rows = [2] * big + [0, 1, -1, 3] + [3] * (big + 1) + [1]
+    rows = [2] * BIG + [0, 1, -1, 3] + [3] * (BIG + 1) + [1]
     gen = torch.Generator().manual_seed(5)
     rows = [rows[i] for i in torch.randperm(len(rows), generator=gen).tolist()]
-    groups = RowGroups.build(torch.tensor(rows))
+    groups = RowGroups.build(torch.tensor(rows), BIG)
     assert [s for s, _, _ in groups.big_spans] == [2, 3]
     assert groups.kernel_groups is not None and groups.kernel_groups[0].item() == 2
-    check(make_table(80, 120, [5, 16, 8, 2], dtype, biases=True), rows, act="tanh")
+    check(make_table(80, 120, [5, 16, 8, 2], dtype, biases=True), rows, act="tanh", big_group_rows=BIG)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
