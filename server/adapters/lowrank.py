@@ -334,9 +334,6 @@ def _torch_groups(
 
 _SOURCE = Path(__file__).with_name("lowrank_kernel.c")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-_P = ctypes.c_void_p
-_I64 = ctypes.c_int64
-_I32 = ctypes.c_int
 
 
 class NativeKernel:
@@ -378,8 +375,10 @@ class NativeKernel:
             _ACT_CODES[act],
             torch.get_num_threads(),
         )
+        if rc == 2:
+            raise MemoryError("the low-rank kernel could not allocate its scratch memory")
         if rc != 0:
-            raise RuntimeError(f"lowrank kernel failed with code {rc} (1: bad argument, 2: out of memory)")
+            raise LowRankError(f"the low-rank kernel rejected its arguments (code {rc})")
 
 
 def cache_dir() -> Path:
@@ -400,7 +399,7 @@ def _machine_id() -> str:
                     break
     except OSError:
         pass
-    return "\n".join([platform.machine(), platform.processor(), *lines])
+    return "\n".join([platform.machine(), *lines])
 
 
 def build_kernel(flags: tuple[str, ...] = CFLAGS) -> Path:
@@ -413,16 +412,23 @@ def build_kernel(flags: tuple[str, ...] = CFLAGS) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise KernelBuildError("no C compiler found (install gcc, or set CC)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # A unique temporary name and an atomic rename let concurrent processes build side by side.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
     try:
-        cmd = [cc, *flags, "-o", tmp, str(_SOURCE), "-lm"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # A unique temporary name and an atomic rename let concurrent processes build side by side.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    except OSError as e:
+        raise KernelBuildError(
+            f"cannot write to {target.parent} ({e}): set PEFTSERVE_CACHE to a writable folder"
+        ) from e
+    os.close(fd)
+    cmd = [cc, *flags, "-o", tmp, str(_SOURCE), "-lm"]
+    try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise KernelBuildError(f"{' '.join(cmd)} failed:\n{proc.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
+    except OSError as e:
+        raise KernelBuildError(f"{' '.join(cmd)} could not run: {e}") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
