@@ -80,7 +80,7 @@ LR_INLINE uint16_t f32_to_bf16(float f) {
     return (uint16_t)(bits >> 16);
 }
 
-static float act_apply(int act, float v) {
+LR_INLINE float act_apply(int act, float v) {
     switch (act) {
     case ACT_RELU:
         return v > 0.0f ? v : 0.0f;
@@ -246,12 +246,14 @@ static void pf_init(lr_prefetch *pf, const lr_items *now) {
     pf->items = *now;
 }
 
-/* Inside the register-tiled loops, on a local copy of pf->p: no call there (it would spill
- * every vector register) and no store to memory on the loop's critical path. */
-LR_INLINE void pf_step(const char **p, const char *end) {
+/* Prefetch two lines, inside the register-tiled loops on a local copy of pf->p: no call
+ * there (it would spill every vector register) and no store on the loop's critical path.
+ * The second line may lie past the stretch; a prefetch never faults. */
+LR_INLINE void pf_step2(const char **p, const char *end) {
     if (*p < end) {
         __builtin_prefetch(*p, 0, 2);
-        *p += LR_LINE;
+        __builtin_prefetch(*p + LR_LINE, 0, 2);
+        *p += 2 * LR_LINE;
     }
 }
 
@@ -309,8 +311,7 @@ LR_INLINE void shrink_f32_nr(const int NR, const float *const *xr, const float *
     for (int n = 0; n < NR; n++) acc[0][n] = acc[1][n] = _mm512_setzero_ps();
     /* Two accumulators per row hide the FMA latency. */
     for (int64_t i = 0; i < in; i += 32) {
-        pf_step(&pp, pf_end);
-        pf_step(&pp, pf_end);
+        pf_step2(&pp, pf_end);
         __mmask16 m0 = mask16(in - i), m1 = in - i > 16 ? mask16(in - i - 16) : 0;
         __m512 a0 = _mm512_maskz_loadu_ps(m0, a + i), a1 = _mm512_maskz_loadu_ps(m1, a + i + 16);
         LR_UNROLL
@@ -333,8 +334,7 @@ LR_INLINE void shrink_bf16_nr(const int NR, const uint16_t *const *xr, const uin
 #ifdef __AVX512BF16__
     /* vdpbf16ps multiplies bf16 pairs exactly and adds them into float32: 32 elements per op. */
     for (int64_t i = 0; i < in; i += 64) {
-        pf_step(&pp, pf_end);
-        pf_step(&pp, pf_end);
+        pf_step2(&pp, pf_end);
         __mmask32 m0 = mask32(in - i), m1 = mask32(in - i - 32);
         __m512i a0 = _mm512_maskz_loadu_epi16(m0, a + i), a1 = _mm512_maskz_loadu_epi16(m1, a + i + 32);
         LR_UNROLL
@@ -345,16 +345,17 @@ LR_INLINE void shrink_bf16_nr(const int NR, const uint16_t *const *xr, const uin
         }
     }
 #else
-    for (int64_t i = 0; i < in; i += 32) {
-        pf_step(&pp, pf_end);
-        __mmask32 m = mask32(in - i);
-        __m512i av = _mm512_maskz_loadu_epi16(m, a + i);
-        __m512 a0 = bf16_even(av), a1 = bf16_odd(av);
+    for (int64_t i = 0; i < in; i += 64) {
+        pf_step2(&pp, pf_end);
+        __mmask32 m0 = mask32(in - i), m1 = mask32(in - i - 32);
+        __m512i a0 = _mm512_maskz_loadu_epi16(m0, a + i), a1 = _mm512_maskz_loadu_epi16(m1, a + i + 32);
         LR_UNROLL
         for (int n = 0; n < NR; n++) {
-            __m512i xv = _mm512_maskz_loadu_epi16(m, xr[n] + i);
-            acc[0][n] = _mm512_fmadd_ps(a0, bf16_even(xv), acc[0][n]);
-            acc[1][n] = _mm512_fmadd_ps(a1, bf16_odd(xv), acc[1][n]);
+            __m512i x0 = _mm512_maskz_loadu_epi16(m0, xr[n] + i), x1 = _mm512_maskz_loadu_epi16(m1, xr[n] + i + 32);
+            acc[0][n] = _mm512_fmadd_ps(bf16_even(a0), bf16_even(x0), acc[0][n]);
+            acc[1][n] = _mm512_fmadd_ps(bf16_odd(a0), bf16_odd(x0), acc[1][n]);
+            acc[0][n] = _mm512_fmadd_ps(bf16_even(a1), bf16_even(x1), acc[0][n]);
+            acc[1][n] = _mm512_fmadd_ps(bf16_odd(a1), bf16_odd(x1), acc[1][n]);
         }
     }
 #endif
@@ -439,8 +440,8 @@ LR_INLINE void expand_f32_nr(const int NR, int64_t cols, const float *b, int64_t
         LR_UNROLL
         for (int v = 0; v < 4; v++) acc[n][v] = _mm512_setzero_ps();
     for (int64_t k = 0; k < r; k++) {
-        LR_UNROLL
-        for (int l = 0; l < 4; l++) pf_step(&pp, pf_end);
+        pf_step2(&pp, pf_end);
+        pf_step2(&pp, pf_end);
         __m512 bv[4];
         LR_UNROLL
         for (int v = 0; v < 4; v++) bv[v] = _mm512_maskz_loadu_ps(m[v], b + k * out + v * LR_VEC);
@@ -474,8 +475,7 @@ LR_INLINE void expand_bf16_nr(const int NR, int64_t cols, const uint16_t *b, int
         LR_UNROLL
         for (int v = 0; v < 4; v++) acc[n][v] = _mm512_setzero_ps();
     for (int64_t k = 0; k < r; k++) {
-        pf_step(&pp, pf_end);
-        pf_step(&pp, pf_end);
+        pf_step2(&pp, pf_end);
         __m512i w0 = _mm512_maskz_loadu_epi16(m[0], b + k * out), w1 = _mm512_maskz_loadu_epi16(m[1], b + k * out + 32);
         __m512 bv[4] = {bf16_even(w0), bf16_odd(w0), bf16_even(w1), bf16_odd(w1)};
         LR_UNROLL
