@@ -298,31 +298,65 @@ LR_INLINE __m512i bf16_round_high(__m512 v) {
 
 /* Round the even and odd elements and interleave them back into 32 bf16 values. */
 LR_INLINE __m512i bf16_pack(__m512 even, __m512 odd) {
+#ifdef __AVX512BF16__
+    /* The hardware rounds to nearest even too; it gives [even 0..15, odd 0..15] to interleave. */
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(odd, even));
+#else
     __m512i lo = _mm512_srli_epi32(bf16_round_high(even), 16);
     __m512i hi = _mm512_and_si512(bf16_round_high(odd), _mm512_set1_epi32((int)0xffff0000u));
     return _mm512_or_si512(lo, hi);
+#endif
+}
+
+/* acc += a[i, i+32) . xr[n][i, i+32) for NR rows; the masks cut the last block short. */
+LR_INLINE void shrink_f32_block(const int NR, const float *const *xr, const float *a, int64_t i, __mmask16 m0,
+                                __mmask16 m1, __m512 acc[2][LR_ROWS]) {
+    __m512 a0 = _mm512_maskz_loadu_ps(m0, a + i), a1 = _mm512_maskz_loadu_ps(m1, a + i + 16);
+    LR_UNROLL
+    for (int n = 0; n < NR; n++) {
+        acc[0][n] = _mm512_fmadd_ps(a0, _mm512_maskz_loadu_ps(m0, xr[n] + i), acc[0][n]);
+        acc[1][n] = _mm512_fmadd_ps(a1, _mm512_maskz_loadu_ps(m1, xr[n] + i + 16), acc[1][n]);
+    }
 }
 
 LR_INLINE void shrink_f32_nr(const int NR, const float *const *xr, const float *a, int64_t in, float *dots,
                              lr_prefetch *pf) {
     const char *pp = pf->p, *pf_end = pf->end;
+    /* Two accumulators per row hide the FMA latency. */
     __m512 acc[2][LR_ROWS];
     LR_UNROLL
     for (int n = 0; n < NR; n++) acc[0][n] = acc[1][n] = _mm512_setzero_ps();
-    /* Two accumulators per row hide the FMA latency. */
-    for (int64_t i = 0; i < in; i += 32) {
+    int64_t i = 0;
+    for (; i + 32 <= in; i += 32) {
         pf_step2(&pp, pf_end);
-        __mmask16 m0 = mask16(in - i), m1 = in - i > 16 ? mask16(in - i - 16) : 0;
-        __m512 a0 = _mm512_maskz_loadu_ps(m0, a + i), a1 = _mm512_maskz_loadu_ps(m1, a + i + 16);
-        LR_UNROLL
-        for (int n = 0; n < NR; n++) {
-            acc[0][n] = _mm512_fmadd_ps(a0, _mm512_maskz_loadu_ps(m0, xr[n] + i), acc[0][n]);
-            acc[1][n] = _mm512_fmadd_ps(a1, _mm512_maskz_loadu_ps(m1, xr[n] + i + 16), acc[1][n]);
-        }
+        shrink_f32_block(NR, xr, a, i, 0xffff, 0xffff, acc);
     }
+    if (i < in) shrink_f32_block(NR, xr, a, i, mask16(in - i), in - i > 16 ? mask16(in - i - 16) : 0, acc);
     pf->p = pp;
     LR_UNROLL
     for (int n = 0; n < NR; n++) dots[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][n], acc[1][n]));
+}
+
+/* acc += a[i, i+64) . xr[n][i, i+64) for NR rows; the masks cut the last block short. */
+LR_INLINE void shrink_bf16_block(const int NR, const uint16_t *const *xr, const uint16_t *a, int64_t i,
+                                 __mmask32 m0, __mmask32 m1, __m512 acc[2][LR_ROWS]) {
+    __m512i a0 = _mm512_maskz_loadu_epi16(m0, a + i), a1 = _mm512_maskz_loadu_epi16(m1, a + i + 32);
+    LR_UNROLL
+    for (int n = 0; n < NR; n++) {
+        __m512i x0 = _mm512_maskz_loadu_epi16(m0, xr[n] + i), x1 = _mm512_maskz_loadu_epi16(m1, xr[n] + i + 32);
+#ifdef __AVX512BF16__
+        /* vdpbf16ps multiplies bf16 pairs exactly and adds them into float32: 32 elements per op. */
+        acc[0][n] = _mm512_dpbf16_ps(acc[0][n], (__m512bh)a0, (__m512bh)x0);
+        acc[1][n] = _mm512_dpbf16_ps(acc[1][n], (__m512bh)a1, (__m512bh)x1);
+#else
+        acc[0][n] = _mm512_fmadd_ps(bf16_even(a0), bf16_even(x0), acc[0][n]);
+        acc[1][n] = _mm512_fmadd_ps(bf16_odd(a0), bf16_odd(x0), acc[1][n]);
+        acc[0][n] = _mm512_fmadd_ps(bf16_even(a1), bf16_even(x1), acc[0][n]);
+        acc[1][n] = _mm512_fmadd_ps(bf16_odd(a1), bf16_odd(x1), acc[1][n]);
+#endif
+    }
 }
 
 LR_INLINE void shrink_bf16_nr(const int NR, const uint16_t *const *xr, const uint16_t *a, int64_t in,
@@ -331,34 +365,12 @@ LR_INLINE void shrink_bf16_nr(const int NR, const uint16_t *const *xr, const uin
     __m512 acc[2][LR_ROWS];
     LR_UNROLL
     for (int n = 0; n < NR; n++) acc[0][n] = acc[1][n] = _mm512_setzero_ps();
-#ifdef __AVX512BF16__
-    /* vdpbf16ps multiplies bf16 pairs exactly and adds them into float32: 32 elements per op. */
-    for (int64_t i = 0; i < in; i += 64) {
+    int64_t i = 0;
+    for (; i + 64 <= in; i += 64) {
         pf_step2(&pp, pf_end);
-        __mmask32 m0 = mask32(in - i), m1 = mask32(in - i - 32);
-        __m512i a0 = _mm512_maskz_loadu_epi16(m0, a + i), a1 = _mm512_maskz_loadu_epi16(m1, a + i + 32);
-        LR_UNROLL
-        for (int n = 0; n < NR; n++) {
-            __m512i x0 = _mm512_maskz_loadu_epi16(m0, xr[n] + i), x1 = _mm512_maskz_loadu_epi16(m1, xr[n] + i + 32);
-            acc[0][n] = _mm512_dpbf16_ps(acc[0][n], (__m512bh)a0, (__m512bh)x0);
-            acc[1][n] = _mm512_dpbf16_ps(acc[1][n], (__m512bh)a1, (__m512bh)x1);
-        }
+        shrink_bf16_block(NR, xr, a, i, 0xffffffffu, 0xffffffffu, acc);
     }
-#else
-    for (int64_t i = 0; i < in; i += 64) {
-        pf_step2(&pp, pf_end);
-        __mmask32 m0 = mask32(in - i), m1 = mask32(in - i - 32);
-        __m512i a0 = _mm512_maskz_loadu_epi16(m0, a + i), a1 = _mm512_maskz_loadu_epi16(m1, a + i + 32);
-        LR_UNROLL
-        for (int n = 0; n < NR; n++) {
-            __m512i x0 = _mm512_maskz_loadu_epi16(m0, xr[n] + i), x1 = _mm512_maskz_loadu_epi16(m1, xr[n] + i + 32);
-            acc[0][n] = _mm512_fmadd_ps(bf16_even(a0), bf16_even(x0), acc[0][n]);
-            acc[1][n] = _mm512_fmadd_ps(bf16_odd(a0), bf16_odd(x0), acc[1][n]);
-            acc[0][n] = _mm512_fmadd_ps(bf16_even(a1), bf16_even(x1), acc[0][n]);
-            acc[1][n] = _mm512_fmadd_ps(bf16_odd(a1), bf16_odd(x1), acc[1][n]);
-        }
-    }
-#endif
+    if (i < in) shrink_bf16_block(NR, xr, a, i, mask32(in - i), mask32(in - i - 32), acc);
     pf->p = pp;
     LR_UNROLL
     for (int n = 0; n < NR; n++) dots[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][n], acc[1][n]));
