@@ -7,14 +7,17 @@
  * accumulating in float32. Weights are reached through per-slot pointer arrays, so the caller
  * never copies them; a slot of rank 0 is skipped.
  *
- * At decode there is about one row per group, so the work is bound by reading every weight
- * once from memory. Three choices follow from that:
+ * At decode there is about one row per group, so every weight is read from memory once and
+ * used once or twice. What follows from that:
  *   - Threads split the work by estimated cost (weight bytes plus per-row compute), not by
  *     rows or groups; a thread gets a run of whole groups, split only at its two ends.
- *   - Shrink reads A rank row by rank row, one linear stream the hardware prefetcher follows.
- *   - Expand keeps a 4 x 64 tile of outputs in registers across all ranks, which reads B in
- *     r short pieces at once; the hardware prefetcher does badly on that, so each thread
- *     prefetches its *next* work item linearly into L2 while it computes the current one.
+ *   - Register tiles (4 rank rows x up to 4 rows for shrink, 64 outputs x up to 4 rows kept
+ *     across all ranks for expand) read several short pieces of a matrix at once, which the
+ *     hardware prefetcher follows badly. So each thread prefetches its *next* work item
+ *     linearly into L2 while it computes the current one, at one line per line consumed.
+ *   - Instruction count matters as much as bytes here: bf16 is widened by splitting even and
+ *     odd elements (one shift or mask for 16 values), shrink uses vdpbf16ps where there is
+ *     one, and the tiles' main loops carry no masks and no calls.
  * A barrier separates the phases: expand needs every u, and it is what makes x == y (in
  * place) safe, since every x row is read before any y row is written.
  *
@@ -51,8 +54,9 @@ enum { LR_F32 = 0, LR_BF16 = 1 };
 enum { ACT_NONE = 0, ACT_RELU = 1, ACT_GELU = 2, ACT_SILU = 3, ACT_TANH = 4 };
 enum { LR_OK = 0, LR_EBADARG = 1, LR_ENOMEM = 2 };
 
-/* Rows per register tile. */
+/* Rows and ranks per register tile. */
 #define LR_ROWS 4
+#define LR_RANKS 4
 /* Output columns per expand tile: 4 vectors of 16 floats. */
 #define LR_VEC 16
 #define LR_COLS 64
@@ -262,8 +266,8 @@ LR_INLINE void pf_top_up(lr_prefetch *pf) {
     if (pf->p >= pf->end && !pf->done) pf_refill(pf);
 }
 
-/* ---------------------------------------------------------------- shrink: one rank row
- * dots[n] = a . xr[n] over `in` elements for NR rows; a is read once, linearly.
+/* ---------------------------------------------------------------- shrink tiles
+ * dots[n][k] = ar[k] . xr[n] over `in` elements, for NR rows and 4 rank rows of A.
  */
 
 #ifdef LR_AVX512
@@ -311,104 +315,130 @@ LR_INLINE __m512i bf16_pack(__m512 even, __m512 odd) {
 }
 
 /* acc += a[i, i+32) . xr[n][i, i+32) for NR rows; the masks cut the last block short. */
-LR_INLINE void shrink_f32_block(const int NR, const float *const *xr, const float *a, int64_t i, __mmask16 m0,
-                                __mmask16 m1, __m512 acc[2][LR_ROWS]) {
-    __m512 a0 = _mm512_maskz_loadu_ps(m0, a + i), a1 = _mm512_maskz_loadu_ps(m1, a + i + 16);
+/* [sum(a0), sum(a1), sum(a2), sum(a3)]: four horizontal sums sharing their shuffles. */
+LR_INLINE __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+    __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+    __m512d d01 = _mm512_castps_pd(s01), d23 = _mm512_castps_pd(s23);
+    __m512 s = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(d01, d23)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(d01, d23)));
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s),
+                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* acc[k][n] += ar[k][i, i+16) . xr[n][i, i+16); the mask cuts the last block short. */
+LR_INLINE void shrink_f32_block(const int NR, const float *const *xr, const float *const *ar, int64_t i,
+                                __mmask16 m, __m512 acc[LR_RANKS][LR_ROWS]) {
+    __m512 av[LR_RANKS];
+    LR_UNROLL
+    for (int k = 0; k < LR_RANKS; k++) av[k] = _mm512_maskz_loadu_ps(m, ar[k] + i);
     LR_UNROLL
     for (int n = 0; n < NR; n++) {
-        acc[0][n] = _mm512_fmadd_ps(a0, _mm512_maskz_loadu_ps(m0, xr[n] + i), acc[0][n]);
-        acc[1][n] = _mm512_fmadd_ps(a1, _mm512_maskz_loadu_ps(m1, xr[n] + i + 16), acc[1][n]);
+        __m512 xv = _mm512_maskz_loadu_ps(m, xr[n] + i);
+        LR_UNROLL
+        for (int k = 0; k < LR_RANKS; k++) acc[k][n] = _mm512_fmadd_ps(av[k], xv, acc[k][n]);
     }
 }
 
-LR_INLINE void shrink_f32_nr(const int NR, const float *const *xr, const float *a, int64_t in, float *dots,
-                             lr_prefetch *pf) {
+LR_INLINE void shrink_f32_nr(const int NR, const float *const *xr, const float *const *ar, int64_t in,
+                             float dots[LR_ROWS][LR_RANKS], lr_prefetch *pf) {
     const char *pp = pf->p, *pf_end = pf->end;
-    /* Two accumulators per row hide the FMA latency. */
-    __m512 acc[2][LR_ROWS];
+    __m512 acc[LR_RANKS][LR_ROWS];
     LR_UNROLL
-    for (int n = 0; n < NR; n++) acc[0][n] = acc[1][n] = _mm512_setzero_ps();
+    for (int k = 0; k < LR_RANKS; k++)
+        LR_UNROLL
+        for (int n = 0; n < NR; n++) acc[k][n] = _mm512_setzero_ps();
     int64_t i = 0;
-    for (; i + 32 <= in; i += 32) {
+    for (; i + 16 <= in; i += 16) {
         pf_step2(&pp, pf_end);
-        shrink_f32_block(NR, xr, a, i, 0xffff, 0xffff, acc);
+        pf_step2(&pp, pf_end);
+        shrink_f32_block(NR, xr, ar, i, 0xffff, acc);
     }
-    if (i < in) shrink_f32_block(NR, xr, a, i, mask16(in - i), in - i > 16 ? mask16(in - i - 16) : 0, acc);
+    if (i < in) shrink_f32_block(NR, xr, ar, i, mask16(in - i), acc);
     pf->p = pp;
     LR_UNROLL
-    for (int n = 0; n < NR; n++) dots[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][n], acc[1][n]));
+    for (int n = 0; n < NR; n++) _mm_storeu_ps(dots[n], reduce4(acc[0][n], acc[1][n], acc[2][n], acc[3][n]));
 }
 
-/* acc += a[i, i+64) . xr[n][i, i+64) for NR rows; the masks cut the last block short. */
-LR_INLINE void shrink_bf16_block(const int NR, const uint16_t *const *xr, const uint16_t *a, int64_t i,
-                                 __mmask32 m0, __mmask32 m1, __m512 acc[2][LR_ROWS]) {
-    __m512i a0 = _mm512_maskz_loadu_epi16(m0, a + i), a1 = _mm512_maskz_loadu_epi16(m1, a + i + 32);
+/* acc[k][n] += ar[k][i, i+32) . xr[n][i, i+32); the mask cuts the last block short. */
+LR_INLINE void shrink_bf16_block(const int NR, const uint16_t *const *xr, const uint16_t *const *ar, int64_t i,
+                                 __mmask32 m, __m512 acc[LR_RANKS][LR_ROWS]) {
+    __m512i av[LR_RANKS];
+    LR_UNROLL
+    for (int k = 0; k < LR_RANKS; k++) av[k] = _mm512_maskz_loadu_epi16(m, ar[k] + i);
     LR_UNROLL
     for (int n = 0; n < NR; n++) {
-        __m512i x0 = _mm512_maskz_loadu_epi16(m0, xr[n] + i), x1 = _mm512_maskz_loadu_epi16(m1, xr[n] + i + 32);
+        __m512i xv = _mm512_maskz_loadu_epi16(m, xr[n] + i);
 #ifdef __AVX512BF16__
         /* vdpbf16ps multiplies bf16 pairs exactly and adds them into float32: 32 elements per op. */
-        acc[0][n] = _mm512_dpbf16_ps(acc[0][n], (__m512bh)a0, (__m512bh)x0);
-        acc[1][n] = _mm512_dpbf16_ps(acc[1][n], (__m512bh)a1, (__m512bh)x1);
+        LR_UNROLL
+        for (int k = 0; k < LR_RANKS; k++) acc[k][n] = _mm512_dpbf16_ps(acc[k][n], (__m512bh)av[k], (__m512bh)xv);
 #else
-        acc[0][n] = _mm512_fmadd_ps(bf16_even(a0), bf16_even(x0), acc[0][n]);
-        acc[1][n] = _mm512_fmadd_ps(bf16_odd(a0), bf16_odd(x0), acc[1][n]);
-        acc[0][n] = _mm512_fmadd_ps(bf16_even(a1), bf16_even(x1), acc[0][n]);
-        acc[1][n] = _mm512_fmadd_ps(bf16_odd(a1), bf16_odd(x1), acc[1][n]);
+        __m512 x_even = bf16_even(xv), x_odd = bf16_odd(xv);
+        LR_UNROLL
+        for (int k = 0; k < LR_RANKS; k++) {
+            acc[k][n] = _mm512_fmadd_ps(bf16_even(av[k]), x_even, acc[k][n]);
+            acc[k][n] = _mm512_fmadd_ps(bf16_odd(av[k]), x_odd, acc[k][n]);
+        }
 #endif
     }
 }
 
-LR_INLINE void shrink_bf16_nr(const int NR, const uint16_t *const *xr, const uint16_t *a, int64_t in,
-                              float *dots, lr_prefetch *pf) {
+LR_INLINE void shrink_bf16_nr(const int NR, const uint16_t *const *xr, const uint16_t *const *ar, int64_t in,
+                              float dots[LR_ROWS][LR_RANKS], lr_prefetch *pf) {
     const char *pp = pf->p, *pf_end = pf->end;
-    __m512 acc[2][LR_ROWS];
+    __m512 acc[LR_RANKS][LR_ROWS];
     LR_UNROLL
-    for (int n = 0; n < NR; n++) acc[0][n] = acc[1][n] = _mm512_setzero_ps();
+    for (int k = 0; k < LR_RANKS; k++)
+        LR_UNROLL
+        for (int n = 0; n < NR; n++) acc[k][n] = _mm512_setzero_ps();
     int64_t i = 0;
-    for (; i + 64 <= in; i += 64) {
+    for (; i + 32 <= in; i += 32) {
         pf_step2(&pp, pf_end);
-        shrink_bf16_block(NR, xr, a, i, 0xffffffffu, 0xffffffffu, acc);
+        pf_step2(&pp, pf_end);
+        shrink_bf16_block(NR, xr, ar, i, 0xffffffffu, acc);
     }
-    if (i < in) shrink_bf16_block(NR, xr, a, i, mask32(in - i), mask32(in - i - 32), acc);
+    if (i < in) shrink_bf16_block(NR, xr, ar, i, mask32(in - i), acc);
     pf->p = pp;
     LR_UNROLL
-    for (int n = 0; n < NR; n++) dots[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][n], acc[1][n]));
+    for (int n = 0; n < NR; n++) _mm_storeu_ps(dots[n], reduce4(acc[0][n], acc[1][n], acc[2][n], acc[3][n]));
 }
 
 #else /* portable */
 
-LR_INLINE void shrink_f32_nr(const int NR, const float *const *xr, const float *a, int64_t in, float *dots,
-                             lr_prefetch *pf) {
+LR_INLINE void shrink_f32_nr(const int NR, const float *const *xr, const float *const *ar, int64_t in,
+                             float dots[LR_ROWS][LR_RANKS], lr_prefetch *pf) {
     (void)pf;
-    LR_UNROLL
-    for (int n = 0; n < NR; n++) {
-        float s = 0.0f;
-        for (int64_t i = 0; i < in; i++) s += a[i] * xr[n][i];
-        dots[n] = s;
-    }
+    for (int n = 0; n < NR; n++)
+        for (int k = 0; k < LR_RANKS; k++) {
+            float s = 0.0f;
+            for (int64_t i = 0; i < in; i++) s += ar[k][i] * xr[n][i];
+            dots[n][k] = s;
+        }
 }
 
-LR_INLINE void shrink_bf16_nr(const int NR, const uint16_t *const *xr, const uint16_t *a, int64_t in,
-                              float *dots, lr_prefetch *pf) {
+LR_INLINE void shrink_bf16_nr(const int NR, const uint16_t *const *xr, const uint16_t *const *ar, int64_t in,
+                              float dots[LR_ROWS][LR_RANKS], lr_prefetch *pf) {
     (void)pf;
-    LR_UNROLL
-    for (int n = 0; n < NR; n++) {
-        float s = 0.0f;
-        for (int64_t i = 0; i < in; i++) s += bf16_to_f32(a[i]) * bf16_to_f32(xr[n][i]);
-        dots[n] = s;
-    }
+    for (int n = 0; n < NR; n++)
+        for (int k = 0; k < LR_RANKS; k++) {
+            float s = 0.0f;
+            for (int64_t i = 0; i < in; i++) s += bf16_to_f32(ar[k][i]) * bf16_to_f32(xr[n][i]);
+            dots[n][k] = s;
+        }
 }
 
 #endif
 
-/* The switch gives every row count its own fully unrolled copy. */
-static void shrink_rank(const lr_job *job, int nr, const char *const *xr, const char *a, float *dots,
-                        lr_prefetch *pf) {
-    /* Typed copies of the row pointers: reading a char * object as a float * is not allowed. */
+/* The switch gives every row count its own fully unrolled copy. Typed copies of the row
+ * pointers, since reading a char * object as a float * is not allowed. */
+static void shrink_tile(const lr_job *job, int nr, const char *const *xr, const char *const *ar,
+                        float dots[LR_ROWS][LR_RANKS], lr_prefetch *pf) {
     if (job->dtype == LR_BF16) {
-        const uint16_t *xh[LR_ROWS], *ah = (const uint16_t *)a;
+        const uint16_t *xh[LR_ROWS], *ah[LR_RANKS];
         for (int i = 0; i < nr; i++) xh[i] = (const uint16_t *)xr[i];
+        for (int k = 0; k < LR_RANKS; k++) ah[k] = (const uint16_t *)ar[k];
         switch (nr) {
         case 1: shrink_bf16_nr(1, xh, ah, job->in, dots, pf); break;
         case 2: shrink_bf16_nr(2, xh, ah, job->in, dots, pf); break;
@@ -416,8 +446,9 @@ static void shrink_rank(const lr_job *job, int nr, const char *const *xr, const 
         default: shrink_bf16_nr(4, xh, ah, job->in, dots, pf); break;
         }
     } else {
-        const float *xf[LR_ROWS], *af = (const float *)a;
+        const float *xf[LR_ROWS], *af[LR_RANKS];
         for (int i = 0; i < nr; i++) xf[i] = (const float *)xr[i];
+        for (int k = 0; k < LR_RANKS; k++) af[k] = (const float *)ar[k];
         switch (nr) {
         case 1: shrink_f32_nr(1, xf, af, job->in, dots, pf); break;
         case 2: shrink_f32_nr(2, xf, af, job->in, dots, pf); break;
@@ -577,25 +608,33 @@ static void expand_tile(const lr_job *job, int nr, int64_t cols, const char *b, 
 
 /* ---------------------------------------------------------------- one work item */
 
-/* u of group g for ranks [k0, k1): rank rows outside, so A is read once and in order. */
+/* u of group g for ranks [k0, k1): blocks of 4 ranks outside and rows inside, so a block of
+ * A stays in L1 while every row of the group uses it. */
 static void shrink_item(const lr_job *job, int64_t g, int64_t k0, int64_t k1, lr_prefetch *pf) {
     const int32_t *rows = job->order + job->starts[g];
     int64_t n_rows = job->starts[g + 1] - job->starts[g];
     int slot = job->slots[g];
     int64_t r = job->ranks[slot];
-    const char *bias = weight(job, W_A_BIAS, slot);
+    const char *a = weight(job, W_A, slot), *bias = weight(job, W_A_BIAS, slot);
     float *u = job->u + job->u_off[g];
-    for (int64_t k = k0; k < k1; k++) {
-        const char *a = weight(job, W_A, slot) + (size_t)(k * job->in) * job->es;
-        float add = !bias ? 0.0f : job->dtype == LR_BF16 ? bf16_to_f32(((const uint16_t *)bias)[k]) : ((const float *)bias)[k];
+    for (int64_t kb = k0; kb < k1; kb += LR_RANKS) {
+        int64_t nk = k1 - kb < LR_RANKS ? k1 - kb : LR_RANKS;
+        /* A short last block repeats its first rank row; those dots are dropped. */
+        const char *ar[LR_RANKS];
+        for (int k = 0; k < LR_RANKS; k++) ar[k] = a + (size_t)((kb + (k < nk ? k : 0)) * job->in) * job->es;
+        float add[LR_RANKS] = {0.0f};
+        for (int64_t k = 0; bias && k < nk; k++)
+            add[k] = job->dtype == LR_BF16 ? bf16_to_f32(((const uint16_t *)bias)[kb + k])
+                                           : ((const float *)bias)[kb + k];
         for (int64_t n0 = 0; n0 < n_rows; n0 += LR_ROWS) {
             int nr = n_rows - n0 < LR_ROWS ? (int)(n_rows - n0) : LR_ROWS;
             const char *xr[LR_ROWS];
             for (int i = 0; i < nr; i++) xr[i] = job->x + (size_t)(rows[n0 + i] * job->x_stride) * job->es;
-            float dots[LR_ROWS];
+            float dots[LR_ROWS][LR_RANKS];
             pf_top_up(pf);
-            shrink_rank(job, nr, xr, a, dots, pf);
-            for (int i = 0; i < nr; i++) u[(n0 + i) * r + k] = act_apply(job->act, dots[i] + add);
+            shrink_tile(job, nr, xr, ar, dots, pf);
+            for (int i = 0; i < nr; i++)
+                for (int64_t k = 0; k < nk; k++) u[(n0 + i) * r + kb + k] = act_apply(job->act, dots[i][k] + add[k]);
         }
     }
 }
