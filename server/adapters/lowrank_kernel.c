@@ -25,13 +25,10 @@
  * are chosen at compile time and the plain C paths compile anywhere.
  */
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define LR_AVX512 1
@@ -63,6 +60,8 @@ enum { LR_OK = 0, LR_EBADARG = 1, LR_ENOMEM = 2 };
 #define LR_LINE 64
 /* Loading a weight element costs about as much as using it for this many rows. */
 #define LR_MEM_ROWS 4
+/* Chunks of work hold at least about this many weight elements (16 KiB of bf16). */
+#define LR_CHUNK_ELEMS 8192
 /* Below this many weight elements one thread is faster than waking a second. */
 #define LR_SERIAL_ELEMS 8192
 
@@ -108,7 +107,7 @@ typedef struct {
     int64_t x_stride;
     char *y;
     int64_t y_stride;
-    int64_t in, out, n_vec;
+    int64_t in, out;
     const int32_t *order, *starts, *slots;
     int64_t n_groups;
     const int64_t *ptrs; /* per slot: A, B, A bias, B bias addresses, num_slots apart */
@@ -117,15 +116,12 @@ typedef struct {
     int act;
     float *u;             /* group g's u is u + u_off[g], laid out [row][rank] */
     const int64_t *u_off; /* (n_groups,) */
-    int64_t total[2];     /* cost of the shrink and of the expand phase */
+    const struct lr_chunk *chunks; /* the shrink chunks, then the expand chunks */
+    int64_t n_shrink, n_chunks;
+    atomic_llong next_chunk; /* the next chunk to claim */
 } lr_job;
 
-enum { PHASE_SHRINK = 0, PHASE_EXPAND = 1, PHASE_DONE = 2 };
-
-/* A shrink unit is one rank row of A, an expand unit one 16-column vector of every B row. */
-LR_INLINE int64_t unit_cost(const lr_job *job, int phase, int64_t r, int64_t n_rows) {
-    return (phase == PHASE_SHRINK ? job->in : LR_VEC * r) * (LR_MEM_ROWS + n_rows);
-}
+enum { PHASE_SHRINK = 0, PHASE_EXPAND = 1 };
 
 enum { W_A = 0, W_B = 1, W_A_BIAS = 2, W_B_BIAS = 3 };
 
@@ -134,120 +130,84 @@ LR_INLINE const char *weight(const lr_job *job, int which, int slot) {
     return (const char *)(uintptr_t)job->ptrs[which * job->n_slots + slot];
 }
 
-LR_INLINE int64_t unit_count(const lr_job *job, int phase, int64_t r) {
-    return phase == PHASE_SHRINK ? r : job->n_vec;
-}
+/* ---------------------------------------------------------------- chunks of work
+ * A chunk is a run of units of one group: shrink units are rank rows of A, taken 4 at a time;
+ * expand units are 64-column tiles of every B row. Chunks are made once per call, a group
+ * cut into several when it is large, and threads claim them in order from a shared counter:
+ * a fixed split would need a cost model of memory against arithmetic that this machine's
+ * noise and its many shapes keep wrong, while claiming adapts to both.
+ */
+typedef struct lr_chunk {
+    int32_t g;
+    int32_t u0, u1;
+} lr_chunk;
 
-/* First of `units` units costing `cost` each from `prefix` on that starts at or after c. */
-static int64_t first_unit_from(int64_t c, int64_t prefix, int64_t cost, int64_t units) {
-    int64_t rel = c - prefix;
-    if (rel <= 0) return 0;
-    int64_t u = (rel + cost - 1) / cost;
-    return u < units ? u : units;
-}
-
-/* One thread's work items, in order: runs of units of one group, shrink phase then expand.
- * Thread t takes the units whose start cost lies in [total*t/nth, total*(t+1)/nth), so the
- * threads' shares tile each phase exactly. */
-typedef struct {
-    const lr_job *job;
-    int tid, nth;
-    int phase;
-    int64_t g, prefix, lo, hi;
-} lr_items;
-
-typedef struct {
-    int phase;
-    int64_t g, u0, u1;
-} lr_item;
-
-static void items_start_phase(lr_items *it, int phase) {
-    it->phase = phase;
-    it->g = 0;
-    it->prefix = 0;
-    if (phase == PHASE_DONE) return;
-    int64_t total = it->job->total[phase];
-    it->lo = total / it->nth * it->tid + total % it->nth * it->tid / it->nth;
-    it->hi = total / it->nth * (it->tid + 1) + total % it->nth * (it->tid + 1) / it->nth;
-}
-
-static void items_init(lr_items *it, const lr_job *job, int tid, int nth) {
-    it->job = job;
-    it->tid = tid;
-    it->nth = nth;
-    items_start_phase(it, PHASE_SHRINK);
-}
-
-/* The next item, crossing into the expand phase when the shrink items run out; 0 at the end. */
-static int items_next(lr_items *it, lr_item *item) {
-    const lr_job *job = it->job;
-    while (it->phase != PHASE_DONE) {
-        while (it->g < job->n_groups && it->prefix < it->hi) {
-            int64_t g = it->g++;
-            int64_t r = job->ranks[job->slots[g]], n_rows = job->starts[g + 1] - job->starts[g];
-            if (r <= 0 || n_rows <= 0) continue;
-            int64_t cost = unit_cost(job, it->phase, r, n_rows), units = unit_count(job, it->phase, r);
-            int64_t u0 = first_unit_from(it->lo, it->prefix, cost, units);
-            int64_t u1 = first_unit_from(it->hi, it->prefix, cost, units);
-            it->prefix += cost * units;
-            if (u0 < u1) {
-                *item = (lr_item){it->phase, g, u0, u1};
-                return 1;
-            }
-        }
-        items_start_phase(it, it->phase + 1);
+/* A group's units and what one costs: weight elements times (loading them + using them). */
+static void group_units(const lr_job *job, int phase, int64_t g, int64_t *units, int64_t *cost) {
+    int64_t r = job->ranks[job->slots[g]], n_rows = job->starts[g + 1] - job->starts[g];
+    if (r <= 0 || n_rows <= 0) {
+        *units = 0;
+        *cost = 0;
+        return;
     }
-    return 0;
+    int64_t elems = phase == PHASE_SHRINK ? LR_RANKS * job->in : LR_COLS * r;
+    *units = phase == PHASE_SHRINK ? (r + LR_RANKS - 1) / LR_RANKS : (job->out + LR_COLS - 1) / LR_COLS;
+    *cost = elems * (LR_MEM_ROWS + n_rows);
 }
 
-/* ---------------------------------------------------------------- prefetch of the next item
- * Walks the weights of the item after the one being computed, one cache line per line the
- * compute consumes, into L2. A shrink item is one contiguous stretch of A; an expand item
- * is r stretches of B (one contiguous stretch when it covers whole rows).
+/* Appends the phase's chunks, each at most `target` cost unless a single unit is more. */
+static int64_t make_chunks(const lr_job *job, int phase, int64_t target, lr_chunk *out) {
+    int64_t n = 0;
+    for (int64_t g = 0; g < job->n_groups; g++) {
+        int64_t units, cost;
+        group_units(job, phase, g, &units, &cost);
+        if (units == 0) continue;
+        int64_t per = target / cost > 1 ? target / cost : 1;
+        for (int64_t u = 0; u < units; u += per)
+            out[n++] = (lr_chunk){(int32_t)g, (int32_t)u, (int32_t)(u + per < units ? u + per : units)};
+    }
+    return n;
+}
+
+/* ---------------------------------------------------------------- prefetch of the next chunk
+ * Walks the weights of the chunk a thread will do next, one cache line per line the compute
+ * consumes, into L2. A shrink chunk is one contiguous stretch of A; an expand chunk is r
+ * stretches of B (one contiguous stretch when it covers whole rows).
  */
 typedef struct {
-    lr_items items; /* one item ahead of the compute */
-    const char *p, *end;      /* the stretch being prefetched */
-    const char *next;         /* start of the item's next stretch */
-    int64_t stride, len, left; /* stretches of the item: `left` more, `len` bytes, `stride` apart */
-    int done;
+    const char *p, *end;       /* the stretch being prefetched */
+    const char *next;          /* start of the chunk's next stretch */
+    int64_t stride, len, left; /* stretches still to come: `left`, `len` bytes, `stride` apart */
 } lr_prefetch;
 
-static void pf_refill(lr_prefetch *pf) {
-    while (pf->left == 0) {
-        lr_item item;
-        if (!items_next(&pf->items, &item)) {
-            pf->done = 1;
-            return;
-        }
-        const lr_job *job = pf->items.job;
-        int slot = job->slots[item.g];
-        int64_t r = job->ranks[slot];
-        if (item.phase == PHASE_SHRINK) {
-            pf->next = weight(job, W_A, slot) + (size_t)(item.u0 * job->in) * job->es;
-            pf->len = (item.u1 - item.u0) * job->in * (int64_t)job->es;
+static void pf_start(lr_prefetch *pf, const lr_job *job, int phase, const lr_chunk *c) {
+    memset(pf, 0, sizeof *pf);
+    if (!c) return;
+    int slot = job->slots[c->g];
+    int64_t r = job->ranks[slot];
+    if (phase == PHASE_SHRINK) {
+        int64_t k0 = (int64_t)c->u0 * LR_RANKS, k1 = (int64_t)c->u1 * LR_RANKS < r ? (int64_t)c->u1 * LR_RANKS : r;
+        pf->next = weight(job, W_A, slot) + (size_t)(k0 * job->in) * job->es;
+        pf->len = (k1 - k0) * job->in * (int64_t)job->es;
+        pf->left = 1;
+    } else {
+        int64_t j0 = (int64_t)c->u0 * LR_COLS, j1 = (int64_t)c->u1 * LR_COLS < job->out ? (int64_t)c->u1 * LR_COLS : job->out;
+        pf->next = weight(job, W_B, slot) + (size_t)j0 * job->es;
+        pf->len = (j1 - j0) * (int64_t)job->es;
+        pf->stride = job->out * (int64_t)job->es;
+        pf->left = r;
+        if (j0 == 0 && j1 == job->out) {
+            pf->len *= r;
             pf->left = 1;
-        } else {
-            int64_t j0 = item.u0 * LR_VEC, j1 = item.u1 * LR_VEC < job->out ? item.u1 * LR_VEC : job->out;
-            pf->next = weight(job, W_B, slot) + (size_t)j0 * job->es;
-            pf->len = (j1 - j0) * (int64_t)job->es;
-            pf->stride = job->out * (int64_t)job->es;
-            pf->left = r;
-            if (j0 == 0 && j1 == job->out) {
-                pf->len *= r;
-                pf->left = 1;
-            }
         }
     }
+}
+
+static void pf_next_stretch(lr_prefetch *pf) {
     pf->p = pf->next;
     pf->end = pf->next + pf->len;
     pf->next += pf->stride;
     pf->left--;
-}
-
-static void pf_init(lr_prefetch *pf, const lr_items *now) {
-    memset(pf, 0, sizeof *pf);
-    pf->items = *now;
 }
 
 /* Prefetch two lines, inside the register-tiled loops on a local copy of pf->p: no call
@@ -263,7 +223,7 @@ LR_INLINE void pf_step2(const char **p, const char *end) {
 
 /* Between tiles: move on to the next stretch once this one is done. */
 LR_INLINE void pf_top_up(lr_prefetch *pf) {
-    if (pf->p >= pf->end && !pf->done) pf_refill(pf);
+    if (pf->p >= pf->end && pf->left > 0) pf_next_stretch(pf);
 }
 
 /* ---------------------------------------------------------------- shrink tiles
@@ -314,7 +274,6 @@ LR_INLINE __m512i bf16_pack(__m512 even, __m512 odd) {
 #endif
 }
 
-/* acc += a[i, i+32) . xr[n][i, i+32) for NR rows; the masks cut the last block short. */
 /* [sum(a0), sum(a1), sum(a2), sum(a3)]: four horizontal sums sharing their shuffles. */
 LR_INLINE __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
     __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
@@ -606,11 +565,11 @@ static void expand_tile(const lr_job *job, int nr, int64_t cols, const char *b, 
     }
 }
 
-/* ---------------------------------------------------------------- one work item */
+/* ---------------------------------------------------------------- one chunk */
 
 /* u of group g for ranks [k0, k1): blocks of 4 ranks outside and rows inside, so a block of
  * A stays in L1 while every row of the group uses it. */
-static void shrink_item(const lr_job *job, int64_t g, int64_t k0, int64_t k1, lr_prefetch *pf) {
+static void shrink_ranks(const lr_job *job, int64_t g, int64_t k0, int64_t k1, lr_prefetch *pf) {
     const int32_t *rows = job->order + job->starts[g];
     int64_t n_rows = job->starts[g + 1] - job->starts[g];
     int slot = job->slots[g];
@@ -639,18 +598,17 @@ static void shrink_item(const lr_job *job, int64_t g, int64_t k0, int64_t k1, lr
     }
 }
 
-/* y of group g for output vectors [v0, v1): tiles of 4 vectors outside and rows inside, so a
- * B tile stays in L1 while every row of the group uses it. */
-static void expand_item(const lr_job *job, int64_t g, int64_t v0, int64_t v1, lr_prefetch *pf) {
+/* y of group g for columns [j_begin, j_end): tiles of 64 columns outside and rows inside, so
+ * a B tile stays in L1 while every row of the group uses it. */
+static void expand_cols(const lr_job *job, int64_t g, int64_t j_begin, int64_t j_end, lr_prefetch *pf) {
     const int32_t *rows = job->order + job->starts[g];
     int64_t n_rows = job->starts[g + 1] - job->starts[g];
     int slot = job->slots[g];
     int64_t r = job->ranks[slot];
     const char *b = weight(job, W_B, slot), *bias = weight(job, W_B_BIAS, slot);
     const float *u = job->u + job->u_off[g];
-    int64_t end = v1 * LR_VEC < job->out ? v1 * LR_VEC : job->out;
-    for (int64_t j0 = v0 * LR_VEC; j0 < end; j0 += LR_COLS) {
-        int64_t cols = end - j0 < LR_COLS ? end - j0 : LR_COLS;
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += LR_COLS) {
+        int64_t cols = j_end - j0 < LR_COLS ? j_end - j0 : LR_COLS;
         for (int64_t n0 = 0; n0 < n_rows; n0 += LR_ROWS) {
             int nr = n_rows - n0 < LR_ROWS ? (int)(n_rows - n0) : LR_ROWS;
             char *yr[LR_ROWS];
@@ -662,17 +620,39 @@ static void expand_item(const lr_job *job, int64_t g, int64_t v0, int64_t v1, lr
     }
 }
 
-static void run_thread(const lr_job *job, int tid, int nth) {
-    lr_items items;
+static void run_chunk(const lr_job *job, int64_t i, lr_prefetch *pf) {
+    const lr_chunk *c = &job->chunks[i];
+    if (i < job->n_shrink) {
+        int64_t r = job->ranks[job->slots[c->g]];
+        int64_t k1 = (int64_t)c->u1 * LR_RANKS < r ? (int64_t)c->u1 * LR_RANKS : r;
+        shrink_ranks(job, c->g, (int64_t)c->u0 * LR_RANKS, k1, pf);
+    } else {
+        int64_t j1 = (int64_t)c->u1 * LR_COLS < job->out ? (int64_t)c->u1 * LR_COLS : job->out;
+        expand_cols(job, c->g, (int64_t)c->u0 * LR_COLS, j1, pf);
+    }
+}
+
+LR_INLINE int64_t claim(lr_job *job) {
+    return atomic_fetch_add_explicit(&job->next_chunk, 1, memory_order_relaxed);
+}
+
+/* Claims chunks in order, always one ahead so that chunk's weights are prefetched meanwhile;
+ * the chunk claimed ahead of the last shrink chunk may be an expand chunk, which waits for
+ * the barrier. Every shrink chunk is claimed, and so done, before its claimer's barrier. */
+static void run_thread(lr_job *job) {
     lr_prefetch pf;
-    lr_item item;
-    items_init(&items, job, tid, nth);
-    int have = items_next(&items, &item);
-    pf_init(&pf, &items);
-    for (; have && item.phase == PHASE_SHRINK; have = items_next(&items, &item))
-        shrink_item(job, item.g, item.u0, item.u1, &pf);
+    int64_t cur = claim(job);
+    int64_t nxt = cur < job->n_chunks ? claim(job) : cur;
+    for (; cur < job->n_shrink; cur = nxt, nxt = nxt < job->n_chunks ? claim(job) : nxt) {
+        pf_start(&pf, job, nxt < job->n_shrink ? PHASE_SHRINK : PHASE_EXPAND,
+                 nxt < job->n_chunks ? &job->chunks[nxt] : NULL);
+        run_chunk(job, cur, &pf);
+    }
 #pragma omp barrier
-    for (; have; have = items_next(&items, &item)) expand_item(job, item.g, item.u0, item.u1, &pf);
+    for (; cur < job->n_chunks; cur = nxt, nxt = nxt < job->n_chunks ? claim(job) : nxt) {
+        pf_start(&pf, job, PHASE_EXPAND, nxt < job->n_chunks ? &job->chunks[nxt] : NULL);
+        run_chunk(job, cur, &pf);
+    }
 }
 
 /* ---------------------------------------------------------------- entry point */
@@ -699,38 +679,49 @@ int peftserve_lowrank_apply(const int64_t *table, const int32_t *groups, const v
     for (int64_t g = 0; g < n_groups; g++)
         if (slots[g] < 0 || slots[g] >= n_slots) return LR_EBADARG;
 
-    int64_t *u_off = malloc((size_t)n_groups * sizeof *u_off);
-    if (!u_off) return LR_ENOMEM;
-    lr_job job = {(int)dtype, dtype == LR_BF16 ? 2 : 4, x, x_stride, y, y_stride, in, out,
-                  (out + LR_VEC - 1) / LR_VEC, order, starts, slots, n_groups, table + 4, n_slots, ranks, act, NULL,
-                  u_off, {0, 0}};
-    int64_t u_len = 0, weight_elems = 0;
+    lr_job job = {(int)dtype, dtype == LR_BF16 ? 2 : 4, x, x_stride, y, y_stride, in, out, order, starts, slots,
+                  n_groups, table + 4, n_slots, ranks, act, NULL, NULL, NULL, 0, 0, 0};
+    int64_t u_len = 0, weight_elems = 0, max_chunks = 0, total[2] = {0, 0};
     for (int64_t g = 0; g < n_groups; g++) {
         int64_t r = ranks[slots[g]], n_rows = starts[g + 1] - starts[g];
-        u_off[g] = u_len;
         if (r <= 0 || n_rows <= 0) continue;
         u_len += n_rows * r;
-        for (int phase = PHASE_SHRINK; phase <= PHASE_EXPAND; phase++)
-            job.total[phase] += unit_cost(&job, phase, r, n_rows) * unit_count(&job, phase, r);
         weight_elems += r * (in + out);
-    }
-    job.u = malloc((size_t)(u_len > 0 ? u_len : 1) * sizeof *job.u);
-    if (!job.u) {
-        free(u_off);
-        return LR_ENOMEM;
+        for (int phase = PHASE_SHRINK; phase <= PHASE_EXPAND; phase++) {
+            int64_t units, cost;
+            group_units(&job, phase, g, &units, &cost);
+            total[phase] += units * cost;
+            max_chunks += units;
+        }
     }
     int nth = weight_elems < LR_SERIAL_ELEMS || n_threads < 1 ? 1 : n_threads;
 
-#pragma omp parallel num_threads(nth)
-    {
-#ifdef _OPENMP
-        run_thread(&job, omp_get_thread_num(), omp_get_num_threads());
-#else
-        run_thread(&job, 0, 1);
-#endif
+    /* One block of scratch: u offsets, chunks, u. */
+    size_t off_bytes = (size_t)n_groups * sizeof(int64_t), chunk_bytes = (size_t)max_chunks * sizeof(lr_chunk);
+    char *scratch = malloc(off_bytes + chunk_bytes + (size_t)u_len * sizeof(float));
+    if (!scratch) return LR_ENOMEM;
+    int64_t *u_off = (int64_t *)scratch;
+    lr_chunk *chunks = (lr_chunk *)(scratch + off_bytes);
+    job.u = (float *)(scratch + off_bytes + chunk_bytes);
+    for (int64_t g = 0, off = 0; g < n_groups; g++) {
+        u_off[g] = off;
+        int64_t r = ranks[slots[g]], n_rows = starts[g + 1] - starts[g];
+        if (r > 0 && n_rows > 0) off += n_rows * r;
     }
+    job.u_off = u_off;
+    /* About 8 chunks per thread and phase, so the last ones to finish are short. */
+    int64_t min_cost = LR_CHUNK_ELEMS * (LR_MEM_ROWS + 1);
+    for (int phase = PHASE_SHRINK; phase <= PHASE_EXPAND; phase++) {
+        int64_t target = total[phase] / (8 * nth) > min_cost ? total[phase] / (8 * nth) : min_cost;
+        job.n_chunks += make_chunks(&job, phase, target, chunks + job.n_chunks);
+        if (phase == PHASE_SHRINK) job.n_shrink = job.n_chunks;
+    }
+    job.chunks = chunks;
+    atomic_init(&job.next_chunk, 0);
 
-    free(job.u);
-    free(u_off);
+#pragma omp parallel num_threads(nth)
+    run_thread(&job);
+
+    free(scratch);
     return LR_OK;
 }
