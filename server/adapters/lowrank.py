@@ -5,10 +5,14 @@ LoRA and bottleneck adapters both reduce to, for every row n whose slot s is set
     y[n] += b_s^T @ act(a_s @ x[n] + a_bias_s) + b_bias_s
 
 with a_s of shape (r_s, in) and b_s of shape (r_s, out). `low_rank_apply` does this for a
-whole batch: groups of few rows (decode) go to a native C kernel that reads each adapter's
-weights once, groups of many rows (prefill) go to torch matmuls, which win once a weight
-tile is reused by enough rows. `low_rank_apply_reference` is the plain per-row loop the
-tests hold it to.
+whole batch: the rows are grouped by slot once per step (`RowGroups`), groups go to a native
+C kernel (lowrank_kernel.c) that reads each adapter's weights once per step, and only groups
+of at least BIG_GROUP_ROWS rows go to torch matmuls. Without a C compiler, off the CPU, or
+in float16 everything takes the torch path. `low_rank_apply_reference` is the plain per-row
+loop the tests hold both to.
+
+`LowRankTable.set`/`clear` must not run while a call on the same table is in flight: the
+kernel reads the table's pointers without a lock.
 """
 
 from __future__ import annotations
