@@ -5,15 +5,21 @@ LoRA and bottleneck adapters both reduce to, for every row n whose slot s is set
     y[n] += b_s^T @ act(a_s @ x[n] + a_bias_s) + b_bias_s
 
 with a_s of shape (r_s, in) and b_s of shape (r_s, out). `low_rank_apply` does this for a
-whole batch: groups of few rows (decode) go to a native C kernel that reads each adapter's
-weights once, groups of many rows (prefill) go to torch matmuls, which win once a weight
-tile is reused by enough rows. `low_rank_apply_reference` is the plain per-row loop the
-tests hold it to.
+whole batch: the rows are grouped by slot once per step (`RowGroups`), groups go to a native
+C kernel (lowrank_kernel.c) that reads each adapter's weights once per step, and only groups
+of at least BIG_GROUP_ROWS rows go to torch matmuls. Without a C compiler, off the CPU, or
+in float16 everything takes the torch path. `low_rank_apply_reference` is the plain per-row
+loop the tests hold both to.
+
+`LowRankTable.set`/`clear` must not run while a call on the same table is in flight: the
+kernel reads the table's pointers without a lock.
 """
 
 from __future__ import annotations
 
+import array
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -36,11 +42,15 @@ Activation = Literal["relu", "gelu", "silu", "tanh"] | None
 _ACT_CODES: dict[str | None, int] = {None: 0, "relu": 1, "gelu": 2, "silu": 3, "tanh": 4}
 _KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
-BIG_GROUP_ROWS = 48
+BIG_GROUP_ROWS = 4096
 """Groups with at least this many rows use torch matmuls instead of the native kernel.
 
-Measured with bench/bench_lowrank.py on the SmolLM2-135M shapes: below it the kernel is
-faster, since it reads each weight once and has no per-group dispatch cost.
+Measured with bench/bench_lowrank.py (rows-per-group sweep over one SmolLM2-135M layer,
+bf16, 2 threads, AMD EPYC with avx512_bf16): the kernel beat torch at every size tried,
+19x at 1 row per group, 3x at 128, still 1.5x at 1024 and 2048, because it fuses both
+products and writes y once where torch gathers, runs two skinny matmuls (K or N = rank) and
+scatters. So the threshold sits above the measured range; a CPU whose matmuls are much
+faster (AMX) would bring the crossover down into it.
 """
 
 
@@ -61,7 +71,7 @@ class RowGroups:
 
     Besides `order`, `starts` and `slots` it keeps what each call needs already split by
     group size: Python spans for the torch path and a packed int32 array for the kernel, so
-    a call never looks at tensor values again.
+    a call never reads tensor values.
     """
 
     order: torch.Tensor  # (M,) int32: rows with slot >= 0, sorted by slot (stable)
@@ -71,8 +81,8 @@ class RowGroups:
     max_slot: int  # largest slot used, -1 when no row has an adapter
     spans: tuple[tuple[int, int, int], ...]  # (slot, lo, hi) per group, lo/hi into order
     big_spans: tuple[tuple[int, int, int], ...]  # the spans of groups for the torch path
-    index: torch.Tensor  # (M,) `order` as int64 on row_slots' device, for the torch path
-    kernel_groups: torch.Tensor | None  # the small groups packed for the kernel, None if none
+    kernel_groups: torch.Tensor | None  # the other groups packed for the kernel, None if none
+    device: torch.device  # where row_slots was, and so where the torch path's index lives
 
     @classmethod
     def build(cls, row_slots: torch.Tensor, big_group_rows: int = BIG_GROUP_ROWS) -> RowGroups:
@@ -81,40 +91,45 @@ class RowGroups:
             raise LowRankError(
                 f"row_slots must be a 1-D integer tensor, got {tuple(row_slots.shape)} {row_slots.dtype}"
             )
-        slots_cpu = row_slots.to("cpu", torch.int64)
-        sorted_slots, perm = torch.sort(slots_cpu, stable=True)
-        first = int(torch.searchsorted(sorted_slots, 0))
-        used, counts = torch.unique_consecutive(sorted_slots[first:], return_counts=True)
-        order = perm[first:].to(torch.int32)
+        # Plain Python: for a decode batch this is several times faster than torch's sort.
+        slot_of = row_slots.tolist()
+        order = sorted((n for n, s in enumerate(slot_of) if s >= 0), key=slot_of.__getitem__)
         spans, lo = [], 0
-        for slot, count in zip(used.tolist(), counts.tolist(), strict=True):
-            spans.append((slot, lo, lo + count))
-            lo += count
-        small = [sp for sp in spans if sp[2] - sp[1] < big_group_rows]
+        while lo < len(order):
+            slot, hi = slot_of[order[lo]], lo + 1
+            while hi < len(order) and slot_of[order[hi]] == slot:
+                hi += 1
+            spans.append((slot, lo, hi))
+            lo = hi
         packed = _pack_groups(order, spans)
+        small = [sp for sp in spans if sp[2] - sp[1] < big_group_rows]
         g = len(spans)
         return cls(
-            order=order,
+            order=packed[2 * g + 3 :],
             starts=packed[2 : g + 3],
             slots=packed[g + 3 : 2 * g + 3],
-            num_rows=row_slots.shape[0],
+            num_rows=len(slot_of),
             max_slot=spans[-1][0] if spans else -1,
             spans=tuple(spans),
             big_spans=tuple(sp for sp in spans if sp[2] - sp[1] >= big_group_rows),
-            index=perm[first:].to(row_slots.device),
             kernel_groups=None if not small else packed if len(small) == g else _pack_groups(order, small),
+            device=row_slots.device,
         )
 
+    @functools.cached_property
+    def index(self) -> torch.Tensor:
+        """(M,) `order` as int64 on row_slots' device, for the torch path."""
+        return self.order.to(self.device, torch.int64)
 
-def _pack_groups(order: torch.Tensor, spans: list[tuple[int, int, int]]) -> torch.Tensor:
-    """The kernel's int32 layout: G, M, starts (G+1), slots (G), order (M) of these groups."""
-    rows = [order[lo:hi] for _, lo, hi in spans]
-    sizes = [hi - lo for _, lo, hi in spans]
-    starts = [0]
-    for size in sizes:
-        starts.append(starts[-1] + size)
-    head = torch.tensor([len(spans), starts[-1], *starts, *(s for s, _, _ in spans)], dtype=torch.int32)
-    return torch.cat([head, *rows])
+
+def _pack_groups(order: list[int], spans: list[tuple[int, int, int]]) -> torch.Tensor:
+    """The kernel's int32 layout of these groups: G, M, starts (G+1), slots (G), order (M)."""
+    starts, rows = [0], []
+    for _, lo, hi in spans:
+        starts.append(starts[-1] + hi - lo)
+        rows.extend(order[lo:hi])
+    packed = array.array("i", [len(spans), len(rows), *starts, *(s for s, _, _ in spans), *rows])
+    return torch.frombuffer(packed, dtype=torch.int32)
 
 
 # ---------------------------------------------------------------------------- the table
@@ -305,32 +320,27 @@ def _torch_groups(
     spans: tuple[tuple[int, int, int], ...],
     act: Activation,
 ) -> None:
-    """One gather, two float32 matmuls and one scatter per group."""
+    """One gather, two matmuls and one scatter-add per group.
+
+    The matmuls run in the table's dtype, accumulating in float32 inside, so the rank-r
+    intermediate is rounded to that dtype between them, as PEFT's own layers do.
+    """
     for slot, lo, hi in spans:
         w = table.get(slot)
         if w is None:
             continue
         idx = groups.index[lo:hi]  # (m,)
-        h = x.index_select(0, idx).float() @ w.a.float().t()  # (m, r)
-        if w.a_bias is not None:
-            h += w.a_bias.float()
-        d = _act_torch(h, act) @ w.b.float()  # (m, out)
-        if w.b_bias is not None:
-            d += w.b_bias.float()
-        if y.dtype == torch.float32:
-            y.index_add_(0, idx, d)
-        else:
-            # Add in float32 and round once, as the kernel does.
-            y.index_copy_(0, idx, (y.index_select(0, idx).float() + d).to(y.dtype))
+        xg = x.index_select(0, idx)  # (m, in)
+        h = xg @ w.a.t() if w.a_bias is None else torch.addmm(w.a_bias, xg, w.a.t())  # (m, r)
+        h = _act_torch(h, act)
+        d = h @ w.b if w.b_bias is None else torch.addmm(w.b_bias, h, w.b)  # (m, out)
+        y.index_add_(0, idx, d)
 
 
 # ---------------------------------------------------------------------------- native kernel
 
 _SOURCE = Path(__file__).with_name("lowrank_kernel.c")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-_P = ctypes.c_void_p
-_I64 = ctypes.c_int64
-_I32 = ctypes.c_int
 
 
 class NativeKernel:
@@ -372,8 +382,10 @@ class NativeKernel:
             _ACT_CODES[act],
             torch.get_num_threads(),
         )
+        if rc == 2:
+            raise MemoryError("the low-rank kernel could not allocate its scratch memory")
         if rc != 0:
-            raise RuntimeError(f"lowrank kernel failed with code {rc} (1: bad argument, 2: out of memory)")
+            raise LowRankError(f"the low-rank kernel rejected its arguments (code {rc})")
 
 
 def cache_dir() -> Path:
@@ -394,7 +406,7 @@ def _machine_id() -> str:
                     break
     except OSError:
         pass
-    return "\n".join([platform.machine(), platform.processor(), *lines])
+    return "\n".join([platform.machine(), *lines])
 
 
 def build_kernel(flags: tuple[str, ...] = CFLAGS) -> Path:
@@ -407,16 +419,23 @@ def build_kernel(flags: tuple[str, ...] = CFLAGS) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise KernelBuildError("no C compiler found (install gcc, or set CC)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # A unique temporary name and an atomic rename let concurrent processes build side by side.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
     try:
-        cmd = [cc, *flags, "-o", tmp, str(_SOURCE), "-lm"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # A unique temporary name and an atomic rename let concurrent processes build side by side.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    except OSError as e:
+        raise KernelBuildError(
+            f"cannot write to {target.parent} ({e}): set PEFTSERVE_CACHE to a writable folder"
+        ) from e
+    os.close(fd)
+    cmd = [cc, *flags, "-o", tmp, str(_SOURCE), "-lm"]
+    try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise KernelBuildError(f"{' '.join(cmd)} failed:\n{proc.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
+    except OSError as e:
+        raise KernelBuildError(f"{' '.join(cmd)} could not run: {e}") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -448,9 +467,7 @@ def _native_for(x: torch.Tensor, y: torch.Tensor, table: LowRankTable) -> Native
     if table._native and x.is_cpu and y.is_cpu:
         return _kernel if _kernel_tried else native_kernel()
     if table.dtype not in _KERNEL_DTYPES:
-        _warn_once(
-            "dtype", f"low-rank adapters in {table.dtype} use the torch path (kernel: float32, bfloat16)"
-        )
+        _warn_once("dtype", f"low-rank adapters in {table.dtype} use the torch path (the kernel: f32, bf16)")
     else:
         _warn_once("device", f"low-rank adapters on {x.device} use the torch path (the kernel is CPU only)")
     return None
