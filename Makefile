@@ -42,8 +42,9 @@ serve: install
 	$(BIN)/peftserve serve $(ARGS)
 
 ## test: install what the tests need, lint, and run the whole suite (slow tests included)
+# The tests import torch before server/__init__.py can choose passive OpenMP threads, so say it here.
 test: install-dev lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install-dev
 	$(BIN)/ruff check .

@@ -15,11 +15,8 @@ from loadtest.workload import read_requests
 
 
 def test_a_fifteen_second_headless_run_has_no_failures(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ):
-    # The server and locust share this machine's cores with pytest; OpenMP threads spinning for
-    # cores they do not get slow the tiny model down tenfold, so the server gets one thread.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     results = tmp_path / "results"
     code = main(
         [
