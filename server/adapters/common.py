@@ -169,6 +169,25 @@ def module_path(layer: int, module: str) -> str:
     return f"model.layers.{layer}.{block}.{module}"
 
 
+def prompt_embeddings(
+    config: dict[str, Any], tensors: dict[str, torch.Tensor], peft_type: str
+) -> tuple[int, torch.Tensor]:
+    """(num_virtual_tokens, the prompt_embeddings tensor) of a prompt-learning adapter, checked."""
+    n = positive_int(config, "num_virtual_tokens")
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise AdapterError(
+            "num_transformer_submodules must be 1 for a decoder-only model", "num_transformer_submodules"
+        )
+    extra = sorted(set(tensors) - {"prompt_embeddings"})
+    if extra:
+        raise AdapterError(
+            f"unexpected tensor {extra[0]}: a {peft_type} adapter holds only prompt_embeddings", extra[0]
+        )
+    if "prompt_embeddings" not in tensors:
+        raise AdapterError(f"a {peft_type} adapter needs a prompt_embeddings tensor", "prompt_embeddings")
+    return n, tensors["prompt_embeddings"]
+
+
 def layer_module(name: str, num_layers: int) -> tuple[int, str] | None:
     """(layer index, module name) of a decoder linear named in a PEFT tensor name, else None."""
     match = LAYER_MODULE.search(name)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from server.adapters.common import AdapterError, AdapterWeights, expect_shape, positive_int
+from server.adapters.common import AdapterWeights, expect_shape, prompt_embeddings
 from server.base_model import ModelShape
 
 
@@ -29,20 +29,8 @@ class PrefixWeights(AdapterWeights):
 
 
 def parse(config: dict[str, Any], tensors: dict[str, torch.Tensor], shape: ModelShape) -> PrefixWeights:
-    n = positive_int(config, "num_virtual_tokens")
-    if config.get("num_transformer_submodules", 1) != 1:
-        raise AdapterError(
-            "num_transformer_submodules must be 1 for a decoder-only model", "num_transformer_submodules"
-        )
-    extra = sorted(set(tensors) - {"prompt_embeddings"})
-    if extra:
-        raise AdapterError(
-            f"unexpected tensor {extra[0]}: a prefix adapter holds only prompt_embeddings", extra[0]
-        )
-    if "prompt_embeddings" not in tensors:
-        raise AdapterError("a PREFIX_TUNING adapter needs a prompt_embeddings tensor", "prompt_embeddings")
+    n, embeddings = prompt_embeddings(config, tensors, "PREFIX_TUNING")
     layers, heads, dim = shape.num_layers, shape.num_kv_heads, shape.head_dim
-    embeddings = tensors["prompt_embeddings"]
     expect_shape("prompt_embeddings", embeddings, (n, layers * 2 * heads * dim))
     # (n, layers*2*kv_dim) -> (layers*2, kv_heads, n, head_dim)
     stacked = embeddings.float().view(n, layers * 2, heads, dim).permute(1, 2, 0, 3)

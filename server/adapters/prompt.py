@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from server.adapters.common import AdapterError, AdapterWeights, expect_shape, positive_int
+from server.adapters.common import AdapterWeights, expect_shape, prompt_embeddings
 from server.base_model import ModelShape
 
 
@@ -30,18 +30,6 @@ class PromptWeights(AdapterWeights):
 def parse(
     config: dict[str, Any], tensors: dict[str, torch.Tensor], shape: ModelShape, peft_type: str
 ) -> PromptWeights:
-    n = positive_int(config, "num_virtual_tokens")
-    if config.get("num_transformer_submodules", 1) != 1:
-        raise AdapterError(
-            "num_transformer_submodules must be 1 for a decoder-only model", "num_transformer_submodules"
-        )
-    extra = sorted(set(tensors) - {"prompt_embeddings"})
-    if extra:
-        raise AdapterError(
-            f"unexpected tensor {extra[0]}: a {peft_type} adapter holds only prompt_embeddings", extra[0]
-        )
-    if "prompt_embeddings" not in tensors:
-        raise AdapterError(f"a {peft_type} adapter needs a prompt_embeddings tensor", "prompt_embeddings")
-    embeddings = tensors["prompt_embeddings"]
+    n, embeddings = prompt_embeddings(config, tensors, peft_type)
     expect_shape("prompt_embeddings", embeddings, (n, shape.hidden_size))
     return PromptWeights(peft_type=peft_type, config=config, embeddings=embeddings.float().contiguous())

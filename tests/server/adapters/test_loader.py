@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from server.adapters.common import SUPPORTED_TEXT, AdapterError
-from server.adapters.loader import describe, load_adapter
-from server.base_model import ModelShape, dense_weight, linear_module
+from server.adapters.loader import describe, folder_loader
+from server.base_model import ModelShape
 from tests.adapter_factory import make_bottleneck_adapter, make_peft_adapter
 
 
@@ -22,14 +22,7 @@ def lora_dir(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 def load(folder: Path, model, max_rank: int = 64):
-    hf = model.hf
-    return load_adapter(
-        folder,
-        model.shape,
-        max_rank=max_rank,
-        dtype=torch.float32,
-        base_weight=lambda layer, name: dense_weight(linear_module(hf, layer, name)),
-    )
+    return folder_loader(model, max_rank)(folder)
 
 
 def copy_with(src: Path, dst: Path, config: dict | None = None, tensors: dict | None = None) -> Path:
