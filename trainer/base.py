@@ -1,8 +1,9 @@
 """Find and load the base model: the embedded default, a local HF folder, or a .gguf file.
 
 A GGUF base is dequantized once and cached as a safetensors folder (config, weights, tokenizer)
-under $PEFTSERVE_CACHE_DIR (default ~/.cache/peftserve), so later loads take seconds and can be
-quantized to 4-bit nf4 for QLoRA (transformers cannot quantize while reading GGUF).
+under $PEFTSERVE_CACHE/models (default ~/.cache/peftserve/models), so later loads take seconds and
+can be quantized to 4-bit nf4 for QLoRA (transformers cannot quantize while reading GGUF). The
+folder is named as the server names it, so trainer and server share one dequantized copy.
 """
 
 import hashlib
@@ -50,8 +51,15 @@ def default_gguf() -> Path:
 
 
 def cache_dir() -> Path:
-    """Where dequantized GGUF bases are cached."""
-    return Path(os.environ.get("PEFTSERVE_CACHE_DIR", Path.home() / ".cache" / "peftserve"))
+    """peftserve's cache folder ($PEFTSERVE_CACHE, as for the server)."""
+    return Path(os.environ.get("PEFTSERVE_CACHE", Path.home() / ".cache" / "peftserve"))
+
+
+def gguf_cache_folder(gguf: Path) -> Path:
+    """The cached copy of a GGUF file: models/<stem>-<hash of path, size, mtime>, named as by the server."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
 
 
 def base_name(base: str) -> str:
@@ -78,8 +86,7 @@ def resolve(base: str) -> Path:
 
 def materialize_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF file into a cached safetensors folder (once) and return that folder."""
-    digest = hashlib.sha256(f"{gguf.resolve()}:{gguf.stat().st_size}".encode()).hexdigest()[:12]
-    target = cache_dir() / f"{gguf.stem}-{digest}"
+    target = gguf_cache_folder(gguf)
     if (target / "config.json").is_file():
         return target
     log.info("dequantizing %s into %s (once)", gguf.name, target)

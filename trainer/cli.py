@@ -47,8 +47,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
 EPILOG = f"""\
 exit status: 0 done; 1 failed (e.g. --push refused); 2 bad flags or bad data (nothing written);
 130 stopped by Ctrl-C (the best adapter so far is written; a second Ctrl-C aborts without writing).
-environment: {ADMIN_KEY_ENV} is sent as the bearer token of --push; PEFTSERVE_CACHE_DIR holds the
-dequantized GGUF base (default ~/.cache/peftserve).
+environment: {ADMIN_KEY_ENV} is sent as the bearer token of --push; PEFTSERVE_CACHE holds the
+dequantized GGUF base, shared with the server (default ~/.cache/peftserve).
 example: peftserve-train --data trainer/examples/shout.jsonl --method lora --out adapters/shout"""
 
 

@@ -7,7 +7,9 @@ Exit status 1 when a target is missed.
 
 import argparse
 import copy
+import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -28,8 +30,10 @@ log = logging.getLogger(__name__)
 EXAMPLES = Path(__file__).parent / "examples"
 ADAPTER_TARGET = 0.8
 BASE_LIMIT = 0.1
-MAX_NEW_TOKENS = 96
+MAX_NEW_TOKENS = 64  # the training answers are far shorter
 # The recipe of each demo adapter: LoRA on every linear layer, one epoch, bf16 autocast.
+ANSWERS_FILE = "answers.json"
+SAMPLE_PROMPT = "What is 9 times 7?"
 RECIPE = {"method": "lora", "epochs": 1, "lr": 2e-3, "batch_size": 8, "eval_every": 10, "precision": "bf16"}
 
 
@@ -39,7 +43,7 @@ class Score:
     adapter_rate: float
     base_rate: float
     train_seconds: float
-    sample: str
+    answers: list[str]
 
     @property
     def ok(self) -> bool:
@@ -50,7 +54,7 @@ def read_prompts(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def generate(model: torch.nn.Module, tokenizer, prompts: list[str], batch_size: int = 16) -> list[str]:
+def generate(model: torch.nn.Module, tokenizer, prompts: list[str], batch_size: int = 32) -> list[str]:
     """Greedy answers to single-turn chat prompts, in batches (left padded), under bf16 autocast."""
     tokenizer.padding_side = "left"
     answers = []
@@ -88,7 +92,9 @@ def train_all(base: Base, out: Path) -> dict[str, float]:
     return seconds
 
 
-def evaluate_all(base: Base, out: Path, prompts: list[str], seconds: dict[str, float]) -> list[Score]:
+def evaluate_all(
+    base: Base, out: Path, prompts: list[str], seconds: dict[str, float]
+) -> tuple[list[Score], list[str]]:
     """Answer the held-out prompts with the base model and with each saved adapter (loaded with PEFT)."""
     base.model.eval()
     base_answers = generate(base.model, base.tokenizer, prompts)
@@ -109,10 +115,10 @@ def evaluate_all(base: Base, out: Path, prompts: list[str], seconds: dict[str, f
                 pass_rate(behaviour, answers),
                 pass_rate(behaviour, base_answers),
                 seconds[behaviour.name],
-                answers[0],
+                answers,
             )
         )
-    return scores
+    return scores, base_answers
 
 
 def table(scores: list[Score], n_prompts: int) -> str:
@@ -129,6 +135,15 @@ def table(scores: list[Score], n_prompts: int) -> str:
     return "\n".join(lines)
 
 
+def write_answers(path: Path, prompts: list[str], base_answers: list[str], scores: list[Score]) -> None:
+    """Every held-out prompt with the base model's and each adapter's answer, for a look by eye."""
+    rows = [
+        {"prompt": p, "base": base_answers[i]} | {s.behaviour.name: s.answers[i] for s in scores}
+        for i, p in enumerate(prompts)
+    ]
+    path.write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.demo", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -141,14 +156,21 @@ def main(argv: list[str] | None = None) -> int:
     base = load_base("default")
     prompts = read_prompts(HELDOUT_FILE)
     seconds = train_all(base, args.out)
-    scores = evaluate_all(base, args.out, prompts, seconds)
-    wall = time.perf_counter() - started
+    checking = time.perf_counter()
+    scores, base_answers = evaluate_all(base, args.out, prompts, seconds)
+    finished = time.perf_counter()
+    write_answers(args.out / ANSWERS_FILE, prompts, base_answers, scores)
     print()
     print(table(scores, len(prompts)))
     print()
+    print(f"{SAMPLE_PROMPT!r}\n  base: {base_answers[prompts.index(SAMPLE_PROMPT)]!r}")
     for s in scores:
-        print(f"{s.behaviour.name} answers {prompts[0]!r} with {s.sample!r}")
-    print(f"\nwall time: {wall:.0f} s (load the base, train 3 adapters, check {len(prompts)} prompts each)")
+        print(f"  {s.behaviour.name}: {s.answers[prompts.index(SAMPLE_PROMPT)]!r}")
+    print(f"all answers: {args.out / ANSWERS_FILE}")
+    print(
+        f"\nwall time: {finished - started:.0f} s in all, {finished - checking:.0f} s of it checking "
+        f"(CPU time {time.process_time():.0f} s, load average {os.getloadavg()[0]:.1f})"
+    )
     if not all(s.ok for s in scores):
         print(
             f"FAILED: target is adapter >= {ADAPTER_TARGET:.0%} and base <= {BASE_LIMIT:.0%}", file=sys.stderr

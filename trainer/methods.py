@@ -35,6 +35,11 @@ class Adapter(ABC):
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
+    @property
+    def prompt_learning(self) -> bool:
+        """Whether the adapter puts virtual tokens before the input (prompt tuning, P-tuning)."""
+        return False
+
     def trainable(self) -> dict[str, nn.Parameter]:
         return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
 
@@ -60,8 +65,13 @@ class PeftAdapter(Adapter):
 
     model: PeftModel
 
+    @property
+    def prompt_learning(self) -> bool:
+        return self.model.active_peft_config.is_prompt_learning
+
     def save(self, folder: Path) -> None:
-        self.model.save_pretrained(folder, safe_serialization=True)
+        # embeddings are never trained here; "auto" would ask the model hub about the base's vocabulary
+        self.model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
         (folder / PEFT_README).unlink(missing_ok=True)  # the trainer writes its own model card
 
 

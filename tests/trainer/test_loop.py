@@ -2,10 +2,12 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainer.base import load_base
 from trainer.config import make_config
-from trainer.loop import planned_steps, train, warmup_cosine
+from trainer.data import collate
+from trainer.loop import PAD_MULTIPLE, batch_loss, planned_steps, train, warmup_cosine
 from trainer.methods import attach_adapter
 from trainer.run import load_data
 
@@ -76,3 +78,16 @@ def test_gradient_accumulation_and_checkpointing_train(tiny_base, chat_data, tmp
     assert result.steps == 6
     assert result.tokens > 0
     assert result.history.train_loss[-1] < result.history.train_loss[0]
+
+
+@pytest.mark.parametrize("method", ["lora", "bottleneck", "prompt"])
+def test_answer_only_logits_give_the_models_own_loss(method, tiny_base, chat_data, tmp_path):
+    cfg = make_config(data=chat_data, out=tmp_path / "o", base=str(tiny_base), method=method)
+    base = load_base(str(tiny_base))
+    train_set, _, _ = load_data(cfg, base.tokenizer)
+    adapter = attach_adapter(base.model, cfg, base.name)
+    adapter.model.eval()
+    batch = collate(train_set[:4], base.tokenizer.pad_token_id, PAD_MULTIPLE)
+    with torch.no_grad():
+        expected = float(adapter.model(**batch).loss)
+        assert float(batch_loss(adapter, batch)) == pytest.approx(expected, rel=1e-5)
