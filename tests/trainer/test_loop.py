@@ -63,7 +63,7 @@ def test_no_validation_data_means_no_eval_and_no_early_stop(tiny_base, chat_data
     assert result.history.eval_loss == [] and result.best_eval_loss is None and result.final_eval_loss is None
 
 
-def test_gradient_accumulation_and_checkpointing_train(tiny_base, chat_data, tmp_path):
+def test_gradient_accumulation_checkpointing_and_bf16_train(tiny_base, chat_data, tmp_path):
     result = run_loop(
         tiny_base,
         chat_data,
@@ -73,6 +73,7 @@ def test_gradient_accumulation_and_checkpointing_train(tiny_base, chat_data, tmp
         max_steps=6,
         grad_accum=3,
         gradient_checkpointing=True,
+        precision="bf16",
         eval_every=3,
     )
     assert result.steps == 6

@@ -17,6 +17,8 @@ from trainer.loop import evaluate
 from trainer.methods import PeftAdapter
 from trainer.run import load_data, run
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "trainer" / "examples"
+
 # learning rates that move each method's loss clearly within a dozen steps on the tiny model
 TEST_LR = {
     "lora": 1e-2,
@@ -128,3 +130,31 @@ def test_best_checkpoint_is_what_gets_saved(tiny_base: Path, chat_data: Path, tm
     reloaded = PeftAdapter(reload("lora", tiny_base, cfg.out))
     saved_loss = evaluate(reloaded, val_set, cfg, base.tokenizer.pad_token_id)
     assert saved_loss == pytest.approx(result.best_eval_loss, rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_default_model_adapter_reloads_with_the_same_greedy_tokens(method: str, tmp_path):
+    """The real model, briefly: training runs, and the saved adapter reproduces the trained model."""
+    cfg = make_config(
+        data=EXAMPLES / "uppercase.jsonl",
+        method=method,
+        out=tmp_path / "adapter",
+        max_steps=2,
+        batch_size=4,
+        val_fraction=0.0,
+        lr=2e-3,
+    )
+    base = load_base("default", four_bit=method == "qlora")
+    inputs = prompt_ids(base.tokenizer)
+    base_logits, _ = logits_and_greedy(base.model, inputs)
+    outcome = run(cfg, base)
+    config = json.loads((cfg.out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+    trained_logits, trained_tokens = logits_and_greedy(outcome.adapter.model, inputs)
+    reloaded = PeftModel.from_pretrained(load_base("default", four_bit=method == "qlora").model, cfg.out)
+    loaded_logits, loaded_tokens = logits_and_greedy(reloaded, inputs)
+    assert not torch.allclose(trained_logits, base_logits, atol=1e-3)
+    torch.testing.assert_close(loaded_logits, trained_logits, atol=1e-4, rtol=1e-4)
+    assert loaded_tokens == trained_tokens
