@@ -34,6 +34,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "lr",
         "weight_decay",
         "warmup_fraction",
+        "max_grad_norm",
         "eval_every",
         "patience",
         "gradient_checkpointing",

@@ -74,6 +74,7 @@ class TrainConfig(BaseModel):
     warmup_fraction: float = Field(
         0.05, ge=0.0, lt=1.0, description="share of steps with a linear warmup before the cosine decay"
     )
+    max_grad_norm: float = Field(1.0, ge=0.0, description="clip the gradient norm to this (0: no clipping)")
     eval_every: int = Field(50, ge=1, description="compute the eval loss every this many optimizer steps")
     patience: int = Field(
         3, ge=0, description="stop after this many evals without a better eval loss (0: never stop early)"

@@ -156,81 +156,114 @@ def stop_on_interrupt() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
+@dataclass
+class BestCheckpoint:
+    """The lowest eval loss so far, its step and weights, and how many evals have not beaten it."""
+
+    loss: float = math.inf
+    step: int | None = None
+    weights: dict[str, torch.Tensor] | None = None
+    evals_since: int = 0
+
+    def offer(self, loss: float, step: int, adapter: Adapter) -> bool:
+        """Record an eval; keep a copy of the weights if it is the best so far. True if it was."""
+        if loss < self.loss:
+            self.loss, self.step, self.weights, self.evals_since = loss, step, adapter.snapshot(), 0
+            return True
+        self.evals_since += 1
+        return False
+
+
+def optimizer_step(
+    adapter: Adapter,
+    group: list[dict[str, torch.Tensor]],
+    cfg: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+) -> float:
+    """Accumulate gradients over a group of micro-batches (weighted by answer tokens), clip, step."""
+    n_total = max(sum(loss_tokens(b) for b in group), 1)
+    step_loss = 0.0
+    for batch in group:
+        with autocast(adapter.model, cfg):
+            loss = batch_loss(adapter, batch) * (loss_tokens(batch) / n_total)
+        loss.backward()
+        step_loss += float(loss.detach())
+    if cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(adapter.trainable().values(), cfg.max_grad_norm)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
+def record_eval(
+    adapter: Adapter,
+    val_set: list[Example],
+    cfg: TrainConfig,
+    pad_id: int,
+    step: int,
+    history: History,
+    best: BestCheckpoint,
+) -> float:
+    """Compute the eval loss at step, add it to history and best, and log it."""
+    eval_loss = evaluate(adapter, val_set, cfg, pad_id)
+    history.eval_steps.append(step)
+    history.eval_loss.append(eval_loss)
+    train_loss = history.train_loss[-1]
+    mark = " (best)" if best.offer(eval_loss, step, adapter) else ""
+    log.info("step %d: train loss %.4f, eval loss %.4f%s", step, train_loss, eval_loss, mark)
+    return eval_loss
+
+
 def train(
     adapter: Adapter, train_set: list[Example], val_set: list[Example], cfg: TrainConfig, pad_id: int
 ) -> TrainResult:
     """Train adapter's trainable weights in place; leave the best checkpoint (by eval loss) loaded."""
-    model = adapter.model
     total_steps = planned_steps(len(train_set), cfg)
     optimizer = torch.optim.AdamW(
         adapter.trainable().values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup_fraction))
-    history = History()
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
-    evals_without_gain, tokens, stopped, step = 0, 0, "completed", 0
+    history, best = History(), BestCheckpoint()
     stream = micro_batches(train_set, cfg)
+    tokens, step, stopped, postfix = 0, 0, "completed", {}
     started = time.perf_counter()
-    model.train()
+    adapter.model.train()
     bar = tqdm(total=total_steps, desc=f"train {cfg.method}", unit="step", dynamic_ncols=True, disable=None)
     with stop_on_interrupt() as stop, bar:
-        while step < total_steps:
+        while stopped == "completed" and step < total_steps:
             group = [collate(b, pad_id, PAD_MULTIPLE) for b in islice(stream, cfg.grad_accum)]
-            n_total = sum(loss_tokens(b) for b in group)
-            step_loss = 0.0
-            for batch in group:
-                with autocast(model, cfg):
-                    loss = batch_loss(adapter, batch) * (loss_tokens(batch) / max(n_total, 1))
-                loss.backward()
-                step_loss += float(loss.detach())
-                tokens += int(batch["attention_mask"].sum())
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
+            step_loss = optimizer_step(adapter, group, cfg, optimizer, schedule)
+            tokens += sum(int(b["attention_mask"].sum()) for b in group)
             step += 1
             history.train_steps.append(step)
             history.train_loss.append(step_loss)
-            postfix = {"loss": f"{step_loss:.3f}", "tok/s": f"{tokens / (time.perf_counter() - started):.0f}"}
-
+            postfix |= {
+                "loss": f"{step_loss:.3f}",
+                "tok/s": f"{tokens / (time.perf_counter() - started):.0f}",
+            }
             if val_set and (step % cfg.eval_every == 0 or step == total_steps or stop.is_set()):
-                eval_loss = evaluate(adapter, val_set, cfg, pad_id)
-                history.eval_steps.append(step)
-                history.eval_loss.append(eval_loss)
-                improved = best is None or eval_loss < best[0]
-                if improved:
-                    best = (eval_loss, step, adapter.snapshot())
-                    evals_without_gain = 0
-                else:
-                    evals_without_gain += 1
-                log.info(
-                    "step %d/%d: train loss %.4f, eval loss %.4f%s",
-                    step,
-                    total_steps,
-                    step_loss,
-                    eval_loss,
-                    " (best)" if improved else "",
-                )
+                eval_loss = record_eval(adapter, val_set, cfg, pad_id, step, history, best)
                 postfix["eval"] = f"{eval_loss:.3f}"
-                if cfg.patience and evals_without_gain >= cfg.patience:
+                if cfg.patience and best.evals_since >= cfg.patience:
                     stopped = "early stopping"
                     log.info("early stopping: no better eval loss in the last %d evals", cfg.patience)
             bar.set_postfix(postfix, refresh=False)
             bar.update()
             if stop.is_set():
                 stopped = "interrupted"
-            if stopped != "completed":
-                break
 
-    if best is not None and best[1] != step:
-        adapter.restore(best[2])
-        log.info("kept the best checkpoint: step %d, eval loss %.4f", best[1], best[0])
+    if best.weights is not None and best.step != step:
+        adapter.restore(best.weights)
+        log.info("kept the best checkpoint: step %d, eval loss %.4f", best.step, best.loss)
     return TrainResult(
         steps=step,
         total_steps=total_steps,
         stopped=stopped,
         history=history,
-        best_step=best[1] if best else None,
-        best_eval_loss=best[0] if best else None,
+        best_step=best.step,
+        best_eval_loss=best.loss if best.step is not None else None,
         final_eval_loss=history.eval_loss[-1] if history.eval_loss else None,
         tokens=tokens,
         seconds=time.perf_counter() - started,
