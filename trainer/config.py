@@ -13,7 +13,8 @@ METHODS: tuple[str, ...] = Method.__args__
 LORA_METHODS = frozenset({"lora", "qlora", "dora"})
 PROMPT_METHODS = frozenset({"prompt", "ptuning", "prefix"})
 
-# Learning rates that train each method well on the default model in a few hundred steps.
+# Peak learning rates checked on the default model (20 steps on trainer/examples/sign-off.jsonl, bf16):
+# each lowers the eval loss steadily there. P-tuning learns slowest of all at any of 1e-3..1e-1.
 DEFAULT_LR: dict[str, float] = {
     "lora": 1e-3,
     "qlora": 1e-3,
@@ -21,7 +22,7 @@ DEFAULT_LR: dict[str, float] = {
     "ia3": 1e-2,
     "prompt": 3e-2,
     "ptuning": 3e-3,
-    "prefix": 1e-2,
+    "prefix": 3e-2,
     "bottleneck": 1e-3,
 }
 
