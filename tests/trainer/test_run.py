@@ -1,0 +1,160 @@
+"""Every method trains on a tiny random model, its loss goes down, and the saved folder, loaded back
+with PEFT (or our bottleneck loader), gives the same logits and greedy tokens as the trained model."""
+
+import json
+from pathlib import Path
+from statistics import mean
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from trainer.base import load_base
+from trainer.bottleneck import load_bottleneck
+from trainer.config import METHODS, make_config
+from trainer.loop import evaluate
+from trainer.methods import PeftAdapter
+from trainer.run import load_data, run
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "trainer" / "examples"
+
+# learning rates that move each method's loss clearly within a dozen steps on the tiny model
+TEST_LR = {
+    "lora": 1e-2,
+    "qlora": 1e-2,
+    "dora": 1e-2,
+    "ia3": 1e-1,
+    "prompt": 1e-1,
+    "ptuning": 1e-2,
+    "prefix": 1e-1,
+    "bottleneck": 1e-2,
+}
+PEFT_TYPES = {
+    "lora": "LORA",
+    "qlora": "LORA",
+    "dora": "LORA",
+    "ia3": "IA3",
+    "prompt": "PROMPT_TUNING",
+    "ptuning": "P_TUNING",
+    "prefix": "PREFIX_TUNING",
+    "bottleneck": "BOTTLENECK",
+}
+
+
+def prompt_ids(tokenizer) -> dict[str, torch.Tensor]:
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Count to 4."}], tokenize=False, add_generation_prompt=True
+    )
+    return dict(tokenizer(text, return_tensors="pt", add_special_tokens=False))
+
+
+def logits_and_greedy(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    model.eval()
+    with torch.no_grad():
+        logits = model(**inputs).logits[:, -inputs["input_ids"].shape[1] :]
+        tokens = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    return logits, tokens[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def reload(method: str, tiny_base: Path, folder: Path) -> torch.nn.Module:
+    base = load_base(str(tiny_base), four_bit=method == "qlora").model
+    if method == "bottleneck":
+        load_bottleneck(base, folder)
+        return base
+    return PeftModel.from_pretrained(base, folder)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_trains_and_reloads_with_the_same_outputs(
+    method: str, tiny_base: Path, chat_data: Path, tmp_path
+):
+    out = tmp_path / "adapter"
+    cfg = make_config(
+        data=chat_data,
+        method=method,
+        out=out,
+        base=str(tiny_base),
+        max_steps=12,
+        batch_size=4,
+        eval_every=4,
+        lr=TEST_LR[method],
+        patience=0,
+    )
+    base = load_base(str(tiny_base), four_bit=method == "qlora")
+    inputs = prompt_ids(base.tokenizer)
+    base_logits, _ = logits_and_greedy(base.model, inputs)
+
+    outcome = run(cfg, base)
+
+    losses = outcome.result.history.train_loss
+    assert len(losses) == 12
+    assert mean(losses[-3:]) < mean(losses[:3]) - 0.05
+    assert {p.name for p in out.iterdir()} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "README.md",
+        "loss.png",
+    }
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == PEFT_TYPES[method]
+    assert load_file(out / "adapter_model.safetensors")  # safetensors, not pickle
+
+    trained_logits, trained_tokens = logits_and_greedy(outcome.adapter.model, inputs)
+    loaded_logits, loaded_tokens = logits_and_greedy(reload(method, tiny_base, out), inputs)
+    assert not torch.allclose(trained_logits, base_logits, atol=1e-3), "the adapter changed nothing"
+    torch.testing.assert_close(loaded_logits, trained_logits, atol=1e-5, rtol=1e-5)
+    assert loaded_tokens == trained_tokens
+
+
+def test_best_checkpoint_is_what_gets_saved(tiny_base: Path, chat_data: Path, tmp_path):
+    """With a learning rate this high the eval loss bounces; the saved weights must be the best ones."""
+    cfg = make_config(
+        data=chat_data,
+        method="lora",
+        out=tmp_path / "adapter",
+        base=str(tiny_base),
+        max_steps=10,
+        batch_size=4,
+        eval_every=1,
+        lr=0.3,
+        patience=0,
+        val_fraction=0.25,
+    )
+    base = load_base(str(tiny_base))
+    result = run(cfg, base).result
+    history = result.history
+    assert result.best_eval_loss == min(history.eval_loss)
+    assert result.best_step == history.eval_steps[history.eval_loss.index(result.best_eval_loss)]
+
+    _, val_set, _ = load_data(cfg, base.tokenizer)  # the same seeded split as in training
+    reloaded = PeftAdapter(reload("lora", tiny_base, cfg.out))
+    saved_loss = evaluate(reloaded, val_set, cfg, base.tokenizer.pad_token_id)
+    assert saved_loss == pytest.approx(result.best_eval_loss, rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_default_model_adapter_reloads_with_the_same_greedy_tokens(method: str, tmp_path):
+    """The real model, briefly: training runs, and the saved adapter reproduces the trained model."""
+    cfg = make_config(
+        data=EXAMPLES / "uppercase.jsonl",
+        method=method,
+        out=tmp_path / "adapter",
+        max_steps=2,
+        batch_size=4,
+        val_fraction=0.0,
+        lr=2e-3,
+    )
+    base = load_base("default", four_bit=method == "qlora")
+    inputs = prompt_ids(base.tokenizer)
+    base_logits, _ = logits_and_greedy(base.model, inputs)
+    outcome = run(cfg, base)
+    config = json.loads((cfg.out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+    trained_logits, trained_tokens = logits_and_greedy(outcome.adapter.model, inputs)
+    reloaded = PeftModel.from_pretrained(load_base("default", four_bit=method == "qlora").model, cfg.out)
+    loaded_logits, loaded_tokens = logits_and_greedy(reloaded, inputs)
+    assert not torch.allclose(trained_logits, base_logits, atol=1e-3)
+    torch.testing.assert_close(loaded_logits, trained_logits, atol=1e-4, rtol=1e-4)
+    assert loaded_tokens == trained_tokens

@@ -1,0 +1,1 @@
+"""Demo datasets and their behaviour checks (see make_examples.py)."""
