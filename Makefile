@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install install-dev serve test lint format bench loadtest deploy-check clean
+.PHONY: install install-dev serve test lint format bench demo-adapters loadtest deploy-check clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -57,6 +57,10 @@ format: install-dev
 ## bench: engine vs PEFT and generate with many adapters; prints a table, writes bench/results/adapters.json
 bench: install
 	$(PY) -m bench.bench_adapters --out bench/results/adapters.json $(BENCH_ARGS)
+
+## demo-adapters: train the three example adapters on the default model, check them on held-out prompts
+demo-adapters: install
+	$(PY) -m trainer.demo --out build/demo-adapters
 
 # Load test knobs, e.g. `make loadtest K=8 USERS=16 DURATION=120 ZIPF_S=0.5`; PORT empty picks a free port.
 K ?= 32

@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerBase
 from trainer.base import Base, load_base, load_tokenizer
 from trainer.config import TrainConfig
 from trainer.data import Example, file_sha256, load_examples, split_examples
-from trainer.errors import UsageError
+from trainer.errors import PushError, UsageError
 from trainer.loop import TrainResult, train
 from trainer.methods import Adapter, attach_adapter
 from trainer.output import CARD_FILE, PLOT_FILE, DataSummary, check_out, model_card, plot_loss, staged_folder
@@ -69,6 +69,9 @@ def run(cfg: TrainConfig, base: Base | None = None) -> RunOutcome:
 
     pushed = None
     if cfg.push is not None and result.stopped != "interrupted":
-        pushed = push_adapter(cfg.out, cfg.push, cfg.adapter_name)
+        try:
+            pushed = push_adapter(cfg.out, cfg.push, cfg.adapter_name)
+        except PushError as exc:
+            raise PushError(f"{exc} (the adapter is saved in {cfg.out})") from exc
         log.info("pushed %s version %s to %s", pushed.get("name"), pushed.get("version"), cfg.push)
     return RunOutcome(cfg.out, adapter, result, pushed)

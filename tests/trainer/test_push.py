@@ -1,9 +1,13 @@
-"""--push against a tiny in-test registry server that records and checks what arrives."""
+"""--push against a tiny in-test registry server that records and checks what arrives, and once
+against peftserve itself."""
 
 from pathlib import Path
 
+import httpx
 import pytest
 
+from tests.conftest import LiveServer, tiny_settings
+from trainer.cli import main
 from trainer.errors import PushError
 from trainer.push import ADMIN_KEY_ENV, push_adapter
 
@@ -51,3 +55,28 @@ def test_incomplete_folder_is_not_sent(registry, tmp_path):
     with pytest.raises(PushError, match=r"no adapter_model\.safetensors"):
         push_adapter(tmp_path, registry.url, "x")
     assert len(registry.received) == before
+
+
+def test_trained_adapter_pushed_to_a_real_server_is_served(
+    tiny_base, chat_data, tiny_model_dir, tiny_model, tmp_path, monkeypatch, capsys
+):
+    """peftserve-train --push into peftserve's own registry, then a chat request names it."""
+    settings = tiny_settings(tiny_model_dir, store=tmp_path / "store", admin_key="adm")
+    with LiveServer(settings, tiny_model) as live:
+        argv = ["--data", str(chat_data), "--method", "lora", "--base", str(tiny_base), "--max-steps", "2"]
+        argv += ["--out", str(tmp_path / "counter"), "--push", live.url, "--name", "counter"]
+        monkeypatch.delenv(ADMIN_KEY_ENV, raising=False)
+        assert main(argv) == 1
+        error = capsys.readouterr().err
+        assert "HTTP 401" in error and f"the adapter is saved in {tmp_path / 'counter'}" in error
+        assert not (tmp_path / "store" / "counter").exists()
+
+        monkeypatch.setenv(ADMIN_KEY_ENV, "adm")
+        assert main([*argv, "--overwrite"]) == 0
+        assert "pushed to" in capsys.readouterr().out
+        question = [{"role": "user", "content": "Count to 3."}]
+        body = {"model": "counter", "messages": question, "max_tokens": 4}
+        reply = httpx.post(live.url + "/v1/chat/completions", json=body)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["model"] == "counter"
+        assert reply.json()["usage"]["completion_tokens"] >= 1

@@ -1,5 +1,6 @@
 """Every method trains on a tiny random model, its loss goes down, and the saved folder, loaded back
-with PEFT (or our bottleneck loader), gives the same logits and greedy tokens as the trained model."""
+with PEFT (or our bottleneck loader), gives the same logits and greedy tokens as the trained model;
+served by peftserve, it gives those greedy tokens too."""
 
 import json
 from pathlib import Path
@@ -10,6 +11,12 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from server.base_model import load_base_model
+from server.config import AdapterSettings, EngineSettings, Settings
+from server.engine.engine import Engine
+from server.engine.sampler import SamplingParams
+from server.registry.store import Store
+from tests.helpers import run_until_done, token_ids
 from trainer.base import load_base
 from trainer.bottleneck import load_bottleneck
 from trainer.config import METHODS, make_config
@@ -65,11 +72,21 @@ def reload(method: str, tiny_base: Path, folder: Path) -> torch.nn.Module:
     return PeftModel.from_pretrained(base, folder)
 
 
+def served_greedy(method: str, tiny_base: Path, store: Path, prompt: list[int], n: int) -> list[int]:
+    """The adapter store/<method>, served by a peftserve engine on the same (4-bit for QLoRA) base."""
+    quantize = "nf4" if method == "qlora" else "none"
+    settings = Settings.load({"model": str(tiny_base), "dtype": "float32", "quantize": quantize})
+    engine = Engine(load_base_model(settings.model), EngineSettings(), AdapterSettings(), Store(store))
+    params = SamplingParams(max_tokens=n, temperature=0.0)
+    handle = engine.submit(prompt, params, engine.resolve_model(method))
+    return token_ids(run_until_done(engine, [handle])[0])
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_method_trains_and_reloads_with_the_same_outputs(
     method: str, tiny_base: Path, chat_data: Path, tmp_path
 ):
-    out = tmp_path / "adapter"
+    out = tmp_path / "store" / method
     cfg = make_config(
         data=chat_data,
         method=method,
@@ -104,6 +121,12 @@ def test_method_trains_and_reloads_with_the_same_outputs(
     assert not torch.allclose(trained_logits, base_logits, atol=1e-3), "the adapter changed nothing"
     torch.testing.assert_close(loaded_logits, trained_logits, atol=1e-5, rtol=1e-5)
     assert loaded_tokens == trained_tokens
+
+    # generate stops after EOS; the engine ends the request there without emitting it.
+    eos = base.tokenizer.eos_token_id
+    expected = loaded_tokens[: loaded_tokens.index(eos)] if eos in loaded_tokens else loaded_tokens
+    prompt = inputs["input_ids"][0].tolist()
+    assert served_greedy(method, tiny_base, out.parent, prompt, len(loaded_tokens)) == expected
 
 
 def test_best_checkpoint_is_what_gets_saved(tiny_base: Path, chat_data: Path, tmp_path):
