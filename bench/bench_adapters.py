@@ -16,6 +16,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +42,14 @@ TARGETS = [
     ("engine K=max", "PEFT adapter_names batch", 2.5),
     ("engine, all kinds", "engine, no adapters", 0.75),
 ]
+
+
+class Progress(dict):
+    """The results so far, each printed to stderr as it arrives: the whole run takes many minutes."""
+
+    def __setitem__(self, name: str, value: float) -> None:
+        super().__setitem__(name, value)
+        print(f"{time.strftime('%H:%M:%S')} {name}: {value:.3g}", file=sys.stderr, flush=True)
 
 
 def make_prompts(count: int, vocab: int, seed: int) -> list[list[int]]:
@@ -207,7 +216,7 @@ def main() -> None:
     pad = model.tokenizer.pad_token_id
     ks = [int(k) for k in args.ks.split(",")]
     prompts = make_prompts(args.requests, model.shape.vocab_size, seed=1)
-    results: dict[str, float] = {}
+    results: dict[str, float] = Progress()
     with tempfile.TemporaryDirectory(prefix="peftserve-bench-") as tmp:
         lora_store, mix_store, mix_names = build_stores(Path(tmp), model, max(ks))
         nt, rep = args.new_tokens, args.repeats

@@ -50,7 +50,7 @@ exit status: 0 done; 1 failed (e.g. --push refused); 2 bad flags or bad data (no
 130 stopped by Ctrl-C (the best adapter so far is written; a second Ctrl-C aborts without writing).
 environment: {ADMIN_KEY_ENV} is sent as the bearer token of --push; PEFTSERVE_CACHE holds the
 dequantized GGUF base, shared with the server (default ~/.cache/peftserve).
-example: peftserve-train --data trainer/examples/shout.jsonl --method lora --out adapters/shout"""
+example: peftserve-train --data trainer/examples/uppercase.jsonl --method lora --out adapters_store/up"""
 
 
 def comma_list(text: str) -> list[str]:

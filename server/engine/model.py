@@ -47,6 +47,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def sdpa_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q (B, heads, T, D); keys, values (B, kv_heads, L, D); visible (B, T, L) -> (B, heads, T, D)."""
+    mask = visible.unsqueeze(1)  # (B, 1, T, L)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """sdpa_attention for one new token per row (T = 1), as two batched matmuls.
+
+    CPU SDPA runs its flash kernel even for a single query: at batch 64 that is ~4x slower than
+    this, and it was over half of a decode step.
+    """
+    batch, heads, _, dim = q.shape
+    kv_heads, span = keys.shape[1], keys.shape[2]
+    q = q.reshape(batch, kv_heads, heads // kv_heads, dim)  # query heads grouped by their kv head
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale  # (B, kv_heads, group, L)
+    scores = scores.masked_fill(~visible.view(batch, 1, 1, span), float("-inf"))
+    probs = scores.softmax(-1).to(values.dtype)
+    return torch.matmul(probs, values).view(batch, heads, 1, dim)
+
+
 class Decoder:
     """Runs an HF Llama-style causal LM's modules over the engine's cache."""
 
@@ -119,13 +144,13 @@ class Decoder:
         keys[write_rows, :, write_pos] = k  # (B, T, kv_heads, head_dim) into each row's positions
         values[write_rows, :, write_pos] = v
         rows = slice(step.first_row, step.first_row + batch)
-        out = F.scaled_dot_product_attention(
+        attention = decode_attention if tokens == 1 else sdpa_attention
+        out = attention(
             q.transpose(1, 2),  # (B, heads, T, head_dim)
             keys[rows, :, :key_span],  # (B, kv_heads, L, head_dim)
             values[rows, :, :key_span],
-            attn_mask=visible.unsqueeze(1),  # (B, 1, T, L)
-            scale=self.scale,
-            enable_gqa=True,
+            visible,
+            self.scale,
         )
         out = out.transpose(1, 2).reshape(batch * tokens, shape.num_heads * shape.head_dim)
         return ctx.linear(index, "o_proj", attn.o_proj, out)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from server.adapters.context import BatchContext
 from server.engine.kv_cache import KVCache
-from server.engine.model import Decoder, StepInputs
+from server.engine.model import Decoder, StepInputs, decode_attention, sdpa_attention
 
 
 def test_padded_prefill_then_decode_match_hf_logits(tiny_model):
@@ -58,3 +59,18 @@ def test_unwritten_cache_memory_never_reaches_the_output(tiny_model):
     # A decode step far into the cache reads a fresh block.
     far = StepInputs(0, torch.tensor([[270], [4]]), torch.ones(2, dtype=torch.long), BatchContext())
     assert torch.isfinite(decoder.forward(decoder.embed(torch.tensor([[1], [2]])), far, cache)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_sdpa(dtype):
+    # 6 query heads over 2 kv heads; rows see different numbers of keys, one only its first.
+    torch.manual_seed(0)
+    batch, heads, kv_heads, span, dim = 4, 6, 2, 9, 16
+    q = torch.randn(batch, heads, 1, dim, dtype=dtype)
+    keys, values = (torch.randn(batch, kv_heads, span, dim, dtype=dtype) for _ in range(2))
+    positions = torch.tensor([[8], [3], [0], [5]])  # (B, 1)
+    visible = torch.arange(span) <= positions.unsqueeze(-1)  # (B, 1, L)
+    fast = decode_attention(q, keys, values, visible, dim**-0.5)
+    reference = sdpa_attention(q, keys, values, visible, dim**-0.5)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fast, reference, atol=tolerance, rtol=tolerance)
