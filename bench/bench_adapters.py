@@ -4,8 +4,9 @@ Workload: N requests (default 64), prompts of 32-128 random tokens, 64 new token
 ignored so every request generates all of them), adapters drawn from K LoRA adapters (rank 16,
 every linear layer) with a Zipf law, P(rank k) proportional to 1/k^s, s = 1.0. Plus one mix of
 all adapter kinds. Tokens/s = generated tokens / wall time from the first submit to the last
-token, prefill included. Engine figures are the median of --repeats runs after one warm-up
-run (adapters then sit in the CPU cache, as on a server that has been up a while).
+token, prefill included. Engine figures are the median of --repeats runs of one engine after
+one warm-up run (adapters then sit in slots or the CPU cache, as on a server that has been up
+a while).
 
     python -m bench.bench_adapters --out bench/results/adapters.json
 """
@@ -59,35 +60,36 @@ def make_prompts(count: int, vocab: int, seed: int) -> list[list[int]]:
     return [torch.randint(1000, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
-def run_engine(model: LoadedModel, store: Path, prompts, adapters, new_tokens: int) -> float:
+def run_engine(engine: Engine, prompts, adapters, new_tokens: int) -> float:
     """Generated tokens/s for the whole workload through the engine thread."""
-    engine = Engine(model, EngineSettings(max_batch_size=64), AdapterSettings(), Store(store))
-    engine.start()
-    try:
-        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-        started = time.perf_counter()
-        handles = [
-            engine.submit(p, params, engine.resolve_model(a) if a else None)
-            for p, a in zip(prompts, adapters, strict=True)
-        ]
-        done = [False] * len(handles)
-        tokens = 0
-        while not all(done):
-            time.sleep(0.002)
-            for i, handle in enumerate(handles):
-                for event in handle.drain():
-                    if isinstance(event, Finished):
-                        assert event.reason == "length", event
-                        tokens += event.completion_tokens
-                        done[i] = True
-        return tokens / (time.perf_counter() - started)
-    finally:
-        engine.stop()
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    started = time.perf_counter()
+    handles = [
+        engine.submit(p, params, engine.resolve_model(a) if a else None)
+        for p, a in zip(prompts, adapters, strict=True)
+    ]
+    done = [False] * len(handles)
+    tokens = 0
+    while not all(done):
+        time.sleep(0.002)
+        for i, handle in enumerate(handles):
+            for event in handle.drain():
+                if isinstance(event, Finished):
+                    assert event.reason == "length", event
+                    tokens += event.completion_tokens
+                    done[i] = True
+    return tokens / (time.perf_counter() - started)
 
 
 def engine_median(model, store, prompts, adapters, new_tokens, repeats) -> float:
-    run_engine(model, store, prompts, adapters, new_tokens)  # warm-up: adapters into the CPU cache
-    return statistics.median(run_engine(model, store, prompts, adapters, new_tokens) for _ in range(repeats))
+    """Median tokens/s of one engine after a warm-up run (which loads the adapters)."""
+    engine = Engine(model, EngineSettings(max_batch_size=64), AdapterSettings(), Store(store))
+    engine.start()
+    try:
+        run_engine(engine, prompts, adapters, new_tokens)
+        return statistics.median(run_engine(engine, prompts, adapters, new_tokens) for _ in range(repeats))
+    finally:
+        engine.stop()
 
 
 def _left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -239,13 +239,18 @@ class Engine:
         return self._thread is None or self._thread.is_alive()
 
     def _loop(self) -> None:
+        idle = True
         while not self._stopping.is_set():
-            if not (self._waiting or self._running):
+            if idle:
                 self._wake.wait()
             self._wake.clear()
             try:
-                self.step()
+                report = self.step()
+                # Nothing ran: what waits needs an adapter load, which wakes us when done. Spinning
+                # here instead would starve the loader thread of the GIL.
+                idle = not (report.running or report.plan.admit)
             except Exception as exc:  # a bug outside the forward pass: end what is in flight, keep serving
+                idle = True
                 log.exception("engine step failed")
                 for seq in [*self._waiting.values(), *self._running]:
                     self._finish(seq, "error", error=f"internal error: {exc}")
