@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 import torch
 
-from server.config import EngineSettings
+from server.config import AdapterSettings, EngineSettings
 from server.engine.engine import Engine
 from server.engine.request import ContextLengthError, Finished, QueueFull
 from server.engine.sampler import SamplingParams
+from server.registry.store import Store
+from tests.adapter_factory import make_peft_adapter
 from tests.helpers import reference_greedy, run_until_done, text_of, token_ids
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
@@ -218,3 +222,39 @@ def test_a_failing_step_ends_requests_and_the_loop_goes_on(tiny_model, monkeypat
     assert failed.reason == "error" and "boom" in failed.error
     assert served.reason == "length"
     assert not engine.alive
+
+
+def test_the_loop_sleeps_while_requests_wait_for_an_adapter_load(tiny_model, tiny_model_dir, tmp_path):
+    # A spinning loop would hold the GIL the loader thread needs; it must wait to be woken instead.
+    make_peft_adapter(tiny_model_dir, "lora", tmp_path / "bot")
+    engine = Engine(tiny_model, EngineSettings(), AdapterSettings(), Store(tmp_path))
+    load = engine.tiers._load
+    loading = threading.Event()
+
+    def slow_load(ref):
+        loading.set()
+        time.sleep(0.5)
+        return load(ref)
+
+    engine.tiers._load = slow_load
+    steps = {"n": 0}
+    step = engine.step
+
+    def counted_step():
+        steps["n"] += 1
+        return step()
+
+    engine.step = counted_step
+    engine.start()
+    try:
+
+        async def main() -> list:
+            handle = engine.submit(engine.encode_text(PROMPTS[0]), GREEDY, engine.resolve_model("bot"))
+            return [event async for event in handle]
+
+        events = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert loading.is_set() and events[-1].reason == "length"
+    # the step that started the load, the one after it finished, then one per token at most
+    assert steps["n"] <= GREEDY.max_tokens + 4
