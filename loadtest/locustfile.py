@@ -34,7 +34,11 @@ from locust.env import Environment
 
 try:
     from loadtest.workload import (
+        DEFAULT_MAX_TOKENS,
+        DEFAULT_MIN_TOKENS,
         DEFAULT_PROMPTS,
+        DEFAULT_SEED,
+        DEFAULT_ZIPF_S,
         RequestLog,
         RequestRecord,
         StreamError,
@@ -62,19 +66,22 @@ def add_options(parser: LocustArgumentParser) -> None:
     parser.add_argument(
         "--zipf-s",
         type=float,
-        default=1.0,
+        default=DEFAULT_ZIPF_S,
         help="Zipf exponent of the adapter choice, P(rank k) ~ 1/k^s over the server's adapters "
-        "sorted by name; 0 is uniform (default 1.0)",
+        f"sorted by name; 0 is uniform (default {DEFAULT_ZIPF_S})",
     )
     parser.add_argument(
-        "--min-tokens", type=int, default=16, help="least max_tokens of a request (default 16)"
+        "--min-tokens",
+        type=int,
+        default=DEFAULT_MIN_TOKENS,
+        help=f"least max_tokens of a request (default {DEFAULT_MIN_TOKENS})",
     )
     parser.add_argument(
         "--max-tokens",
         type=int,
-        default=64,
+        default=DEFAULT_MAX_TOKENS,
         help="most max_tokens of a request; each request draws uniformly from the range and, "
-        "with ignore_eos, generates exactly that many (default 64)",
+        f"with ignore_eos, generates exactly that many (default {DEFAULT_MAX_TOKENS})",
     )
     parser.add_argument(
         "--prompts",
@@ -82,7 +89,10 @@ def add_options(parser: LocustArgumentParser) -> None:
         help="prompt file, one user message per line (default: the shipped loadtest/prompts.txt)",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the adapter, prompt and length draws (default 0)"
+        "--seed",
+        type=int,
+        default=DEFAULT_SEED,
+        help=f"seed of the adapter, prompt and length draws (default {DEFAULT_SEED})",
     )
     parser.add_argument(
         "--request-timeout",

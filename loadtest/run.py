@@ -25,7 +25,14 @@ from pathlib import Path
 import httpx
 
 from loadtest.report import draw_summary, format_summary, summarize
-from loadtest.workload import read_requests, served_models
+from loadtest.workload import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MIN_TOKENS,
+    DEFAULT_SEED,
+    DEFAULT_ZIPF_S,
+    read_requests,
+    served_models,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -88,17 +95,29 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--zipf-s",
         type=float,
-        default=1.0,
-        help="Zipf exponent of the adapter choice, P(rank k) ~ 1/k^s; 0 is uniform (default 1.0)",
+        default=DEFAULT_ZIPF_S,
+        help="Zipf exponent of the adapter choice, P(rank k) ~ 1/k^s; 0 is uniform "
+        f"(default {DEFAULT_ZIPF_S})",
     )
-    load.add_argument("--min-tokens", type=int, default=16, help="least max_tokens of a request (default 16)")
+    load.add_argument(
+        "--min-tokens",
+        type=int,
+        default=DEFAULT_MIN_TOKENS,
+        help=f"least max_tokens of a request (default {DEFAULT_MIN_TOKENS})",
+    )
     load.add_argument(
         "--max-tokens",
         type=int,
-        default=64,
-        help="most max_tokens of a request; requests draw uniformly from the range (default 64)",
+        default=DEFAULT_MAX_TOKENS,
+        help="most max_tokens of a request; requests draw uniformly from the range "
+        f"(default {DEFAULT_MAX_TOKENS})",
     )
-    load.add_argument("--seed", type=int, default=0, help="seed of the workload's draws (default 0)")
+    load.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULT_SEED,
+        help=f"seed of the workload's draws (default {DEFAULT_SEED})",
+    )
     load.add_argument(
         "--drain-timeout",
         type=int,

@@ -14,6 +14,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 DEFAULT_PROMPTS = Path(__file__).with_name("prompts.txt")
+# The workload's defaults, shared by the locustfile's flags and loadtest.run's.
+DEFAULT_ZIPF_S = 1.0
+DEFAULT_MIN_TOKENS = 16
+DEFAULT_MAX_TOKENS = 64
+DEFAULT_SEED = 0
 
 
 def load_prompts(path: Path = DEFAULT_PROMPTS) -> list[str]:
