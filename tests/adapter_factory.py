@@ -117,7 +117,8 @@ def make_bottleneck_adapter(
 def reference_tokens(
     base_dir: Path, adapter_dir: Path, prompt_ids: list[int], max_new_tokens: int
 ) -> list[int]:
-    """Greedy tokens of one adapter alone: PEFT for PEFT kinds, our reference module for bottleneck ones."""
+    """Greedy tokens of one adapter alone, over full forwards without a KV cache (`reference_greedy`):
+    PEFT for PEFT kinds, our reference module for bottleneck ones."""
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     base = load_base(base_dir)
     if config["peft_type"] == "BOTTLENECK":
@@ -130,6 +131,4 @@ def reference_tokens(
         )
         with BottleneckReference(base, weights).applied():
             return reference_greedy(base, prompt_ids, max_new_tokens)
-    model = PeftModel.from_pretrained(base, adapter_dir).eval()
-    out = model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, len(prompt_ids) :].tolist()
+    return reference_greedy(PeftModel.from_pretrained(base, adapter_dir).eval(), prompt_ids, max_new_tokens)

