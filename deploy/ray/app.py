@@ -243,7 +243,8 @@ def absolute_paths(settings: Settings) -> Settings:
     """Settings whose local paths hold in any working directory (Ray workers do not share ours)."""
     model, adapters = settings.model, settings.adapters
     flags = [
-        f"{name}={Path(path).resolve()}" for name, _, path in (a.partition("=") for a in adapters.adapter)
+        f"{name}={Path(path).resolve()}" if sep else name
+        for name, sep, path in (a.partition("=") for a in adapters.adapter)
     ]
     local_model = model.model is not None and Path(model.model).exists()
     return settings.model_copy(

@@ -1,11 +1,13 @@
-"""deploy/ray on a local Ray instance: 2 engine replicas of the tiny model behind the ingress.
+"""deploy/ray: its parts in-process, then on a local Ray instance with 2 engine replicas of the
+tiny model behind the ingress.
 
-One Ray instance for the module (Ray's startup is most of the cost); each test deploys the
+One Ray instance for the module (Ray's startup is most of the cost); each Ray test deploys the
 application it needs and deletes it after.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import random
@@ -21,14 +23,17 @@ import ray
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
-from deploy.ray.app import REPLICA_HEADER, build_app
+from deploy.ray.__main__ import build_parser
+from deploy.ray.app import REPLICA_HEADER, absolute_paths, build_app, engine_options, requested_model
+from deploy.ray.asgi import HTTPRequest, Lifespan, ResponseStart, call
+from deploy.ray.metrics import merge_expositions
 from deploy.ray.settings import RaySettings
 from loadtest.workload import ZipfChooser
+from server.api.app import create_app
 from server.config import Settings
 from tests.adapter_factory import make_peft_adapter
 from tests.conftest import LiveServer, tiny_settings
-
-pytestmark = pytest.mark.slow
+from tests.helpers import wait_until
 
 ADAPTERS = [f"a{i:02d}" for i in range(16)]
 KINDS = ("lora", "ia3", "prompt", "prefix")
@@ -107,6 +112,76 @@ def zipf_run(url: str, requests: int = 96, seed: int = 0) -> list[httpx.Response
         return list(pool.map(lambda m: complete(url, m, "Tell me a story", max_tokens=2), models))
 
 
+def post(path: str, body: dict) -> HTTPRequest:
+    return HTTPRequest("POST", path, b"", [(b"content-type", b"application/json")], json.dumps(body).encode())
+
+
+def test_the_adapter_to_route_by_is_the_model_field_of_a_json_post():
+    assert requested_model(post("/v1/completions", {"model": "support", "prompt": "x"})) == "support"
+    assert requested_model(post("/v1/adapters", {"name": "x"})) is None
+    assert requested_model(HTTPRequest("POST", "/v1/completions", b"", [], b"{not json")) is None
+    assert requested_model(HTTPRequest("GET", "/v1/models", b"", [], b"")) is None
+
+
+def test_merged_metrics_name_each_family_once_with_every_replicas_samples():
+    one = '# HELP x_total Things.\n# TYPE x_total counter\nx_total{source="disk"} 2.0\n'
+    two = '# HELP x_total Things.\n# TYPE x_total counter\nx_total{source="disk"} 5.0\n'
+    text = merge_expositions({"r1": one, "r2": two}).decode()
+    assert text.count("# TYPE x_total counter") == 1
+    samples = {s.labels["replica"]: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples == {"r1": 2.0, "r2": 5.0}
+
+
+def test_the_launcher_passes_server_flags_through_and_scales_by_its_own():
+    args = vars(
+        build_parser().parse_args(["--max-batch-size", "8", "--replicas", "2", "--max-replicas", "4"])
+    )
+    settings = Settings.load({k: v for k, v in args.items() if k in Settings.fields()})
+    ray_settings = RaySettings(**{k: v for k, v in args.items() if k in RaySettings.model_fields})
+    options = engine_options(settings, ray_settings)
+    assert options["autoscaling_config"]["min_replicas"] == 2
+    assert options["autoscaling_config"]["max_replicas"] == 4
+    assert options["max_ongoing_requests"] == 8, "a replica takes as many requests as it batches"
+    with pytest.raises(ValueError, match="--max-replicas 1 is below --replicas 2"):
+        RaySettings(replicas=2, max_replicas=1)
+
+
+def test_replicas_get_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = absolute_paths(Settings.load({"store": "store", "adapter": ["a=adapters/a"]}))
+    assert settings.adapters.store == tmp_path / "store"
+    assert settings.adapters.adapter == [f"a={tmp_path / 'adapters' / 'a'}"]
+
+
+def test_a_caller_that_stops_reading_a_stream_cancels_the_request(tiny_model_dir, tiny_model):
+    app = create_app(tiny_settings(tiny_model_dir), tiny_model)
+    body = {"model": tiny_model.name, "prompt": "Once", "max_tokens": 400, "stream": True, "temperature": 0}
+
+    async def scenario() -> None:
+        lifespan = Lifespan(app)
+        await lifespan.start()
+        try:
+            parts = call(app, post("/v1/completions", body), "r1")
+            start = await anext(parts)
+            assert isinstance(start, ResponseStart) and start.status == 200 and start.replica == "r1"
+            assert (await anext(parts)).startswith(b"data: ")
+            await parts.aclose()
+            registry = app.state.metrics.registry
+            cancelled = {"reason": "cancelled"}
+            await asyncio.to_thread(
+                wait_until, lambda: registry.get_sample_value("peftserve_request_failure_total", cancelled)
+            )
+            assert (
+                registry.get_sample_value("peftserve_request_success_total", {"finish_reason": "length"})
+                is None
+            )
+        finally:
+            await lifespan.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.slow
 def test_replicas_answer_as_a_single_server_does_and_stream(url, settings, tiny_model):
     prompts = [(name, f"Prompt {i}: the weather is") for i, name in enumerate(["a00", "a01", "a02", "a03"])]
     prompts.append((tiny_model.name, "The base model says"))
@@ -138,6 +213,7 @@ def test_replicas_answer_as_a_single_server_does_and_stream(url, settings, tiny_
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
+@pytest.mark.slow
 def test_affinity_shrinks_the_set_of_adapters_each_replica_loads(url, settings):
     counts = {}
     for affinity in (True, False):
@@ -151,6 +227,7 @@ def test_affinity_shrinks_the_set_of_adapters_each_replica_loads(url, settings):
     assert sum(on) <= 0.75 * sum(off), counts
 
 
+@pytest.mark.slow
 def test_killing_a_replica_loses_no_request_that_was_not_running_on_it(url, settings):
     with deployed(settings):
         first = complete(url, "a00", "warm up")
