@@ -53,7 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from server.api.app import configure_logging
 
     configure_logging(settings.server.log_level)
-    ray.init(address=ray_settings.ray_address)
+    if ray_settings.ray_address is None:
+        # A local instance: Ray's own services and the replicas' metrics ports stay on loopback.
+        ray.init(_node_ip_address="127.0.0.1")
+    else:
+        ray.init(address=ray_settings.ray_address)
     serve.start(http_options={"host": settings.server.host, "port": settings.server.port})
     serve.run(build_app(settings, ray_settings), name=ray_settings.app_name, route_prefix="/")
     log.info("peftserve on Ray Serve: http://%s:%d", settings.server.host, settings.server.port)

@@ -42,6 +42,8 @@ ATTEMPTS = 3
 INGRESS_MAX_ONGOING_REQUESTS = 4096
 """The ingress only relays; the engine replicas' limits are what bound the work."""
 SCRAPE_TIMEOUT_SECONDS = 10.0
+ANNOUNCE_SECONDS = 30.0
+"""How often a replica tells the directory again where its metrics are."""
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -84,10 +86,19 @@ class EngineReplica:
         host = ray.util.get_node_ip_address()
         self.metrics_server, _ = start_http_server(0, host, registry=self.app.state.metrics.registry)
         netloc = f"[{host}]" if ":" in host else host
-        self.directory = directory
-        await directory.register.remote(
-            self.replica, f"http://{netloc}:{self.metrics_server.server_port}/metrics"
-        )
+        url = f"http://{netloc}:{self.metrics_server.server_port}/metrics"
+        await directory.register.remote(self.replica, url)
+        self.announcer = asyncio.create_task(self.announce(directory, url))
+
+    async def announce(self, directory: DeploymentHandle, url: str) -> None:
+        """Register again now and then: a restarted directory starts empty, the ingress forgets
+        a replica whose scrape failed once."""
+        while True:
+            await asyncio.sleep(ANNOUNCE_SECONDS)
+            try:
+                await directory.register.remote(self.replica, url)
+            except Exception as exc:  # the directory is restarting or gone; try again later
+                log.warning("could not register the metrics of %s: %s", self.replica, exc)
 
     async def forward(self, request: HTTPRequest) -> AsyncIterator[ResponseStart | bytes]:
         """Answer one HTTP request: a `ResponseStart`, then the body as the app sends it."""
@@ -107,9 +118,11 @@ class EngineReplica:
             raise RuntimeError("the engine's step loop has stopped; see the replica's log")
 
     async def __del__(self) -> None:
-        self.metrics_server.shutdown()
-        await self.directory.forget.remote(self.replica)
+        # No goodbye to the directory: it may be going down too, and the ingress drops a replica
+        # whose metrics stop answering.
+        self.announcer.cancel()
         await self.lifespan.stop()
+        self.metrics_server.shutdown()
 
 
 def requested_model(request: HTTPRequest) -> str | None:
