@@ -38,7 +38,7 @@ log = logging.getLogger("ray.serve")  # what Ray Serve writes to each replica's 
 REPLICA_HEADER = "x-peftserve-replica"
 """Response header naming the replica that answered."""
 ATTEMPTS = 3
-"""Tries per request when the replica it went to dies before answering."""
+"""Tries per generation or GET request when the replica it went to dies before answering."""
 INGRESS_MAX_ONGOING_REQUESTS = 4096
 """The ingress only relays; the engine replicas' limits are what bound the work."""
 SCRAPE_TIMEOUT_SECONDS = 10.0
@@ -212,7 +212,9 @@ class Ingress:
         handle = self.replicas.options(stream=True)
         if adapter:
             handle = handle.options(multiplexed_model_id=adapter)
-        for attempt in range(1, ATTEMPTS + 1):
+        # Generation and reads are safe to run again; an upload or delete may have taken effect.
+        attempts = ATTEMPTS if request.method == "GET" or requested_model(request) else 1
+        for attempt in range(1, attempts + 1):
             parts: DeploymentResponseGenerator = handle.forward.remote(request)
             try:
                 start = await anext(parts)
@@ -223,12 +225,12 @@ class Ingress:
                     request.method,
                     request.path,
                     attempt,
-                    ATTEMPTS,
+                    attempts,
                     exc,
                 )
                 continue
             return Relayed(start, parts)
-        return error_response(APIError(503, f"no replica answered after {ATTEMPTS} tries; retry later"))
+        return error_response(APIError(503, f"the replica died before it answered ({attempts} tries)"))
 
     async def metrics(self) -> Response:
         """Every live replica's metrics in one exposition, labelled by replica."""
