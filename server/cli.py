@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings
 
 from server.config import Settings
 
@@ -59,6 +60,13 @@ def add_settings_arguments(
             group = parser.add_argument_group(f"{section} settings", (klass.__doc__ or "").strip())
             for name, info in chosen:
                 _add_field(group, name, info)
+
+
+def add_section_arguments(parser: argparse.ArgumentParser, klass: type[BaseSettings], title: str) -> None:
+    """Add one flag per field of a settings class outside the tree (deploy/ray has one)."""
+    group = parser.add_argument_group(title, (klass.__doc__ or "").strip())
+    for name, info in klass.model_fields.items():
+        _add_field(group, name, info)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

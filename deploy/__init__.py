@@ -1,0 +1,1 @@
+"""Deployment: Docker Compose with Prometheus and Grafana, the Helm chart, Ray Serve replicas."""
