@@ -58,6 +58,18 @@ def tiny_model(tiny_model_dir: Path) -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
+def kinds_store(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_model: LoadedModel) -> Path:
+    """A store folder with eight adapters for the tiny model, one of each kind, named after it."""
+    from tests.adapter_factory import PEFT_KINDS, make_bottleneck_adapter, make_peft_adapter
+
+    root = tmp_path_factory.mktemp("kinds")
+    for seed, kind in enumerate(PEFT_KINDS):
+        make_peft_adapter(tiny_model_dir, kind, root / kind, seed=seed)
+    make_bottleneck_adapter(tiny_model.shape, root / "bottleneck", seed=9)
+    return root
+
+
+@pytest.fixture(scope="session")
 def default_model(default_model_dir: Path) -> LoadedModel:
     """The embedded default model in float32, so outputs can be compared exactly with `generate`."""
     return load_base_model(Settings.load({"dtype": "float32"}).model)

@@ -48,3 +48,21 @@ def wait_until(predicate, timeout: float = 30.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.01)
+
+
+def wait_finished(handles: list[RequestHandle], timeout: float = 30.0) -> list[list[Event]]:
+    """Wait for the handles of an engine that runs its own thread; each handle's events.
+
+    A request that never finishes fails the test after `timeout` (a stall), with every thread's stack.
+    """
+    events: list[list[Event]] = [[] for _ in handles]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for i, handle in enumerate(handles):
+            events[i] += handle.drain()
+        if all(e and isinstance(e[-1], Finished) for e in events):
+            return events
+        time.sleep(0.005)
+    faulthandler.dump_traceback(all_threads=True)
+    stuck = [h.request_id for h, e in zip(handles, events, strict=True) if not (e and isinstance(e[-1], Finished))]
+    raise AssertionError(f"requests {stuck} did not finish within {timeout} s")

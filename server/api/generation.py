@@ -24,6 +24,7 @@ from server.engine.request import (
     EngineStopped,
     Event,
     Finished,
+    InvalidRequest,
     QueueFull,
     RequestHandle,
     UnknownModel,
@@ -60,7 +61,9 @@ def as_api_error(exc: Exception, prompt_param: str) -> APIError:
     if isinstance(exc, UnknownModel):
         return APIError(404, str(exc), param="model", code="model_not_found")
     if isinstance(exc, EngineStopped):
-        return APIError(503, str(exc))
+        return APIError(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if isinstance(exc, InvalidRequest):
+        return APIError(400, str(exc), param=exc.param)
     if isinstance(exc, ValueError):
         return APIError(400, str(exc), param=prompt_param)
     raise exc

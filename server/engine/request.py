@@ -44,6 +44,14 @@ class UnknownModel(EngineError):
         self.name = name
 
 
+class InvalidRequest(EngineError, ValueError):
+    """A request parameter the engine cannot honour; `param` names it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class EngineStopped(EngineError):
     """The engine is not running (starting up or shutting down)."""
 
