@@ -58,7 +58,9 @@ def tiny_model(tiny_model_dir: Path) -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
-def kinds_store(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_model: LoadedModel) -> Path:
+def kinds_store(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_model: LoadedModel
+) -> Path:
     """A store folder with eight adapters for the tiny model, one of each kind, named after it."""
     from tests.adapter_factory import PEFT_KINDS, make_bottleneck_adapter, make_peft_adapter
 

@@ -64,5 +64,7 @@ def wait_finished(handles: list[RequestHandle], timeout: float = 30.0) -> list[l
             return events
         time.sleep(0.005)
     faulthandler.dump_traceback(all_threads=True)
-    stuck = [h.request_id for h, e in zip(handles, events, strict=True) if not (e and isinstance(e[-1], Finished))]
+    stuck = [
+        h.request_id for h, e in zip(handles, events, strict=True) if not (e and isinstance(e[-1], Finished))
+    ]
     raise AssertionError(f"requests {stuck} did not finish within {timeout} s")
