@@ -158,7 +158,8 @@ def _failure(finished: Finished) -> APIError | None:
     if finished.reason == "error":
         return APIError(500, finished.error or "generation failed")
     if finished.reason == "abort":
-        return APIError(503, finished.error or "the request was cancelled")
+        retry = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        return APIError(503, finished.error or "the request was cancelled", headers=retry)
     return None
 
 
