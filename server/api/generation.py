@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -33,6 +34,7 @@ from server.engine.sampler import SamplingParams
 
 RETRY_AFTER_SECONDS = 1
 DISCONNECT_POLL_SECONDS = 0.1
+CLIENT_CLOSED = 499  # as nginx logs it: the client went away before the answer
 
 
 def engine(request: Request) -> Engine:
@@ -183,7 +185,10 @@ async def collect(request: Request, choices: list[Choice]) -> list[Choice]:
             await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
             if not task.done() and await request.is_disconnected():
                 task.cancel()
-                break
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                # Nobody reads this answer; it ends the request without a traceback in the log.
+                raise APIError(CLIENT_CLOSED, "the client closed the connection")
         await task
     finally:
         for choice in choices:
