@@ -71,6 +71,22 @@ def kinds_store(
     return root
 
 
+MANY_ADAPTERS = 200
+
+
+@pytest.fixture(scope="session")
+def many_lora_store(tmp_path_factory: pytest.TempPathFactory, tiny_model: LoadedModel) -> Path:
+    """200 small random LoRA adapters for the tiny model (ranks 2-8, varied targets), named l000..l199."""
+    from tests.helpers import LINEARS, write_random_lora
+
+    root = tmp_path_factory.mktemp("many")
+    names = list(LINEARS)
+    for i in range(MANY_ADAPTERS):
+        targets = [n for j, n in enumerate(names) if (i >> j) & 1] or ["q_proj", "v_proj"]
+        write_random_lora(tiny_model.hf, root / f"l{i:03d}", seed=1000 + i, rank=2 + i % 7, targets=targets)
+    return root
+
+
 @pytest.fixture(scope="session")
 def default_model(default_model_dir: Path) -> LoadedModel:
     """The embedded default model in float32, so outputs can be compared exactly with `generate`."""
