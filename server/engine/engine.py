@@ -584,14 +584,14 @@ class Engine:
             self.metrics.e2e.observe(time.monotonic() - seq.arrival)
         else:
             self.metrics.request_failure.labels(reason="cancelled" if reason == "abort" else "error").inc()
-        if seq.slot >= 0:
-            slot, seq.slot = seq.slot, -1
-            self.tiers.release(slot)
         tail = seq.detok.finish() if reason in ("stop", "length") else ""
         if tail:
             seq.handle.push(Delta(tail, ()))
         event: Event = Finished(reason, len(seq.prompt_ids), len(seq.output_ids), error)
         seq.handle.push(event)
+        if seq.slot >= 0:
+            slot, seq.slot = seq.slot, -1
+            self.tiers.release(slot)
 
     def _release_rows(self, rows: list[int]) -> None:
         """Remove finished rows, moving the last rows into the holes so rows stay dense."""

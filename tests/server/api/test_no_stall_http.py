@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
 from tests.conftest import LiveServer, tiny_settings
+from tests.helpers import wait_until
 
 TIMEOUT = 30.0
 
@@ -90,3 +93,30 @@ def test_a_seed_beyond_64_bits_is_refused_and_frees_its_place(tiny_model_dir, ti
         assert reply.json()["error"]["param"] == "seed"
     assert_completed([served])
     assert health.status_code == 200
+
+
+def test_health_answers_503_while_a_request_waits_too_long_with_nothing_running(
+    tiny_model_dir, tiny_model, kinds_store
+):
+    settings = tiny_settings(tiny_model_dir, store=kinds_store, stall_timeout=0.3)
+    with LiveServer(settings, tiny_model) as server:
+        tiers = server.engine.tiers
+        load, release = tiers._load, threading.Event()
+
+        def held_load(ref):
+            release.wait(TIMEOUT)
+            return load(ref)
+
+        tiers._load = held_load  # the adapter's load hangs: its request waits, nothing runs
+        with ThreadPoolExecutor(1) as pool:
+            reply = pool.submit(
+                httpx.post,
+                f"{server.url}/v1/completions",
+                json={"model": "lora", "prompt": "hi", "max_tokens": 2},
+                timeout=TIMEOUT,
+            )
+            wait_until(lambda: httpx.get(f"{server.url}/health").status_code == 503)
+            assert "--stall-timeout" in httpx.get(f"{server.url}/health").json()["error"]["message"]
+            release.set()
+            assert reply.result().status_code == 200
+        assert httpx.get(f"{server.url}/health").status_code == 200
