@@ -6,6 +6,7 @@ a request the loop forgets fails the test instead of hanging it.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -15,7 +16,7 @@ from server.engine.engine import Engine
 from server.engine.request import Finished, InvalidRequest, QueueFull
 from server.engine.sampler import SamplingParams
 from server.registry.store import Store
-from tests.helpers import wait_finished
+from tests.helpers import wait_finished, wait_until
 
 PROMPTS = ["Hello there", "The capital of", "a", "zebra crossing at night", "One two three"]
 
@@ -120,4 +121,32 @@ def test_a_seed_beyond_64_bits_is_refused_at_submit_and_takes_no_queue_place(tin
             assert refused.value.param == "seed"
         assert_all_completed(wait_finished([engine.submit(prompt, params(seed=2**64 - 1))]))
     finally:
+        engine.stop()
+
+
+def test_a_rare_adapter_is_served_while_a_popular_one_keeps_its_slot_busy(tiny_model, kinds_store):
+    # One slot, always in use by a stream of "lora" requests: only aging gets "ia3" a turn.
+    engine = started(tiny_model, Store(kinds_store), max_active_adapters=1, adapter_aging=0.3)
+    popular, stop_feeding = [], threading.Event()
+    prompt = engine.encode_text(PROMPTS[0])
+
+    def feed() -> None:
+        lora = engine.resolve_model("lora")
+        while not stop_feeding.is_set():
+            if engine.snapshot.waiting < 4:
+                popular.append(engine.submit(prompt, params(6), lora))
+            time.sleep(0.002)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    try:
+        wait_until(lambda: engine.snapshot.running > 0)
+        rare = engine.submit(prompt, params(3), engine.resolve_model("ia3"))
+        assert_all_completed(wait_finished([rare]), 3)
+        assert feeder.is_alive() and engine.snapshot.waiting > 0, "the popular adapter ran out of requests"
+        stop_feeding.set()
+        feeder.join()
+        assert_all_completed(wait_finished(popular), 6)
+    finally:
+        stop_feeding.set()
         engine.stop()
