@@ -115,7 +115,8 @@ class RequestHandle:
         self._cancel(self.request_id)
 
     async def __aiter__(self) -> AsyncIterator[Event]:
-        assert self._ready is not None, "iterate a handle from the event loop that submitted it"
+        if self._ready is None:
+            raise RuntimeError("iterate a handle from the event loop that submitted it")
         while True:
             for event in self.drain():
                 yield event
