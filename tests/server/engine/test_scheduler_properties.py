@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from server.engine.scheduler import Limits, Plan, Slot, Waiting, schedule
 
 ADAPTERS = [f"a{i}" for i in range(10)]
-MANY = settings(max_examples=4000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+MANY = settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
