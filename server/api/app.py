@@ -157,7 +157,9 @@ class DrainingServer(uvicorn.Server):
             signal.Signals(sig).name,
             self.drain_timeout,
         )
-        self.draining = threading.Thread(target=self._drain, args=(engine,), name="peftserve-drain")
+        self.draining = threading.Thread(
+            target=self._drain, args=(engine,), name="peftserve-drain", daemon=True
+        )
         self.draining.start()
 
     def _drain(self, engine: Engine) -> None:
