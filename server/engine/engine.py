@@ -6,6 +6,10 @@ between steps. The batch is never drained to admit new work.
 
 The asyncio side talks to this thread only through `submit`/`cancel` (an inbox queue) and
 the per-request handles it pushes events into.
+
+The loop sleeps only when nothing runs and the scheduler, asked again, would neither admit
+nor load anything; then only a submit, a cancel, a finished adapter load or a stop can change
+that, and each of them wakes it. Every request ends with exactly one Finished event.
 """
 
 from __future__ import annotations
@@ -427,22 +431,16 @@ class Engine:
                 return
             if message[0] == "submit":
                 _, handle, prompt_ids, params, adapter, generator, arrival = message
-                seq = Sequence(
+                self._waiting[handle.request_id] = Sequence(
                     request_id=handle.request_id,
                     prompt_ids=prompt_ids,
                     params=params,
                     adapter=adapter,
                     handle=handle,
                     generator=generator,
-                    detok=None,  # type: ignore[arg-type]
+                    detok=Detokenizer(self.tokenizer, prompt_ids, params.stop),
                     arrival=arrival,
                 )
-                self._waiting[seq.request_id] = seq
-                try:
-                    seq.detok = Detokenizer(self.tokenizer, prompt_ids, params.stop)
-                except Exception as exc:  # this request alone cannot start: end it, keep the others
-                    log.exception("request %d could not start", seq.request_id)
-                    self._finish(self._dequeue([seq.request_id])[0], "error", error=f"internal error: {exc}")
             else:
                 self._abort(message[1])
 

@@ -87,7 +87,7 @@ class AdapterTiers:
             try:
                 self._install(slot, ref, cached, source="cpu", read_seconds=0.0)
             except Exception:
-                self.slots[slot] = SlotState()  # the slot stays usable; the caller ends the requests
+                self._free(slot)  # the slot stays usable; the caller ends the requests
                 raise
         else:
             self._loader.submit(self._read, slot, ref)
@@ -120,10 +120,15 @@ class AdapterTiers:
                 self._install(slot, ref, result, source="disk", read_seconds=seconds)
             except Exception as exc:
                 log.exception("adapter %s failed to install", ref.key)
-                self.slots[slot] = SlotState()
+                self._free(slot)
                 failures.append(LoadFailure(ref, exc))
                 continue
             self._remember(ref.key, result)
+
+    def _free(self, slot: int) -> None:
+        """Undo a failed install: whatever it wrote goes, the slot is free again."""
+        self.table.clear(slot)
+        self.slots[slot] = SlotState()
 
     def _remember(self, key: str, weights: AdapterWeights) -> None:
         if self.max_cpu == 0:

@@ -7,12 +7,13 @@ import time
 
 import pytest
 
-from server.config import EngineSettings
+from server.config import AdapterSettings, EngineSettings
 from server.engine import engine as engine_module
 from server.engine.engine import Engine
 from server.engine.request import EngineStopped, Finished, QueueFull
 from server.engine.sampler import SamplingParams
 from server.engine.scheduler import check
+from server.registry.store import Store
 from tests.helpers import wait_finished
 
 
@@ -148,4 +149,32 @@ def test_a_broken_plan_ends_only_the_requests_it_concerns(tiny_model, monkeypatc
     reasons = [finishes(r)[0].reason for r in results]
     assert reasons == ["length", "error", "length"]
     assert "admitted twice" in finishes(results[1])[0].error
+    assert finished_counts(engine) == 3
+
+
+def test_an_adapter_that_fails_to_install_ends_only_its_requests(tiny_model, kinds_store, monkeypatch):
+    engine = Engine(tiny_model, EngineSettings(), AdapterSettings(max_active_adapters=1), Store(kinds_store))
+    install = engine.slots.install
+    failures = {"left": 1}
+
+    def flaky(slot, weights):
+        if failures["left"]:
+            failures["left"] -= 1
+            install(slot, weights)  # half-written, then the failure: the slot must be cleared again
+            raise RuntimeError("install broke")
+        install(slot, weights)
+
+    monkeypatch.setattr(engine.slots, "install", flaky)
+    engine.start()
+    try:
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        lora = engine.resolve_model("lora")
+        first = [engine.submit([5, 6, 7], params, lora), engine.submit([5, 6, 7], params)]
+        failed, base = wait_finished(first)
+        again = wait_finished([engine.submit([5, 6, 7], params, lora)])[0]
+    finally:
+        engine.stop()
+    assert finishes(failed)[0].reason == "error" and "install broke" in finishes(failed)[0].error
+    assert finishes(base)[0].reason == "length"
+    assert finishes(again)[0].reason == "length"
     assert finished_counts(engine) == 3
