@@ -61,6 +61,12 @@ class EngineSettings(_Section):
     max_prefill_tokens: int = Field(default=4096, ge=16)
     """Most prompt tokens prefilled in one forward pass; bounds the pause running requests see."""
 
+    adapter_aging: float = Field(default=10.0, ge=0)
+    """Seconds a request waits before it may take an adapter slot that younger requests still want."""
+
+    stall_timeout: float = Field(default=60.0, gt=0)
+    """/health answers 503 while a request has waited this many seconds with nothing running."""
+
 
 class AdapterSettings(_Section):
     """Which adapters are served, and how many are kept where."""
@@ -98,6 +104,9 @@ class ServerSettings(_Section):
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log verbosity."""
+
+    drain_timeout: float = Field(default=30.0, ge=0)
+    """Seconds accepted requests get to finish after SIGTERM or Ctrl-C; then they end with an error."""
 
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     """Largest generation request body in bytes; larger ones answer 413."""

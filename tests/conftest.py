@@ -58,6 +58,36 @@ def tiny_model(tiny_model_dir: Path) -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
+def kinds_store(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_model: LoadedModel
+) -> Path:
+    """A store folder with eight adapters for the tiny model, one of each kind, named after it."""
+    from tests.adapter_factory import PEFT_KINDS, make_bottleneck_adapter, make_peft_adapter
+
+    root = tmp_path_factory.mktemp("kinds")
+    for seed, kind in enumerate(PEFT_KINDS):
+        make_peft_adapter(tiny_model_dir, kind, root / kind, seed=seed)
+    make_bottleneck_adapter(tiny_model.shape, root / "bottleneck", seed=9)
+    return root
+
+
+MANY_ADAPTERS = 200
+
+
+@pytest.fixture(scope="session")
+def many_lora_store(tmp_path_factory: pytest.TempPathFactory, tiny_model: LoadedModel) -> Path:
+    """200 small random LoRA adapters for the tiny model (ranks 2-8, varied targets), named l000..l199."""
+    from tests.helpers import LINEARS, write_random_lora
+
+    root = tmp_path_factory.mktemp("many")
+    names = list(LINEARS)
+    for i in range(MANY_ADAPTERS):
+        targets = [n for j, n in enumerate(names) if (i >> j) & 1] or ["q_proj", "v_proj"]
+        write_random_lora(tiny_model.hf, root / f"l{i:03d}", seed=1000 + i, rank=2 + i % 7, targets=targets)
+    return root
+
+
+@pytest.fixture(scope="session")
 def default_model(default_model_dir: Path) -> LoadedModel:
     """The embedded default model in float32, so outputs can be compared exactly with `generate`."""
     return load_base_model(Settings.load({"dtype": "float32"}).model)

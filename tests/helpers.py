@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import faulthandler
+import json
 import time
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from server.engine.engine import Engine
 from server.engine.request import Delta, Event, Finished, RequestHandle
@@ -67,3 +70,62 @@ def wait_until(predicate, timeout: float = 30.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.01)
+
+
+def wait_finished(handles: list[RequestHandle], timeout: float = 30.0) -> list[list[Event]]:
+    """Wait for the handles of an engine that runs its own thread; each handle's events.
+
+    A request that never finishes fails the test after `timeout` (a stall), with every thread's stack.
+    """
+    events: list[list[Event]] = [[] for _ in handles]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for i, handle in enumerate(handles):
+            events[i] += handle.drain()
+        if all(e and isinstance(e[-1], Finished) for e in events):
+            return events
+        time.sleep(0.005)
+    faulthandler.dump_traceback(all_threads=True)
+    stuck = [
+        h.request_id for h, e in zip(handles, events, strict=True) if not (e and isinstance(e[-1], Finished))
+    ]
+    raise AssertionError(f"requests {stuck} did not finish within {timeout} s")
+
+
+LINEARS = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
+
+
+def write_random_lora(hf_model, out: Path, seed: int, rank: int, targets: list[str]) -> Path:
+    """A PEFT-format LoRA folder with random A and B, written directly (no get_peft_model: fast)."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for index, layer in enumerate(hf_model.model.layers):
+        for name in targets:
+            linear = getattr(getattr(layer, LINEARS[name]), name)
+            prefix = f"base_model.model.model.layers.{index}.{LINEARS[name]}.{name}"
+            a = torch.randn(rank, linear.in_features, generator=generator) / linear.in_features**0.5
+            tensors[f"{prefix}.lora_A.weight"] = a
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(linear.out_features, rank, generator=generator)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": rank,
+        "target_modules": targets,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": False,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, out / "adapter_model.safetensors")
+    return out

@@ -83,7 +83,8 @@ class SlotTable:
 
     def install(self, slot: int, weights: AdapterWeights) -> None:
         """Place an adapter's weights into a free slot."""
-        assert self.kinds[slot] is None, f"slot {slot} is not free"
+        if self.kinds[slot] is not None:
+            raise RuntimeError(f"slot {slot} holds a {self.kinds[slot]} adapter; clear it before installing")
         dims = self.shape.linear_dims()
         touched = self._tables_of[slot]
         if isinstance(weights, LoraWeights):

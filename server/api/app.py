@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from types import FrameType
 
 import uvicorn
 from fastapi import Depends, FastAPI
@@ -129,12 +132,52 @@ def configure_logging(level: str) -> None:
     )
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with a bounded graceful shutdown.
+
+    The first SIGTERM or Ctrl-C drains: the server keeps listening but answers new generation
+    requests 503 with Retry-After, while accepted ones get `drain_timeout` seconds to finish;
+    those still running then end with an error (a stream's error chunk, or a 503), and the
+    process exits 0. A second signal exits at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.app, self.drain_timeout = app, drain_timeout
+        self.draining: threading.Thread | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        engine: Engine | None = getattr(self.app.state, "engine", None)
+        if engine is None or self.draining is not None:
+            self.force_exit = self.draining is not None
+            super().handle_exit(sig, frame)
+            return
+        log.info(
+            "%s: draining; requests in flight get up to %g s to finish (--drain-timeout)",
+            signal.Signals(sig).name,
+            self.drain_timeout,
+        )
+        self.draining = threading.Thread(
+            target=self._drain, args=(engine,), name="peftserve-drain", daemon=True
+        )
+        self.draining.start()
+
+    def _drain(self, engine: Engine) -> None:
+        timeout = self.drain_timeout
+        if not engine.drain(timeout):
+            log.warning("drain timeout of %g s reached: ending the requests still running", timeout)
+            engine.stop(f"the server shut down before this request finished (--drain-timeout {timeout:g} s)")
+        self.should_exit = True
+
+
 def run_server(settings: Settings) -> None:
-    """Load the model and serve until interrupted."""
+    """Load the model and serve until a signal; the first one drains (see DrainingServer)."""
     configure_logging(settings.server.log_level)
     server = settings.server
     log.info("peftserve %s starting on http://%s:%d", __version__, server.host, server.port)
-    uvicorn.run(create_app(settings), host=server.host, port=server.port, log_level=server.log_level)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=server.host, port=server.port, log_level=server.log_level)
+    DrainingServer(config, app, server.drain_timeout).run()
 
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]

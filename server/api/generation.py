@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -24,6 +25,7 @@ from server.engine.request import (
     EngineStopped,
     Event,
     Finished,
+    InvalidRequest,
     QueueFull,
     RequestHandle,
     UnknownModel,
@@ -32,6 +34,7 @@ from server.engine.sampler import SamplingParams
 
 RETRY_AFTER_SECONDS = 1
 DISCONNECT_POLL_SECONDS = 0.1
+CLIENT_CLOSED = 499  # as nginx logs it: the client went away before the answer
 
 
 def engine(request: Request) -> Engine:
@@ -60,7 +63,9 @@ def as_api_error(exc: Exception, prompt_param: str) -> APIError:
     if isinstance(exc, UnknownModel):
         return APIError(404, str(exc), param="model", code="model_not_found")
     if isinstance(exc, EngineStopped):
-        return APIError(503, str(exc))
+        return APIError(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if isinstance(exc, InvalidRequest):
+        return APIError(400, str(exc), param=exc.param)
     if isinstance(exc, ValueError):
         return APIError(400, str(exc), param=prompt_param)
     raise exc
@@ -155,7 +160,8 @@ def _failure(finished: Finished) -> APIError | None:
     if finished.reason == "error":
         return APIError(500, finished.error or "generation failed")
     if finished.reason == "abort":
-        return APIError(503, finished.error or "the request was cancelled")
+        retry = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        return APIError(503, finished.error or "the request was cancelled", headers=retry)
     return None
 
 
@@ -179,7 +185,10 @@ async def collect(request: Request, choices: list[Choice]) -> list[Choice]:
             await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
             if not task.done() and await request.is_disconnected():
                 task.cancel()
-                break
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                # Nobody reads this answer; it ends the request without a traceback in the log.
+                raise APIError(CLIENT_CLOSED, "the client closed the connection")
         await task
     finally:
         for choice in choices:

@@ -6,6 +6,10 @@ between steps. The batch is never drained to admit new work.
 
 The asyncio side talks to this thread only through `submit`/`cancel` (an inbox queue) and
 the per-request handles it pushes events into.
+
+The loop sleeps only when nothing runs and the scheduler, asked again, would neither admit
+nor load anything; then only a submit, a cancel, a finished adapter load or a stop can change
+that, and each of them wakes it. Every request ends with exactly one Finished event.
 """
 
 from __future__ import annotations
@@ -39,16 +43,21 @@ from server.engine.request import (
     Event,
     Finished,
     FinishReason,
+    InvalidRequest,
     QueueFull,
     RequestHandle,
     UnknownModel,
 )
 from server.engine.sampler import SamplingParams, new_generator, sample
-from server.engine.scheduler import Limits, Plan, Waiting, schedule
+from server.engine.scheduler import Limits, Plan, PlanError, Waiting, schedule
 from server.engine.tiers import AdapterTiers
 from server.metrics import EngineSnapshot, Metrics
 
 log = logging.getLogger("peftserve.engine")
+
+
+class EngineInvariantError(RuntimeError):
+    """The engine's own bookkeeping broke (a bug): rows, queue counts or a request's life."""
 
 
 class AdapterSource(Protocol):
@@ -77,6 +86,8 @@ class Sequence:
     """Positions of this sequence's cache row that hold keys and values."""
     slot: int = -1
     """Device slot of its adapter while running; -1 for the base model."""
+    done: bool = False
+    """Set by the one `_finish` call that ended it."""
 
     @property
     def virtual_tokens(self) -> int:
@@ -123,16 +134,21 @@ class Engine:
             model.dtype,
             model.device,
         )
-        self.limits = Limits(settings.max_batch_size, settings.max_prefill_tokens)
-        self._waiting: OrderedDict[int, Sequence] = OrderedDict()
+        self.limits = Limits(settings.max_batch_size, settings.max_prefill_tokens, settings.adapter_aging)
+        self._waiting: OrderedDict[int, Sequence] = OrderedDict()  # in arrival order
         self._running: list[Sequence] = []  # index = cache row
+        self._admitting: list[Sequence] = []  # left the queue this step, not yet all in rows
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count(1)
-        self._queued = 0
-        self._queued_lock = threading.Lock()
+        # Guards the counts below and the refusal flags, so a submit never slips past a stop.
+        self._lock = threading.Lock()
+        self._queued = 0  # submitted, not yet admitted (in the inbox or waiting)
+        self._unfinished = 0  # submitted, not yet finished
+        self._draining = False
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._stalled_since: float | None = None
         self.slots = SlotTable(self.adapter_settings.max_active_adapters, shape, model.dtype, model.device)
         load = folder_loader(model, self.adapter_settings.max_lora_rank)
         self.tiers = AdapterTiers(
@@ -183,9 +199,7 @@ class Engine:
     def submit(
         self, prompt_ids: list[int], params: SamplingParams, adapter: AdapterRef | None = None
     ) -> RequestHandle:
-        """Queue a request; its events arrive on the returned handle."""
-        if self._stopping.is_set():
-            raise EngineStopped("the server is shutting down")
+        """Queue a request; its events arrive on the returned handle, ending with exactly one Finished."""
         limit = self.model.max_model_len
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -195,12 +209,23 @@ class Engine:
         prompt_tokens = len(prompt_ids) + (adapter.virtual_tokens if adapter else 0)
         if prompt_tokens + params.max_tokens > limit:
             raise ContextLengthError(prompt_tokens, params.max_tokens, limit)
-        with self._queued_lock:
+        try:
+            generator = new_generator(params.seed)
+        except (ValueError, OverflowError, RuntimeError) as exc:
+            raise InvalidRequest(
+                "seed", f"seed must be an integer in [-2**63, 2**64), got {params.seed}"
+            ) from exc
+        with self._lock:
+            if self._stopping.is_set() or self._draining:
+                raise EngineStopped("the server is shutting down; retry on another replica or later")
             if self._queued >= self.settings.max_queue:
                 raise QueueFull(self.settings.max_queue)
             self._queued += 1
-        handle = RequestHandle(next(self._ids), self.cancel)
-        self._inbox.put(("submit", handle, list(prompt_ids), params, adapter, time.monotonic()))
+            self._unfinished += 1
+            handle = RequestHandle(next(self._ids), self.cancel)
+            self._inbox.put(
+                ("submit", handle, list(prompt_ids), params, adapter, generator, time.monotonic())
+            )
         self._wake.set()
         return handle
 
@@ -210,21 +235,44 @@ class Engine:
         self._wake.set()
 
     def start(self) -> None:
-        assert self._thread is None, "engine already started"
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
         self._thread = threading.Thread(target=self._loop, name="peftserve-engine", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        self._stopping.set()
+    def drain(self, timeout: float) -> bool:
+        """Refuse new requests and wait up to `timeout` s for those accepted to finish; True if they did."""
+        with self._lock:
+            self._draining = True
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._unfinished == 0:
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+    def stop(self, reason: str = "the server is shutting down") -> None:
+        """End the step loop; every request still in flight ends with "abort" and `reason`. Idempotent."""
+        with self._lock:
+            self._stopping.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
         self._take_inbox()
-        for seq in [*self._waiting.values(), *self._running]:
-            self._finish(seq, "abort", error="the server is shutting down")
-        self._waiting.clear()
-        self._running.clear()
+        self._end_all("abort", reason)
         self.tiers.shutdown()
+
+    @property
+    def draining(self) -> bool:
+        """True once new requests are refused (a drain or a stop began)."""
+        return self._draining or self._stopping.is_set()
+
+    def stalled_for(self) -> float:
+        """Seconds the oldest waiting request has waited with nothing running, as of the last step."""
+        since = self._stalled_since
+        return 0.0 if since is None else time.monotonic() - since
 
     @property
     def snapshot(self) -> EngineSnapshot:
@@ -239,41 +287,47 @@ class Engine:
         return self._thread is None or self._thread.is_alive()
 
     def _loop(self) -> None:
-        idle = True
         while not self._stopping.is_set():
-            if idle:
-                self._wake.wait()
-            self._wake.clear()
+            self._wake.clear()  # before the step: a wake-up that comes during it is kept
             try:
-                report = self.step()
-                # Nothing ran: what waits needs an adapter load, which wakes us when done. Spinning
-                # here instead would starve the loader thread of the GIL.
-                idle = not (report.running or report.plan.admit)
+                self.step()
+                busy = self._could_progress()
             except Exception as exc:  # a bug outside the forward pass: end what is in flight, keep serving
-                idle = True
                 log.exception("engine step failed")
-                for seq in [*self._waiting.values(), *self._running]:
-                    self._finish(seq, "error", error=f"internal error: {exc}")
-                with self._queued_lock:
-                    self._queued -= len(self._waiting)
-                self._waiting.clear()
-                self._running.clear()
+                self._end_all("error", f"internal error: {exc}")
+                busy = False
+            if not busy:
+                # Only a submit, a cancel, a finished adapter load or a stop can change anything now.
+                # Spinning instead would starve the loader thread of the GIL.
+                self._wake.wait()
+
+    def _could_progress(self) -> bool:
+        """True if a step now would change something without an outside event."""
+        if self._running:
+            return True
+        if not self._waiting:
+            return False
+        try:
+            return self._schedule().acts
+        except PlanError:
+            return True  # the next step ends the requests it concerns
 
     def step(self) -> StepReport:
         """Admit what the scheduler allows, prefill it, decode one token for every running sequence."""
         self._take_inbox()
         finished = self._fail_loads()
-        waiting = [
-            Waiting(s.request_id, s.adapter.key if s.adapter else None, len(s.prompt_ids) + s.virtual_tokens)
-            for s in self._waiting.values()
-        ]
-        plan = schedule(waiting, len(self._running), self.tiers.states(), self.limits)
+        plan = self._plan(finished)
         refs = {s.adapter.key: s.adapter for s in self._waiting.values() if s.adapter}
         for slot, key in plan.load:
-            self.tiers.start_load(slot, refs[key])
-        admitted = [self._waiting.pop(i) for i in plan.admit]
-        with self._queued_lock:
-            self._queued -= len(admitted)
+            try:
+                self.tiers.start_load(slot, refs[key])
+            except Exception as exc:  # only the requests for this adapter fail
+                log.exception("adapter %s could not be placed into slot %d", key, slot)
+                wanting = [i for i, s in self._waiting.items() if s.adapter and s.adapter.key == key]
+                for seq in self._dequeue(wanting):
+                    self._finish(seq, "error", error=f"adapter {refs[key].name} could not be loaded: {exc}")
+                    finished.append(seq.request_id)
+        self._admitting = admitted = self._dequeue(plan.admit)
         now = time.monotonic()
         for seq in admitted:
             self.metrics.queue_time.observe(now - seq.arrival)
@@ -289,15 +343,63 @@ class Engine:
         except Exception as exc:  # a bug or an out-of-memory: fail this batch, keep serving
             log.exception("engine step failed")
             for seq in {id(s): s for s in [*admitted, *self._running]}.values():
-                self._finish(seq, "error", error=f"internal error: {exc}")
+                if not seq.done:
+                    self._finish(seq, "error", error=f"internal error: {exc}")
+                    finished.append(seq.request_id)
             self._running.clear()
+        self._admitting = []
         self._snapshot = self._take_snapshot()
         return StepReport(plan, [s.request_id for s in self._running], finished)
+
+    def _schedule(self) -> Plan:
+        now = time.monotonic()
+        waiting = [
+            Waiting(
+                s.request_id,
+                s.adapter.key if s.adapter else None,
+                len(s.prompt_ids) + s.virtual_tokens,
+                now - s.arrival,
+            )
+            for s in self._waiting.values()
+        ]
+        return schedule(waiting, len(self._running), self.tiers.states(), self.limits)
+
+    def _plan(self, finished: list[int]) -> Plan:
+        """This step's plan; a broken one ends only the waiting requests it concerns, then plans again."""
+        while True:
+            try:
+                return self._schedule()
+            except PlanError as exc:
+                log.error("scheduler: %s; ending the requests it concerns", exc)
+                concerned = [i for i in exc.request_ids if i in self._waiting] or list(self._waiting)
+                for seq in self._dequeue(concerned):
+                    self._finish(seq, "error", error=f"internal error: {exc}")
+                    finished.append(seq.request_id)
+
+    def _dequeue(self, request_ids: list[int]) -> list[Sequence]:
+        """Take these requests out of the queue, giving their queue places back."""
+        seqs = [self._waiting.pop(i) for i in request_ids]
+        with self._lock:
+            self._queued -= len(seqs)
+            if self._queued < 0:
+                raise EngineInvariantError(f"queue count went below zero ({self._queued})")
+        return seqs
+
+    def _end_all(self, reason: FinishReason, error: str) -> None:
+        """End every request in flight, each exactly once: waiting, being admitted, running."""
+        seqs = [*self._dequeue(list(self._waiting)), *self._admitting, *self._running]
+        for seq in {id(s): s for s in seqs}.values():
+            if not seq.done:
+                self._finish(seq, reason, error=error)
+        self._admitting = []
+        self._running.clear()
 
     def _take_snapshot(self) -> EngineSnapshot:
         slots = self.tiers.slots
         resident = {s.ref.key: s.ref.name for s in slots if s.ref is not None and s.ready}
         waiting = [s.adapter for s in self._waiting.values() if s.adapter and s.adapter.key not in resident]
+        oldest = next(iter(self._waiting.values()), None)
+        self._stalled_since = oldest.arrival if oldest is not None and not self._running else None
         return EngineSnapshot(
             running=len(self._running),
             waiting=self._queued,
@@ -314,10 +416,7 @@ class Engine:
         """Requests waiting for an adapter that failed to load end with its error."""
         failed: list[int] = []
         for failure in self.tiers.poll():
-            for seq in [s for s in self._waiting.values() if s.adapter == failure.ref]:
-                del self._waiting[seq.request_id]
-                with self._queued_lock:
-                    self._queued -= 1
+            for seq in self._dequeue([i for i, s in self._waiting.items() if s.adapter == failure.ref]):
                 self._finish(
                     seq, "error", error=f"adapter {failure.ref.name} could not be loaded: {failure.error}"
                 )
@@ -331,27 +430,23 @@ class Engine:
             except queue.Empty:
                 return
             if message[0] == "submit":
-                _, handle, prompt_ids, params, adapter, arrival = message
-                seq = Sequence(
+                _, handle, prompt_ids, params, adapter, generator, arrival = message
+                self._waiting[handle.request_id] = Sequence(
                     request_id=handle.request_id,
                     prompt_ids=prompt_ids,
                     params=params,
                     adapter=adapter,
                     handle=handle,
-                    generator=new_generator(params.seed),
+                    generator=generator,
                     detok=Detokenizer(self.tokenizer, prompt_ids, params.stop),
                     arrival=arrival,
                 )
-                self._waiting[seq.request_id] = seq
             else:
                 self._abort(message[1])
 
     def _abort(self, request_id: int) -> None:
         if request_id in self._waiting:
-            seq = self._waiting.pop(request_id)
-            with self._queued_lock:
-                self._queued -= 1
-            self._finish(seq, "abort")
+            self._finish(self._dequeue([request_id])[0], "abort")
             return
         for row, seq in enumerate(self._running):
             if seq.request_id == request_id:
@@ -387,6 +482,10 @@ class Engine:
         """
         device, slots = self.model.device, self.slots
         first_row = len(self._running)
+        if first_row + len(chunk) > self.cache.rows:
+            raise EngineInvariantError(
+                f"{first_row} rows run; {len(chunk)} more do not fit {self.cache.rows}"
+            )
         kinds = [slots.kinds[s.slot] if s.slot >= 0 else None for s in chunk]
         prompt_virtual = [
             s.virtual_tokens if k == "prompt_tuning" or k == "p_tuning" else 0
@@ -470,22 +569,32 @@ class Engine:
         return None
 
     def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        """End a request: its one Finished event, its one count in the metrics, its slot given back."""
+        if seq.done:
+            raise EngineInvariantError(f"request {seq.request_id} finished twice")
+        seq.done = True
+        with self._lock:
+            self._unfinished -= 1
+            if self._unfinished < 0:
+                raise EngineInvariantError(f"unfinished count went below zero ({self._unfinished})")
         if reason in ("stop", "length"):
             self.metrics.request_success.labels(finish_reason=reason).inc()
             self.metrics.e2e.observe(time.monotonic() - seq.arrival)
         else:
             self.metrics.request_failure.labels(reason="cancelled" if reason == "abort" else "error").inc()
-        if seq.slot >= 0:
-            self.tiers.release(seq.slot)
-            seq.slot = -1
         tail = seq.detok.finish() if reason in ("stop", "length") else ""
         if tail:
             seq.handle.push(Delta(tail, ()))
         event: Event = Finished(reason, len(seq.prompt_ids), len(seq.output_ids), error)
         seq.handle.push(event)
+        if seq.slot >= 0:
+            slot, seq.slot = seq.slot, -1
+            self.tiers.release(slot)
 
     def _release_rows(self, rows: list[int]) -> None:
         """Remove finished rows, moving the last rows into the holes so rows stay dense."""
+        if len(set(rows)) != len(rows) or not all(0 <= r < len(self._running) for r in rows):
+            raise EngineInvariantError(f"releasing rows {rows} of {len(self._running)}")
         for row in sorted(rows, reverse=True):
             last = len(self._running) - 1
             if row != last:

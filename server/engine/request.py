@@ -44,6 +44,14 @@ class UnknownModel(EngineError):
         self.name = name
 
 
+class InvalidRequest(EngineError, ValueError):
+    """A request parameter the engine cannot honour; `param` names it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class EngineStopped(EngineError):
     """The engine is not running (starting up or shutting down)."""
 
@@ -107,7 +115,8 @@ class RequestHandle:
         self._cancel(self.request_id)
 
     async def __aiter__(self) -> AsyncIterator[Event]:
-        assert self._ready is not None, "iterate a handle from the event loop that submitted it"
+        if self._ready is None:
+            raise RuntimeError("iterate a handle from the event loop that submitted it")
         while True:
             for event in self.drain():
                 yield event

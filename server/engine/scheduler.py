@@ -1,18 +1,28 @@
 """Scheduling policy: who joins the batch this step, and which adapters to load where.
 
 Pure policy over plain data, no torch: the engine describes its state, this returns a plan,
-and the plan's invariants are asserted before it is handed back.
+and the plan is checked before it is handed back; a broken plan raises PlanError naming the
+requests it concerns, so the engine can end those alone.
 
-The policy is first come, first served, without head-of-line blocking: a request whose
-adapter is not in a device slot yet waits while it loads, and the requests behind it that
-can run do. Adapters are loaded ahead of need (even while the batch is full), into a free
-slot or else the least recently used slot that no running sequence and no earlier waiting
-request needs.
+The policy:
+- First come, first served without head-of-line blocking: requests are taken in queue order;
+  one whose adapter is not in a slot yet waits while it loads, and those behind it that can run
+  do. Requests for an adapter that is loading all join together once it is ready.
+- Adapters are loaded ahead of need (even while the batch is full), in queue order, into a free
+  slot, else into the least recently used slot that no running sequence uses and no waiting
+  request wants. So an adapter loaded for a waiting request stays until that request runs (no
+  thrash), and an adapter evicted by a plan is never loaded again by the same plan.
+- Aging: a request that has waited `Limits.aging` seconds or more may take a slot that younger
+  requests still want. Of the slots no older request wants, the one with the fewest running
+  sequences (then the lowest index, so the choice is stable from step to step) takes no new
+  sequences and is evicted for it once they finish. So no request waits beyond a bound, however
+  unpopular its adapter.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -23,6 +33,8 @@ class Waiting:
     request_id: int
     adapter: str | None
     prompt_tokens: int
+    waited: float = 0.0
+    """Seconds since it arrived."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,8 @@ class Slot:
 class Limits:
     max_batch_size: int
     max_prefill_tokens: int
+    aging: float = math.inf
+    """Seconds of waiting after which a request may take a slot that younger requests want."""
 
 
 @dataclass
@@ -56,33 +70,67 @@ class Plan:
     load: list[tuple[int, str]] = field(default_factory=list)
     """(slot, adapter) loads to start; whatever the slot held is evicted."""
 
+    drain: list[int] = field(default_factory=list)
+    """Slots that take no new sequences: each is evicted for an aged request once its sequences finish."""
+
+    @property
+    def acts(self) -> bool:
+        """True if carrying it out changes the engine's state."""
+        return bool(self.admit or self.load)
+
+
+class PlanError(RuntimeError):
+    """A plan broke an invariant; `request_ids` are the waiting requests it concerns."""
+
+    def __init__(self, message: str, request_ids: Iterable[int]) -> None:
+        self.request_ids = sorted(set(request_ids))
+        super().__init__(f"{message} (requests {self.request_ids})")
+
 
 def schedule(waiting: Sequence[Waiting], running: int, slots: Sequence[Slot], limits: Limits) -> Plan:
-    """Plan one step. `running` counts sequences already decoding."""
+    """Plan one step. `waiting` is in queue (arrival) order; `running` counts sequences decoding."""
     plan = Plan()
-    slot_of = {s.adapter: i for i, s in enumerate(slots) if s.adapter is not None}
+    held = {s.adapter: i for i, s in enumerate(slots) if s.adapter is not None}
     ready = {s.adapter for s in slots if s.ready}
+    wanted = {w.adapter for w in waiting}
+    spare = [i for i, s in enumerate(slots) if s.adapter is None and s.users == 0]
+    spare += sorted(
+        (i for i, s in enumerate(slots) if s.ready and s.users == 0 and s.adapter not in wanted),
+        key=lambda i: (slots[i].last_used, i),
+    )
+    evicted: set[str] = set()  # by this plan: requests for them wait for a later reload
+    closed: set[str] = set()  # draining for an aged request: no new sequences
+    draining_for: set[str] = set()  # aged requests' adapters that wait for a draining slot
+    claimed: set[int] = set()  # slots this plan loads into or drains
+    older: set[str | None] = set()  # adapters of the requests ahead in the queue
     free_rows = limits.max_batch_size - running
     budget = limits.max_prefill_tokens
-    # Slots that must survive this step: in use, or wanted by a request ahead in the queue.
-    protected = {i for i, s in enumerate(slots) if s.users > 0}
     budget_closed = False
     for request in waiting:
         name = request.adapter
-        if name is not None and name in slot_of:
-            protected.add(slot_of[name])
-        if name is not None and name not in slot_of:
-            target = _slot_for_load(slots, protected, plan)
+        if name is not None and name not in held and name not in evicted and name not in draining_for:
+            target = next((i for i in spare if i not in claimed), None)
+            if target is None and request.waited >= limits.aging:
+                victim = _victim(slots, claimed, older)
+                if victim is not None and slots[victim].users == 0:
+                    target = victim
+                elif victim is not None:
+                    claimed.add(victim)
+                    closed.add(slots[victim].adapter)  # type: ignore[arg-type]
+                    draining_for.add(name)
+                    plan.drain.append(victim)
             if target is not None:
-                evicted = slots[target].adapter
-                if evicted is not None:  # gone after this step: later requests for it must wait for a reload
-                    del slot_of[evicted]
-                    ready.discard(evicted)
+                gone = slots[target].adapter
+                if gone is not None:
+                    evicted.add(gone)
+                    ready.discard(gone)
                 plan.load.append((target, name))
-                slot_of[name] = target
-                protected.add(target)
+                held[name] = target
+                claimed.add(target)
+        older.add(name)
+        if name is not None and (name not in ready or name in closed):
             continue
-        if (name is not None and name not in ready) or budget_closed or free_rows == 0:
+        if budget_closed or free_rows == 0:
             continue
         if plan.admit and request.prompt_tokens > budget:
             # Keep queue order for prompt budget: later, shorter prompts do not overtake this one.
@@ -91,39 +139,56 @@ def schedule(waiting: Sequence[Waiting], running: int, slots: Sequence[Slot], li
         plan.admit.append(request.request_id)
         budget -= request.prompt_tokens
         free_rows -= 1
-    _check(plan, waiting, running, slots, limits)
+    check(plan, waiting, running, slots, limits)
     return plan
 
 
-def _slot_for_load(slots: Sequence[Slot], protected: set[int], plan: Plan) -> int | None:
-    taken = {slot for slot, _ in plan.load}
-    candidates = [i for i, s in enumerate(slots) if i not in protected and i not in taken]
-    free = [i for i in candidates if slots[i].adapter is None]
-    if free:
-        return free[0]
-    evictable = [i for i in candidates if slots[i].ready]
-    return min(evictable, key=lambda i: slots[i].last_used) if evictable else None
+def _victim(slots: Sequence[Slot], claimed: set[int], older: set[str | None]) -> int | None:
+    """The slot an aged request takes: ready, wanted by no older request, fewest running sequences."""
+    candidates = [i for i, s in enumerate(slots) if s.ready and i not in claimed and s.adapter not in older]
+    return min(candidates, key=lambda i: (slots[i].users, i), default=None)
 
 
-def _check(
+def check(
     plan: Plan, waiting: Sequence[Waiting], running: int, slots: Sequence[Slot], limits: Limits
 ) -> None:
+    """Raise PlanError if the plan would corrupt data: a row, a slot, or an adapter's weights."""
     by_id = {w.request_id: w for w in waiting}
-    assert len(plan.admit) <= limits.max_batch_size - running, "admitted more rows than are free"
-    assert len(set(plan.admit)) == len(plan.admit), "a request admitted twice"
+    stray = [i for i in plan.admit if i not in by_id]
+    if stray:
+        raise PlanError("admitted a request that is not waiting", stray)
+    if len(set(plan.admit)) != len(plan.admit):
+        raise PlanError("a request admitted twice", [i for i in plan.admit if plan.admit.count(i) > 1])
+    if len(plan.admit) > limits.max_batch_size - running:
+        raise PlanError("admitted more rows than are free", plan.admit)
     admitted = [by_id[i] for i in plan.admit]
-    resident = {s.adapter for s in slots if s.ready}
-    assert all(w.adapter is None or w.adapter in resident for w in admitted), (
-        "admitted before its adapter is ready"
-    )
-    if len(admitted) > 1:
-        assert sum(w.prompt_tokens for w in admitted) <= limits.max_prefill_tokens, "prefill budget exceeded"
-    targets = [slot for slot, _ in plan.load]
-    assert len(set(targets)) == len(targets), "two loads into one slot"
+    if len(admitted) > 1 and sum(w.prompt_tokens for w in admitted) > limits.max_prefill_tokens:
+        raise PlanError("prefill budget exceeded", plan.admit)
+
+    def waiting_for(name: str | None) -> list[int]:
+        return [w.request_id for w in waiting if w.adapter == name]
+
     held = {s.adapter for s in slots if s.adapter is not None}
+    targets: set[int] = set()
+    loaded: set[str] = set()
     for slot, name in plan.load:
-        assert name not in held, f"{name} loaded twice"
-        assert slots[slot].users == 0, "evicting an adapter in use"
-        assert slots[slot].adapter is None or slots[slot].ready, "evicting a slot that is still loading"
-    needed = {w.adapter for w in admitted} - {None}
-    assert not needed & {slots[slot].adapter for slot, _ in plan.load}, "evicting an adapter just admitted"
+        if not 0 <= slot < len(slots):
+            raise PlanError(f"load of {name} into slot {slot}, which does not exist", waiting_for(name))
+        if slot in targets:
+            raise PlanError(f"two loads into slot {slot}", waiting_for(name))
+        if name in held or name in loaded:
+            raise PlanError(f"{name} loaded twice", waiting_for(name))
+        if not waiting_for(name):
+            raise PlanError(f"{name} loaded for no waiting request", [])
+        old = slots[slot]
+        if old.users > 0:
+            raise PlanError(f"evicting {old.adapter} from slot {slot} while in use", waiting_for(name))
+        if old.adapter is not None and not old.ready:
+            raise PlanError(f"evicting {old.adapter} from slot {slot} while it loads", waiting_for(name))
+        targets.add(slot)
+        loaded.add(name)
+    evicted = {slots[slot].adapter for slot, _ in plan.load} - {None}
+    resident = {s.adapter for s in slots if s.ready} - evicted
+    for request in admitted:
+        if request.adapter is not None and request.adapter not in resident:
+            raise PlanError(f"admitted before {request.adapter} is ready in a slot", [request.request_id])

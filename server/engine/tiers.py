@@ -74,7 +74,8 @@ class AdapterTiers:
     def start_load(self, slot: int, ref: AdapterRef) -> None:
         """Evict whatever `slot` holds and bring `ref` into it, from the CPU cache or from disk."""
         state = self.slots[slot]
-        assert state.users == 0, "evicting an adapter in use"
+        if state.users:
+            raise RuntimeError(f"slot {slot}: evicting {state.ref.key if state.ref else None} while in use")
         if state.ref is not None:
             log.info("evicting %s from slot %d", state.ref.key, slot)
             self.table.clear(slot)
@@ -83,7 +84,11 @@ class AdapterTiers:
         cached = self.cpu.get(ref.key)
         if cached is not None:
             self.cpu.move_to_end(ref.key)
-            self._install(slot, ref, cached, source="cpu", read_seconds=0.0)
+            try:
+                self._install(slot, ref, cached, source="cpu", read_seconds=0.0)
+            except Exception:
+                self._free(slot)  # the slot stays usable; the caller ends the requests
+                raise
         else:
             self._loader.submit(self._read, slot, ref)
 
@@ -111,8 +116,19 @@ class AdapterTiers:
                 self.slots[slot] = SlotState()
                 failures.append(LoadFailure(ref, result))
                 continue
+            try:
+                self._install(slot, ref, result, source="disk", read_seconds=seconds)
+            except Exception as exc:
+                log.exception("adapter %s failed to install", ref.key)
+                self._free(slot)
+                failures.append(LoadFailure(ref, exc))
+                continue
             self._remember(ref.key, result)
-            self._install(slot, ref, result, source="disk", read_seconds=seconds)
+
+    def _free(self, slot: int) -> None:
+        """Undo a failed install: whatever it wrote goes, the slot is free again."""
+        self.table.clear(slot)
+        self.slots[slot] = SlotState()
 
     def _remember(self, key: str, weights: AdapterWeights) -> None:
         if self.max_cpu == 0:
@@ -138,7 +154,8 @@ class AdapterTiers:
         self._touch(slot)
 
     def release(self, slot: int) -> None:
-        assert self.slots[slot].users > 0
+        if self.slots[slot].users <= 0:
+            raise RuntimeError(f"slot {slot} released more often than acquired")
         self.slots[slot].users -= 1
         self._touch(slot)
 

@@ -1,4 +1,4 @@
-"""Liveness: answers once the model is loaded, and while the engine's step loop runs."""
+"""Liveness: answers once the model is loaded, while the engine's step loop runs and moves."""
 
 from fastapi import APIRouter, Request
 
@@ -9,6 +9,16 @@ router = APIRouter(tags=["health"])
 
 @router.get("/health")
 async def health(request: Request) -> dict[str, str]:
-    if not request.app.state.engine.alive:
+    engine = request.app.state.engine
+    if not engine.alive:
         raise APIError(503, "the engine's step loop has stopped; see the server log")
+    if engine.draining:
+        raise APIError(503, "the server is shutting down", headers={"Retry-After": "1"})
+    bound = request.app.state.settings.engine.stall_timeout
+    stalled = engine.stalled_for()
+    if stalled > bound:
+        raise APIError(
+            503,
+            f"a request has waited {stalled:.0f} s with nothing running (bound: --stall-timeout {bound:g} s)",
+        )
     return {"status": "ok"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.scheduler import Limits, Plan, Slot, Waiting, _check, schedule
+from server.engine.scheduler import Limits, Plan, PlanError, Slot, Waiting, check, schedule
 
 LIMITS = Limits(max_batch_size=4, max_prefill_tokens=100)
 
@@ -69,12 +69,12 @@ def test_never_evicts_an_adapter_wanted_earlier_in_the_queue():
     assert plan.load == [(1, "x")]
 
 
-def test_an_adapter_evicted_by_this_plan_is_not_admitted_after_it():
-    # "old" is resident and idle; "x" evicts it; a later request for "old" must wait for a reload.
+def test_an_adapter_wanted_later_in_the_queue_stays_and_its_request_runs():
+    # "old" is resident and idle, but request 1 wants it: "x" waits rather than evict it (no thrash).
     slots = [Slot("old", True, last_used=1)]
     plan = schedule(waiting(("x", 10), ("old", 10)), running=0, slots=slots, limits=LIMITS)
-    assert plan.load == [(0, "x")]
-    assert plan.admit == []
+    assert plan.load == []
+    assert plan.admit == [1]
 
 
 def test_no_slot_available_means_waiting():
@@ -99,15 +99,57 @@ def test_a_slot_in_use_is_never_loaded_over():
     [
         (Plan(admit=[0]), [Slot("a", ready=False)]),  # admitted before its adapter is ready
         (Plan(load=[(0, "a")]), [Slot("b", True, users=1)]),  # evicts an adapter in use
-        (Plan(load=[(0, "a"), (0, "b")]), [Slot()]),  # two loads into one slot
+        (Plan(load=[(0, "a"), (1, "a")]), [Slot(), Slot()]),  # one adapter loaded twice
+        (Plan(load=[(1, "a")]), [Slot("a", True), Slot()]),  # a second load of a resident adapter
+        (Plan(load=[(0, "a")]), [Slot("b", False)]),  # evicts a slot that is still loading
     ],
 )
 def test_broken_plans_fail_their_invariants(plan, slots):
-    with pytest.raises(AssertionError):
-        _check(plan, waiting(("a", 10)), 0, slots, LIMITS)
+    with pytest.raises(PlanError) as broken:
+        check(plan, waiting(("a", 10)), 0, slots, LIMITS)
+    assert broken.value.request_ids == [0]  # the request it concerns, not the whole batch
 
 
 @pytest.mark.parametrize("running", [0, 3, 4])
 def test_never_admits_more_than_free_rows(running):
     plan = schedule(waiting(*[(None, 1)] * 10), running=running, slots=[], limits=LIMITS)
     assert len(plan.admit) == LIMITS.max_batch_size - running
+
+
+def test_an_adapter_evicted_for_one_request_is_not_loaded_again_for_a_later_one():
+    # Issue 17: "x" evicted "old", then the request for "old" evicted "other" to load "old" again.
+    slots = [Slot("old", True, last_used=1), Slot("other", True, last_used=2)]
+    plan = schedule(waiting(("x", 10), ("old", 10)), running=0, slots=slots, limits=LIMITS)
+    assert plan.load == [(1, "x")]
+    assert plan.admit == [1]
+
+
+def test_an_adapter_a_waiting_request_wants_is_not_evicted():
+    # "a" was loaded for request 0, which waits for a row: "x" must wait for a slot instead of taking it.
+    slots = [Slot("a", True, last_used=1)]
+    plan = schedule(waiting(("a", 10), ("x", 10)), running=4, slots=slots, limits=LIMITS)
+    assert plan.load == [] and plan.admit == []
+
+
+def test_requests_for_a_loading_adapter_join_together_once_it_is_ready():
+    assert schedule(waiting(("a", 5), (None, 5), ("a", 5)), 0, [Slot("a")], LIMITS).admit == [1]
+    assert schedule(waiting(("a", 5), (None, 5), ("a", 5)), 0, [Slot("a", True)], LIMITS).admit == [0, 1, 2]
+
+
+def test_an_aged_request_drains_the_slot_with_fewest_users_then_takes_it():
+    aged = Limits(8, 100, aging=5.0)
+    slots = [Slot("p", True, users=3), Slot("q", True, users=1)]
+    queue = [Waiting(0, "rare", 10, waited=6.0), Waiting(1, "q", 10, waited=1.0), Waiting(2, "p", 10)]
+    plan = schedule(queue, running=4, slots=slots, limits=aged)
+    # "q" takes no new sequences (request 1 waits) while its last one finishes; "p" goes on.
+    assert plan.drain == [1] and plan.load == [] and plan.admit == [2]
+    idle = [Slot("p", True, users=3), Slot("q", True, users=0)]
+    plan = schedule(queue, running=3, slots=idle, limits=aged)
+    assert plan.load == [(1, "rare")] and plan.admit == [2]
+
+
+def test_a_young_request_does_not_take_a_wanted_slot():
+    slots = [Slot("q", True, users=0)]
+    queue = [Waiting(0, "rare", 10, waited=1.0), Waiting(1, "q", 10)]
+    plan = schedule(queue, running=4, slots=slots, limits=Limits(4, 100, aging=5.0))
+    assert plan.load == [] and plan.drain == []
