@@ -172,8 +172,9 @@ class LowRankTable:
         # per slot the data pointers of a, b, a_bias, b_bias (0 = absent), then the ranks.
         self._meta = torch.zeros(4 + 5 * num_slots, dtype=torch.int64)
         self._meta[:4] = torch.tensor([in_features, out_features, _KERNEL_DTYPES.get(dtype, -1), num_slots])
-        self._ptrs = self._meta[4 : 4 + 4 * num_slots].view(4, num_slots)
-        self._ranks = self._meta[4 + 4 * num_slots :]
+        # Plain machine words over the same memory: set/clear write them without torch's
+        # per-element indexing, which would cost more than the rest of an install.
+        self._words = (ctypes.c_int64 * self._meta.numel()).from_address(self._meta.data_ptr())
         self._native = dtype in _KERNEL_DTYPES and self.device.type == "cpu"
 
     def set(
@@ -207,15 +208,15 @@ class LowRankTable:
         w = LowRankWeights(*(t if t is None else t.detach().contiguous() for t in (a, b, a_bias, b_bias)))
         self._weights[slot] = w
         for i, t in enumerate(w):
-            self._ptrs[i, slot] = 0 if t is None else t.data_ptr()
-        self._ranks[slot] = rank
+            self._words[4 + i * self.num_slots + slot] = 0 if t is None else t.data_ptr()
+        self._words[4 + 4 * self.num_slots + slot] = rank
 
     def clear(self, slot: int) -> None:
         """Empty `slot`: its rows then get no adapter."""
         self._check_slot(slot)
         self._weights[slot] = None
-        self._ranks[slot] = 0
-        self._ptrs[:, slot] = 0
+        for i in range(5):  # the four pointers, then the rank
+            self._words[4 + i * self.num_slots + slot] = 0
 
     def get(self, slot: int) -> LowRankWeights | None:
         self._check_slot(slot)

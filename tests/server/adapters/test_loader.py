@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from server.adapters.common import SUPPORTED_TEXT, AdapterError
-from server.adapters.loader import describe, folder_loader
+from server.adapters.loader import describe, folder_loader, reference_folder_loader
 from server.base_model import ModelShape
-from tests.adapter_factory import make_bottleneck_adapter, make_peft_adapter
+from tests.adapter_factory import PEFT_KINDS, make_bottleneck_adapter, make_peft_adapter
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +203,17 @@ def test_adapterhub_options_we_cannot_reproduce(tiny_model, tmp_path, option):
     ours = make_bottleneck_adapter(tiny_model.shape, tmp_path / "ours")
     hub = _as_adapterhub(ours, tmp_path / "hub", tiny_model.shape, **option)
     refused(hub, tiny_model, next(iter(option)))
+
+
+@pytest.mark.parametrize("kind", [*PEFT_KINDS, "bottleneck"])
+def test_mapped_reader_equals_the_library_reader(kind, tiny_model_dir, tiny_model, tmp_path):
+    if kind == "bottleneck":
+        folder = make_bottleneck_adapter(tiny_model.shape, tmp_path / kind)
+    else:
+        folder = make_peft_adapter(tiny_model_dir, kind, tmp_path / kind)
+    fast = folder_loader(tiny_model, 64)(folder)
+    reference = reference_folder_loader(tiny_model, 64)(folder)
+    assert type(fast) is type(reference) and fast.config == reference.config
+    assert len(fast.tensors()) == len(reference.tensors()) > 0
+    for x, y in zip(fast.tensors(), reference.tensors(), strict=True):
+        assert x.dtype == y.dtype == tiny_model.dtype and x.shape == y.shape and torch.equal(x, y)
