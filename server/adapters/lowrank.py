@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -430,6 +431,7 @@ def build_kernel(flags: tuple[str, ...] = CFLAGS) -> Path:
         ) from e
     os.close(fd)
     cmd = [cc, *flags, "-o", tmp, str(_SOURCE), "-lm"]
+    log.info("compiling the low-rank kernel for this CPU: %s", " ".join(cmd))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
@@ -450,18 +452,27 @@ _warned: set[str] = set()
 
 
 def native_kernel() -> NativeKernel | None:
-    """The native kernel, built and loaded on first use; None (with one warning) if it can't be."""
+    """The native kernel, built (once per machine) and loaded on first call; None (with one warning)
+    if it can't be. The server calls it at start-up (`prepare_for`), so no step waits for a compiler."""
     global _kernel, _kernel_tried
     if _kernel_tried:
         return _kernel
     with _lock:
         if not _kernel_tried:
+            started = time.perf_counter()
             try:
                 _kernel = NativeKernel(build_kernel())
+                log.info("low-rank kernel ready in %.2f s: %s", time.perf_counter() - started, _kernel.path)
             except KernelBuildError as e:
                 _warn_once("build", f"low-rank adapters use the slower torch path: {e}")
             _kernel_tried = True
     return _kernel
+
+
+def prepare_for(dtype: torch.dtype, device: torch.device) -> None:
+    """Build and load the native kernel now if tables of this dtype and device will use it."""
+    if dtype in _KERNEL_DTYPES and device.type == "cpu":
+        native_kernel()
 
 
 def _native_for(x: torch.Tensor, y: torch.Tensor, table: LowRankTable) -> NativeKernel | None:
