@@ -131,13 +131,13 @@ def parse(
         parts.setdefault(site, {})[kind] = (name, tensor)
     if not parts:
         raise AdapterError("adapter_model.safetensors holds no LoRA weights", "adapter_model.safetensors")
-    checked = []  # (site, a, b, scale, magnitude or None)
+    checked = []  # (site, a, b, scale, magnitude or None, rank, in, out)
     for (layer, module), found in sorted(parts.items()):
         path = module_path(layer, module)
         if "lora_A.weight" not in found or "lora_B.weight" not in found:
             raise AdapterError(f"{path} needs both lora_A and lora_B weights", path)
         (a_name, a), (b_name, b) = found["lora_A.weight"], found["lora_B.weight"]
-        rank = a.shape[0] if a.dim() else 0
+        rank = a.shape[0] if a.shape else 0
         if rank < 1:
             raise AdapterError(f"{path} has rank 0", "r")
         if rank > max_rank:
@@ -145,7 +145,7 @@ def parse(
         in_features, out_features = dims[module]
         expect_shape(a_name, a, (rank, in_features))
         expect_shape(b_name, b, (out_features, rank))
-        module_alpha = float(_pattern_value(alpha_pattern, path, alpha))
+        module_alpha = float(_pattern_value(alpha_pattern, path, alpha)) if alpha_pattern else alpha
         scale = module_alpha / (math.sqrt(rank) if rslora else rank)
         magnitude = None
         if "lora_magnitude_vector" in found:
@@ -153,31 +153,27 @@ def parse(
             expect_shape(m_name, magnitude, (out_features,))
         elif config.get("use_dora"):
             raise AdapterError(f"use_dora is set but {path} has no lora_magnitude_vector", path)
-        checked.append(((layer, module), a, b, scale, magnitude))
-    sizes = [a.numel() + b.numel() + (0 if m is None else m.numel()) for _, a, b, _, m in checked]
-    buffer = torch.empty(sum(sizes), dtype=dtype)  # every site's a, b and DoRA scale, back to back
+        checked.append(((layer, module), a, b, scale, magnitude, rank, in_features, out_features))
+    total = sum(r * (i + o) + (0 if m is None else o) for *_, m, r, i, o in checked)
+    buffer = torch.empty(total, dtype=dtype)  # every site's a, b and DoRA scale, back to back
     weights = LoraWeights(peft_type="LORA", config=config)
     offset = 0
-    for ((layer, module), a, b, scale, magnitude), size in zip(checked, sizes, strict=True):
-        (rank, in_features), out_features = a.shape, b.shape[0]
+    for (layer, module), a, b, scale, magnitude, rank, in_features, out_features in checked:
         site = LoraSite(
-            a=_place(buffer, offset, (rank, in_features)),
-            b=_place(buffer, offset + a.numel(), (rank, out_features)),
+            a=buffer.as_strided((rank, in_features), (in_features, 1), offset),
+            b=buffer.as_strided((rank, out_features), (out_features, 1), offset + rank * in_features),
         )
+        offset += rank * (in_features + out_features)
         site.a.copy_(a)
         # (out, r) -> (r, out), scaled; computed in float32 whatever the file's dtype.
         torch.mul(b.t() if b.dtype == torch.float32 else b.t().float(), scale, out=site.b)
         if magnitude is not None:
             exact = LoraSite(a=a.float(), b=(b.float() * scale).t().contiguous())
-            site.dora_scale = _place(buffer, offset + a.numel() + b.numel(), (out_features,))
+            site.dora_scale = buffer.as_strided((out_features,), (1,), offset)
             site.dora_scale.copy_(dora_scale(base_weight(layer, module), exact, magnitude.float()))
+            offset += out_features
         weights.sites[(layer, module)] = site
-        offset += size
     return weights
-
-
-def _place(buffer: torch.Tensor, offset: int, shape: tuple[int, int] | tuple[int]) -> torch.Tensor:
-    return buffer.as_strided(shape, (shape[1], 1) if len(shape) == 2 else (1,), offset)
 
 
 def dora_scale(weight: torch.Tensor, site: LoraSite, magnitude: torch.Tensor) -> torch.Tensor:

@@ -206,7 +206,7 @@ class LowRankTable:
                     f"{name} is {t.dtype} on {t.device}, the table holds {self.dtype} on {self.device}: "
                     f"cast it with .to({self.dtype}, device='{self.device}') first"
                 )
-        w = LowRankWeights(*(t if t is None else t.detach().contiguous() for t in (a, b, a_bias, b_bias)))
+        w = LowRankWeights(*(_kept(t) for t in (a, b, a_bias, b_bias)))
         self._weights[slot] = w
         for i, t in enumerate(w):
             self._words[4 + i * self.num_slots + slot] = 0 if t is None else t.data_ptr()
@@ -230,6 +230,15 @@ class LowRankTable:
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
             raise LowRankError(f"slot {slot} is outside this table's 0..{self.num_slots - 1}")
+
+
+def _kept(t: torch.Tensor | None) -> torch.Tensor | None:
+    """`t` as a table keeps it: detached and contiguous, without a new view where it already is."""
+    if t is None:
+        return None
+    if t.requires_grad:
+        t = t.detach()
+    return t if t.is_contiguous() else t.contiguous()
 
 
 # ---------------------------------------------------------------------------- applying

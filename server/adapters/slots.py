@@ -81,6 +81,9 @@ class SlotTable:
         return tables[site]
 
     def _put(self, x: torch.Tensor) -> torch.Tensor:
+        # Parsed adapters already are in the table's dtype (on the CPU): no call into torch then.
+        if x.dtype == self.dtype and x.device == self.device:
+            return x
         return x.to(dtype=self.dtype, device=self.device)
 
     def install(self, slot: int, weights: AdapterWeights) -> None:
