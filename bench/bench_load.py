@@ -6,8 +6,8 @@ thread in the server) plus install (on the engine thread); CPU -> slot is instal
 same loads run through the reference reader (safetensors' own `load_file`, the reader the
 fast path replaced) for a ratio. The files sit in the page cache, as on a server whose store was
 written or read recently. Reports median and p95 over --loads loads of --adapters different
-adapters, once with each parsed adapter dropped after its install (memory reused, as when
-the CPU cache is full) and once with them kept (fresh memory, as while it fills up).
+adapters, once with each parsed adapter freed after its install (memory reused) and once
+with them kept (fresh memory, as while the CPU cache fills up).
 
     python -m bench.bench_load [--loads 60] [--adapters 8] [--rank 16] [--dtype auto]
 """
@@ -49,10 +49,11 @@ def time_loads(
 ) -> dict[str, list[float]]:
     """Seconds per load: parse, install, and both (disk -> slot); install of a parsed one (CPU -> slot).
 
-    keep=False drops each parsed adapter after its install, as a server whose CPU cache is full
-    drops the least recent one: memory is reused. keep=True keeps one per folder, as a cache
-    still filling up: each load writes into memory the process never touched, whose first-touch
-    page faults are expensive on a virtual machine (several microseconds per 4 KiB page here).
+    keep=False frees each parsed adapter right after its install (what bench_adapters measured
+    before), so the allocator hands the next load the same memory. keep=True keeps one per
+    folder, as a CPU cache still filling up: each load then writes into memory the process has
+    not touched yet, and its first-touch page faults cost several microseconds per 4 KiB page
+    on this virtual machine (~10 ms for 19 MiB).
     """
     times: dict[str, list[float]] = {"parse": [], "install": [], "disk": [], "disk_cpu_time": [], "cpu": []}
     parsed = {}
@@ -71,11 +72,10 @@ def time_loads(
         times["disk"].append(done - started)
         if keep:
             parsed[folder] = weights
-        else:
-            parsed = {folder: weights}
         del weights
     for i in range(loads):
-        weights = parsed.get(folders[i % len(folders)]) or next(iter(parsed.values()))
+        folder = folders[i % len(folders)]
+        weights = parsed[folder] if keep else load(folder)
         started = time.perf_counter()
         table.install(0, weights)
         times["cpu"].append(time.perf_counter() - started)
@@ -124,8 +124,8 @@ def main() -> None:
             time_loads(table, load, folders, len(folders), keep=False)
         results = {}
         for name, load in paths.items():
-            results[f"{name}, cache full"] = time_loads(table, load, folders, args.loads, keep=False)
-            results[f"{name}, cache filling"] = time_loads(table, load, folders, args.loads, keep=True)
+            results[f"{name}, memory reused"] = time_loads(table, load, folders, args.loads, keep=False)
+            results[f"{name}, fresh memory"] = time_loads(table, load, folders, args.loads, keep=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"\nrank-{args.rank} LoRA on every linear layer of {model.name} ({size / 2**20:.1f} MiB file), "
@@ -146,7 +146,7 @@ def main() -> None:
             f"| {ms['install'][0]:.2f} ms | {ms['cpu'][0]:.2f} ms | {ms['cpu'][1]:.2f} ms |"
         )
     if len(results) == 4:
-        for state in ("cache full", "cache filling"):
+        for state in ("memory reused", "fresh memory"):
             fast, ref = (statistics.median(t["disk"]) for n, t in results.items() if n.endswith(state))
             print(f"\ndisk -> slot, {state}: reference / server {ref / fast:.1f}x")
 
