@@ -71,7 +71,7 @@ format: install-dev
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-## bench: engine vs PEFT and generate with many adapters; prints a table, writes bench/results/adapters.json
+## bench: engine vs PEFT and generate, then 1,000 and 10,000 adapters under Zipf load; prints tables, writes bench/results/adapters.json
 bench: install
 	$(PY) -m bench.bench_adapters --out bench/results/adapters.json $(BENCH_ARGS)
 

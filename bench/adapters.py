@@ -3,7 +3,11 @@ and load tests. Weights are small random values: they change the output but keep
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import shutil
+import struct
 from pathlib import Path
 
 import torch
@@ -105,3 +109,96 @@ def zipf_choices(count: int, population: int, s: float, seed: int) -> list[int]:
     return torch.multinomial(
         weights, count, replacement=True, generator=torch.Generator().manual_seed(seed)
     ).tolist()
+
+
+def write_lora_store(
+    root: Path,
+    shape: ModelShape,
+    count: int,
+    ranks: tuple[int, int] = (8, 16),
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    distinct: int = 64,
+    seed: int = 0,
+) -> list[str]:
+    """`count` LoRA folders `t00000`, `t00001`, ... in PEFT's format, fast enough for 10,000.
+
+    Ranks are drawn uniformly from `ranks` (inclusive), on `targets` of every layer (PEFT's
+    default for Llama), stored in bfloat16 (the server converts on load). `distinct` weight
+    files are written directly, their tensors cut at random offsets from two pools of random
+    values drawn once; the other folders hard-link one of them (as S-LoRA's benchmark reuses
+    weights under many names), since this disk writes ~100 MB/s and 10,000 distinct files
+    would take 14 GB. Every folder is its own adapter to the server: its own name, config and
+    load. Returns the names.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    files = []
+    for index in range(min(count, distinct)):
+        rank = int(torch.randint(ranks[0], ranks[1] + 1, (1,), generator=gen))
+        folder = _write_lora_fast(root / f"t{index:05d}", shape, rank, targets, gen)
+        files.append((rank, folder / "adapter_model.safetensors"))
+    names = [f"t{index:05d}" for index in range(count)]
+    for index, name in enumerate(names[len(files) :], start=len(files)):
+        rank, weights = files[index % len(files)]
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "adapter_config.json").write_text(json.dumps(_lora_config(rank, targets)))
+        try:
+            os.link(weights, folder / "adapter_model.safetensors")
+        except OSError:  # no hard links here
+            shutil.copyfile(weights, folder / "adapter_model.safetensors")
+    return names
+
+
+def _lora_config(rank: int, targets: tuple[str, ...]) -> dict:
+    return {
+        "task_type": "CAUSAL_LM",
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": list(targets),
+    }
+
+
+_POOL = 1 << 22
+
+
+@functools.cache
+def _pools(fan_in: int) -> dict[str, memoryview]:
+    """Random bfloat16 values as bytes: lora_A ~ N(0, 1/fan_in), lora_B ~ N(0, 0.01^2)."""
+    gen = torch.Generator().manual_seed(fan_in)
+    pools = {
+        "lora_A": torch.randn(_POOL, generator=gen) / fan_in**0.5,
+        "lora_B": torch.randn(_POOL, generator=gen) * 0.01,
+    }
+    return {k: memoryview(v.to(torch.bfloat16).view(torch.uint8).numpy()) for k, v in pools.items()}
+
+
+def _write_lora_fast(
+    folder: Path, shape: ModelShape, rank: int, targets: tuple[str, ...], gen: torch.Generator
+) -> Path:
+    """A safetensors file written by hand: header, then slices of the random pools."""
+    dims = shape.linear_dims()
+    pools = _pools(max(dims[m][0] for m in targets))
+    header, chunks, offset = {}, [], 0
+    for layer in range(shape.num_layers):
+        for module in targets:
+            fan_in, fan_out = dims[module]
+            for part, tensor_shape in (("lora_A", [rank, fan_in]), ("lora_B", [fan_out, rank])):
+                nbytes = 2 * tensor_shape[0] * tensor_shape[1]
+                start = 2 * int(torch.randint(0, _POOL - nbytes // 2, (1,), generator=gen))
+                header[f"{_peft_name(layer, module)}.{part}.weight"] = {
+                    "dtype": "BF16",
+                    "shape": tensor_shape,
+                    "data_offsets": [offset, offset + nbytes],
+                }
+                chunks.append(pools[part][start : start + nbytes])
+                offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # as safetensors does: the data starts 8-aligned
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps(_lora_config(rank, targets)))
+    with open(folder / "adapter_model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        f.writelines(chunks)
+    return folder

@@ -8,7 +8,12 @@ token, prefill included. Engine figures are the median of --repeats runs of one 
 one warm-up run (adapters then sit in slots or the CPU cache, as on a server that has been up
 a while).
 
+The large part (bench/many_adapters.py) runs K = 1,000 and 10,000 adapters, more than the
+slots and the CPU cache hold, with Zipf s = 1 and s = 0.5: tokens/s against no adapters,
+adapter loads per second, load time and queue time (p95 per popularity decile too).
+
     python -m bench.bench_adapters --out bench/results/adapters.json
+    python -m bench.bench_adapters --quick      # the large part only, small and short
 """
 
 from __future__ import annotations
@@ -24,7 +29,15 @@ from pathlib import Path
 
 import torch
 
-from bench.adapters import write_bottleneck, write_ia3, write_lora, write_prompt, zipf_choices
+from bench import many_adapters
+from bench.adapters import (
+    write_bottleneck,
+    write_ia3,
+    write_lora,
+    write_lora_store,
+    write_prompt,
+    zipf_choices,
+)
 from server.adapters.loader import folder_loader
 from server.adapters.slots import SlotTable
 from server.base_model import LoadedModel, load_base_model
@@ -211,9 +224,104 @@ def main() -> None:
         default=16,
         help="requests timed for the per-request PEFT baseline (its rate does not depend on N)",
     )
+    parser.add_argument(
+        "--parts",
+        default="small,large",
+        help="which parts to run: small (K up to 64 against the baselines), large (thousands of adapters)",
+    )
+    parser.add_argument(
+        "--large-ks", default="1000,10000", help="adapter counts K of the large part (comma-separated)"
+    )
+    parser.add_argument(
+        "--large-zipf-s", default="1.0,0.5", help="Zipf exponents of the large part (comma-separated)"
+    )
+    parser.add_argument("--large-requests", type=int, default=256, help="requests per run of the large part")
+    parser.add_argument("--large-new-tokens", type=int, default=32, help="tokens per request, large part")
+    parser.add_argument(
+        "--large-slots", type=int, default=32, help="device slots (--max-active-adapters), large part"
+    )
+    parser.add_argument(
+        "--large-cpu-memory", default="256MiB", help="CPU adapter cache (--cpu-adapter-memory), large part"
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=900,
+        help="seconds before a large-part run gives up on its requests",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="only a short large part, to check it: K=200 and 1000, 64 requests of 8 tokens, 8 slots, 64MiB",
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.parts, args.large_ks, args.large_requests, args.large_new_tokens = "large", "200,1000", 64, 8
+        args.large_slots, args.large_cpu_memory = 8, "64MiB"
     torch.manual_seed(0)
     model = load_base_model(Settings.load({"dtype": args.dtype}).model)
+    payload: dict = {}
+    parts = set(args.parts.split(","))
+    if "large" in parts:  # first: the small part folds an adapter into the model's weights at its end
+        payload["many_adapters"] = run_large(args, model)
+    if "small" in parts:
+        payload |= run_small(args, model)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(payload, indent=2))
+
+
+def run_large(args, model: LoadedModel) -> dict:
+    """K = thousands of adapters, more than slots and than the CPU cache (bench/many_adapters.py)."""
+    prompts = make_prompts(args.large_requests, model.shape.vocab_size, seed=2)
+    adapters = AdapterSettings(max_active_adapters=args.large_slots, cpu_adapter_memory=args.large_cpu_memory)
+    ks = [int(k) for k in args.large_ks.split(",")]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="peftserve-bench-many-") as tmp:
+        store = Path(tmp) / "store"
+        started = time.perf_counter()
+        write_lora_store(store, model.shape, max(ks))
+        print(
+            f"{time.strftime('%H:%M:%S')} wrote {max(ks)} adapters in {time.perf_counter() - started:.1f} s",
+            file=sys.stderr,
+        )
+        nt, limit = args.large_new_tokens, args.time_limit
+        base = many_adapters.base_rate(model, store, prompts, nt, limit)
+        print(f"{time.strftime('%H:%M:%S')} many adapters, no adapters: {base:.3g} tokens/s", file=sys.stderr)
+        for k in ks:
+            view = store if k == max(ks) else _first(store, k, Path(tmp) / f"k{k}")
+            for s in (float(x) for x in args.large_zipf_s.split(",")):
+                ranks = zipf_choices(len(prompts), k, s, seed=k)
+                result = many_adapters.run_churn(model, view, prompts, ranks, k, s, nt, adapters, limit)
+                done = f"{result.completed}/{result.requests} completed"
+                print(
+                    f"{time.strftime('%H:%M:%S')} K={k} s={s}: {result.tokens_per_s:.3g} tokens/s, {done}",
+                    file=sys.stderr,
+                )
+                results.append(result)
+    many_adapters.report(results, base, adapters, args)
+    return {
+        "base_tokens_per_s": base,
+        "runs": [r.as_json() for r in results],
+        "workload": {
+            "requests": args.large_requests,
+            "new_tokens": args.large_new_tokens,
+            "slots": args.large_slots,
+            "cpu_adapter_memory": args.large_cpu_memory,
+        },
+    }
+
+
+def _first(store: Path, k: int, view: Path) -> Path:
+    """A store of the first k adapters of `store`, as symbolic links to their folders."""
+    view.mkdir()
+    for index in range(k):
+        (view / f"t{index:05d}").symlink_to(store / f"t{index:05d}", target_is_directory=True)
+    return view
+
+
+def run_small(args, model: LoadedModel) -> dict:
+    """K up to 64 adapters of rank 16 on every linear layer, and every kind, against the baselines."""
     model_dir = Path(model.hf.name_or_path)
     pad = model.tokenizer.pad_token_id
     ks = [int(k) for k in args.ks.split(",")]
@@ -245,10 +353,10 @@ def main() -> None:
         few = args.baseline_requests
         results["PEFT set_adapter + generate"] = peft_per_request(peft, prompts[:few], names[:few], pad, nt)
         results["PEFT adapter_names batch"] = peft_mixed_batches(peft, prompts, names, pad, nt, args.batch)
-    report(results, args, model)
+    return report(results, args, model)
 
 
-def report(results: dict[str, float], args, model: LoadedModel) -> None:
+def report(results: dict[str, float], args, model: LoadedModel) -> dict:
     base = results["engine, no adapters"]
     print(
         f"\n{args.requests} requests, 32-128 prompt tokens, {args.new_tokens} new tokens each, "
@@ -274,23 +382,20 @@ def report(results: dict[str, float], args, model: LoadedModel) -> None:
         ratios[label] = ratio
         verdict = "(no target)" if goal is None else f">= {goal} {'ok' if ratio >= goal else 'MISSED'}"
         print(f"| {label} | {ratio:.2f} | {verdict} |")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "tokens_per_s": {k: v for k, v in results.items() if not k.startswith("adapter load")},
-            "adapter_load_seconds_median": results["adapter load (s, median)"],
-            "ratios": ratios,
-            "workload": {
-                "requests": args.requests,
-                "new_tokens": args.new_tokens,
-                "zipf_s": args.zipf_s,
-                "ks": args.ks,
-                "dtype": str(model.dtype),
-                "threads": torch.get_num_threads(),
-                "machine": platform.processor() or platform.machine(),
-            },
-        }
-        args.out.write_text(json.dumps(payload, indent=2))
+    return {
+        "tokens_per_s": {k: v for k, v in results.items() if not k.startswith("adapter load")},
+        "adapter_load_seconds_median": results["adapter load (s, median)"],
+        "ratios": ratios,
+        "workload": {
+            "requests": args.requests,
+            "new_tokens": args.new_tokens,
+            "zipf_s": args.zipf_s,
+            "ks": args.ks,
+            "dtype": str(model.dtype),
+            "threads": torch.get_num_threads(),
+            "machine": platform.processor() or platform.machine(),
+        },
+    }
 
 
 if __name__ == "__main__":

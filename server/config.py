@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ByteSize, Field
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -80,8 +80,8 @@ class AdapterSettings(_Section):
     max_active_adapters: int = Field(default=32, ge=1)
     """Device slots: adapters resident for batching at once."""
 
-    max_cpu_adapters: int = Field(default=256, ge=0)
-    """Adapters kept parsed in CPU memory (least recently used leave first)."""
+    cpu_adapter_memory: ByteSize = Field(default="2GiB", ge=0)
+    """Bytes of parsed adapters kept in CPU memory, e.g. 2GiB or 500MB (least recently used leave first)."""
 
     max_lora_rank: int = Field(default=64, ge=1)
     """Highest LoRA rank accepted; higher ones are refused at load."""

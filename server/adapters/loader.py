@@ -10,32 +10,45 @@ import torch
 
 from server.adapters import bottleneck, ia3, lora, prefix, prompt
 from server.adapters.common import (
+    WEIGHTS_FILE,
     AdapterError,
     AdapterWeights,
     peft_type_of,
     positive_int,
     read_config,
     read_tensors,
+    read_tensors_reference,
 )
 from server.adapters.lora import BaseWeight
 from server.base_model import LoadedModel, ModelShape, dense_weight, linear_module
 
 ADAPTERHUB_WEIGHTS = "adapter.safetensors"
+# (folder, file name) -> the file's tensors, checked; read_tensors or read_tensors_reference.
+Reader = Callable[[Path, str], dict[str, torch.Tensor]]
 
 
 def load_adapter(
-    folder: Path, shape: ModelShape, *, max_rank: int, dtype: torch.dtype, base_weight: BaseWeight
+    folder: Path,
+    shape: ModelShape,
+    *,
+    max_rank: int,
+    dtype: torch.dtype,
+    base_weight: BaseWeight,
+    read: Reader = read_tensors,
 ) -> AdapterWeights:
-    """Parse and validate an adapter folder against the base model; raises AdapterError."""
+    """Parse and validate an adapter folder against the base model; raises AdapterError.
+
+    Runs on the loader thread: the result is in `dtype`, in memory of its own, ready for a slot.
+    """
     config = read_config(folder)
     if bottleneck.is_adapterhub(config):
-        weights = bottleneck.parse_adapterhub(config, read_tensors(folder, ADAPTERHUB_WEIGHTS), shape)
+        weights = bottleneck.parse_adapterhub(config, read(folder, ADAPTERHUB_WEIGHTS), shape)
     else:
         peft_type = peft_type_of(config)
-        tensors = read_tensors(folder)
+        tensors = read(folder, WEIGHTS_FILE)
         if peft_type == "LORA":
-            weights = lora.parse(config, tensors, shape, max_rank, base_weight)
-        elif peft_type == "IA3":
+            return lora.parse(config, tensors, shape, max_rank, base_weight, dtype)  # packed in dtype
+        if peft_type == "IA3":
             weights = ia3.parse(config, tensors, shape)
         elif peft_type in ("PROMPT_TUNING", "P_TUNING"):
             weights = prompt.parse(config, tensors, shape, peft_type)
@@ -47,11 +60,13 @@ def load_adapter(
         raise AdapterError(
             f"bottleneck size {weights.rank} is above --max-lora-rank {max_rank}", "bottleneck_size"
         )
-    weights.cast(dtype)
+    weights.own(dtype)
     return weights
 
 
-def folder_loader(model: LoadedModel, max_rank: int) -> Callable[[Path], AdapterWeights]:
+def folder_loader(
+    model: LoadedModel, max_rank: int, read: Reader = read_tensors
+) -> Callable[[Path], AdapterWeights]:
     """Load (and so validate) adapter folders against this base model, in its dtype."""
     hf = model.hf
 
@@ -62,9 +77,15 @@ def folder_loader(model: LoadedModel, max_rank: int) -> Callable[[Path], Adapter
             max_rank=max_rank,
             dtype=model.dtype,
             base_weight=lambda layer, name: dense_weight(linear_module(hf, layer, name)),
+            read=read,
         )
 
     return load
+
+
+def reference_folder_loader(model: LoadedModel, max_rank: int) -> Callable[[Path], AdapterWeights]:
+    """`folder_loader` reading files through the safetensors library: the reference for tests and bench."""
+    return folder_loader(model, max_rank, read_tensors_reference)
 
 
 @dataclass(frozen=True)

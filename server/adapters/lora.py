@@ -30,6 +30,10 @@ from server.base_model import ModelShape
 BaseWeight = Callable[[int, str], torch.Tensor]
 
 _TENSOR = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
+_NAME = re.compile(
+    r"(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\."
+    r"(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)"
+)
 _REFUSED = {
     "bias": ("none", "trained LoRA biases are not supported"),
     "lora_bias": (False, "trained LoRA biases are not supported"),
@@ -72,6 +76,18 @@ def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> 
     return default
 
 
+def _site_of(name: str, num_layers: int) -> tuple[tuple[int, str], str]:
+    """((layer, module), tensor kind) of a PEFT LoRA tensor name; raises AdapterError."""
+    match = _NAME.fullmatch(name)  # PEFT's own naming, in one match; anything else the long way
+    if match is not None and int(match.group(1)) < num_layers:
+        return (int(match.group(1)), match.group(2)), match.group(3)
+    kind = _TENSOR.search(name)
+    site = layer_module(name, num_layers) if kind else None
+    if kind is None or site is None:
+        raise AdapterError(f"tensor {name} is not a LoRA weight of a decoder linear layer", name)
+    return site, kind.group(1)
+
+
 def _check_config(config: dict[str, Any]) -> None:
     for key, (allowed, why) in _REFUSED.items():
         if config.get(key, allowed) not in (allowed, None):
@@ -90,7 +106,15 @@ def parse(
     shape: ModelShape,
     max_rank: int,
     base_weight: BaseWeight,
+    dtype: torch.dtype = torch.float32,
 ) -> LoraWeights:
+    """Check the adapter against the base and pack it, in `dtype`, into one buffer of its own.
+
+    `tensors` may be views of the file (`read_tensors`): each is read once, straight into
+    its place in the buffer, converted and (for B) transposed and scaled on the way. Every
+    site's a, b and DoRA scale are views into that buffer, which the slot tables then use as
+    they are.
+    """
     _check_config(config)
     alpha = finite_number(config, "lora_alpha", 8.0)
     alpha_pattern = config.get("alpha_pattern") or {}
@@ -98,39 +122,56 @@ def parse(
     dims = shape.linear_dims()
     parts: dict[tuple[int, str], dict[str, tuple[str, torch.Tensor]]] = {}
     for name, tensor in tensors.items():
-        kind = _TENSOR.search(name)
-        site = layer_module(name, shape.num_layers) if kind else None
-        if kind is None or site is None:
-            raise AdapterError(f"tensor {name} is not a LoRA weight of a decoder linear layer", name)
+        site, kind = _site_of(name, shape.num_layers)
         if site[1] not in dims:
             raise AdapterError(
                 f"tensor {name} targets module {site[1]!r}, which the base lacks; it has {', '.join(dims)}",
                 name,
             )
-        parts.setdefault(site, {})[kind.group(1)] = (name, tensor)
+        parts.setdefault(site, {})[kind] = (name, tensor)
     if not parts:
         raise AdapterError("adapter_model.safetensors holds no LoRA weights", "adapter_model.safetensors")
-    weights = LoraWeights(peft_type="LORA", config=config)
+    checked = []  # (site, a, b, scale, magnitude or None, rank, in, out)
     for (layer, module), found in sorted(parts.items()):
         path = module_path(layer, module)
         if "lora_A.weight" not in found or "lora_B.weight" not in found:
             raise AdapterError(f"{path} needs both lora_A and lora_B weights", path)
         (a_name, a), (b_name, b) = found["lora_A.weight"], found["lora_B.weight"]
-        rank = a.shape[0]
+        rank = a.shape[0] if a.shape else 0
+        if rank < 1:
+            raise AdapterError(f"{path} has rank 0", "r")
         if rank > max_rank:
             raise AdapterError(f"{path} has rank {rank}, above --max-lora-rank {max_rank}", "r")
         in_features, out_features = dims[module]
         expect_shape(a_name, a, (rank, in_features))
         expect_shape(b_name, b, (out_features, rank))
-        module_alpha = float(_pattern_value(alpha_pattern, path, alpha))
+        module_alpha = float(_pattern_value(alpha_pattern, path, alpha)) if alpha_pattern else alpha
         scale = module_alpha / (math.sqrt(rank) if rslora else rank)
-        site = LoraSite(a=a.float().contiguous(), b=(b.float() * scale).t().contiguous())
+        magnitude = None
         if "lora_magnitude_vector" in found:
             m_name, magnitude = found["lora_magnitude_vector"]
             expect_shape(m_name, magnitude, (out_features,))
-            site.dora_scale = dora_scale(base_weight(layer, module), site, magnitude.float())
         elif config.get("use_dora"):
             raise AdapterError(f"use_dora is set but {path} has no lora_magnitude_vector", path)
+        checked.append(((layer, module), a, b, scale, magnitude, rank, in_features, out_features))
+    total = sum(r * (i + o) + (0 if m is None else o) for *_, m, r, i, o in checked)
+    buffer = torch.empty(total, dtype=dtype)  # every site's a, b and DoRA scale, back to back
+    weights = LoraWeights(peft_type="LORA", config=config)
+    offset = 0
+    for (layer, module), a, b, scale, magnitude, rank, in_features, out_features in checked:
+        site = LoraSite(
+            a=buffer.as_strided((rank, in_features), (in_features, 1), offset),
+            b=buffer.as_strided((rank, out_features), (out_features, 1), offset + rank * in_features),
+        )
+        offset += rank * (in_features + out_features)
+        site.a.copy_(a)
+        # (out, r) -> (r, out), scaled; computed in float32 whatever the file's dtype.
+        torch.mul(b.t() if b.dtype == torch.float32 else b.t().float(), scale, out=site.b)
+        if magnitude is not None:
+            exact = LoraSite(a=a.float(), b=(b.float() * scale).t().contiguous())
+            site.dora_scale = buffer.as_strided((out_features,), (1,), offset)
+            site.dora_scale.copy_(dora_scale(base_weight(layer, module), exact, magnitude.float()))
+            offset += out_features
         weights.sites[(layer, module)] = site
     return weights
 

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -172,8 +173,9 @@ class LowRankTable:
         # per slot the data pointers of a, b, a_bias, b_bias (0 = absent), then the ranks.
         self._meta = torch.zeros(4 + 5 * num_slots, dtype=torch.int64)
         self._meta[:4] = torch.tensor([in_features, out_features, _KERNEL_DTYPES.get(dtype, -1), num_slots])
-        self._ptrs = self._meta[4 : 4 + 4 * num_slots].view(4, num_slots)
-        self._ranks = self._meta[4 + 4 * num_slots :]
+        # Plain machine words over the same memory: set/clear write them without torch's
+        # per-element indexing, which would cost more than the rest of an install.
+        self._words = (ctypes.c_int64 * self._meta.numel()).from_address(self._meta.data_ptr())
         self._native = dtype in _KERNEL_DTYPES and self.device.type == "cpu"
 
     def set(
@@ -204,18 +206,18 @@ class LowRankTable:
                     f"{name} is {t.dtype} on {t.device}, the table holds {self.dtype} on {self.device}: "
                     f"cast it with .to({self.dtype}, device='{self.device}') first"
                 )
-        w = LowRankWeights(*(t if t is None else t.detach().contiguous() for t in (a, b, a_bias, b_bias)))
+        w = LowRankWeights(*(_kept(t) for t in (a, b, a_bias, b_bias)))
         self._weights[slot] = w
         for i, t in enumerate(w):
-            self._ptrs[i, slot] = 0 if t is None else t.data_ptr()
-        self._ranks[slot] = rank
+            self._words[4 + i * self.num_slots + slot] = 0 if t is None else t.data_ptr()
+        self._words[4 + 4 * self.num_slots + slot] = rank
 
     def clear(self, slot: int) -> None:
         """Empty `slot`: its rows then get no adapter."""
         self._check_slot(slot)
         self._weights[slot] = None
-        self._ranks[slot] = 0
-        self._ptrs[:, slot] = 0
+        for i in range(5):  # the four pointers, then the rank
+            self._words[4 + i * self.num_slots + slot] = 0
 
     def get(self, slot: int) -> LowRankWeights | None:
         self._check_slot(slot)
@@ -228,6 +230,15 @@ class LowRankTable:
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
             raise LowRankError(f"slot {slot} is outside this table's 0..{self.num_slots - 1}")
+
+
+def _kept(t: torch.Tensor | None) -> torch.Tensor | None:
+    """`t` as a table keeps it: detached and contiguous, without a new view where it already is."""
+    if t is None:
+        return None
+    if t.requires_grad:
+        t = t.detach()
+    return t if t.is_contiguous() else t.contiguous()
 
 
 # ---------------------------------------------------------------------------- applying
@@ -429,6 +440,7 @@ def build_kernel(flags: tuple[str, ...] = CFLAGS) -> Path:
         ) from e
     os.close(fd)
     cmd = [cc, *flags, "-o", tmp, str(_SOURCE), "-lm"]
+    log.info("compiling the low-rank kernel for this CPU: %s", " ".join(cmd))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
@@ -449,18 +461,27 @@ _warned: set[str] = set()
 
 
 def native_kernel() -> NativeKernel | None:
-    """The native kernel, built and loaded on first use; None (with one warning) if it can't be."""
+    """The native kernel, built (once per machine) and loaded on first call; None (with one warning)
+    if it can't be. The server calls it at start-up (`prepare_for`), so no step waits for a compiler."""
     global _kernel, _kernel_tried
     if _kernel_tried:
         return _kernel
     with _lock:
         if not _kernel_tried:
+            started = time.perf_counter()
             try:
                 _kernel = NativeKernel(build_kernel())
+                log.info("low-rank kernel ready in %.2f s: %s", time.perf_counter() - started, _kernel.path)
             except KernelBuildError as e:
                 _warn_once("build", f"low-rank adapters use the slower torch path: {e}")
             _kernel_tried = True
     return _kernel
+
+
+def prepare_for(dtype: torch.dtype, device: torch.device) -> None:
+    """Build and load the native kernel now if tables of this dtype and device will use it."""
+    if dtype in _KERNEL_DTYPES and device.type == "cpu":
+        native_kernel()
 
 
 def _native_for(x: torch.Tensor, y: torch.Tensor, table: LowRankTable) -> NativeKernel | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.adapters import lowrank
 from server.adapters.bottleneck import BottleneckWeights
 from server.adapters.common import AdapterWeights
 from server.adapters.ia3 import IA3Weights
@@ -63,6 +64,7 @@ class SlotTable:
     _tables_of: list[list[LowRankTable | ScaleTable]] = field(init=False)
 
     def __post_init__(self) -> None:
+        lowrank.prepare_for(self.dtype, self.device)  # compile at start-up, not on the first LoRA step
         n = self.num_slots
         self.kinds, self.activation, self.reads_residual = [None] * n, [None] * n, [False] * n
         self.prompts, self.prefixes = [None] * n, [None] * n
@@ -79,6 +81,9 @@ class SlotTable:
         return tables[site]
 
     def _put(self, x: torch.Tensor) -> torch.Tensor:
+        # Parsed adapters already are in the table's dtype (on the CPU): no call into torch then.
+        if x.dtype == self.dtype and x.device == self.device:
+            return x
         return x.to(dtype=self.dtype, device=self.device)
 
     def install(self, slot: int, weights: AdapterWeights) -> None:

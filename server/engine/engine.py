@@ -153,7 +153,7 @@ class Engine:
         load = folder_loader(model, self.adapter_settings.max_lora_rank)
         self.tiers = AdapterTiers(
             self.slots,
-            self.adapter_settings.max_cpu_adapters,
+            self.adapter_settings.cpu_adapter_memory,
             lambda ref: load(ref.path),
             self._wake.set,
             self.metrics,

@@ -1,4 +1,4 @@
-"""Adapter memory tiers: disk store -> CPU cache (LRU) -> device slots.
+"""Adapter memory tiers: disk store -> CPU cache (LRU, sized in bytes) -> device slots.
 
 The engine thread owns the slots; reading and parsing an adapter from disk happens on a
 background thread so running requests keep decoding while it loads. A slot is only ever
@@ -42,13 +42,15 @@ class AdapterTiers:
     def __init__(
         self,
         table: SlotTable,
-        max_cpu_adapters: int,
+        cpu_bytes: int,
         load: Callable[[AdapterRef], AdapterWeights],
         wake: Callable[[], None],
         metrics: Metrics,
     ) -> None:
         self.table = table
-        self.max_cpu = max_cpu_adapters
+        self.max_cpu_bytes = cpu_bytes
+        self.cpu_bytes = 0
+        """Bytes of the adapters in `cpu`."""
         self._load = load
         self._wake = wake
         self.metrics = metrics
@@ -131,12 +133,18 @@ class AdapterTiers:
         self.slots[slot] = SlotState()
 
     def _remember(self, key: str, weights: AdapterWeights) -> None:
-        if self.max_cpu == 0:
+        """Keep a parsed adapter within the byte budget; one larger than all of it is not kept."""
+        size = weights.nbytes
+        if key in self.cpu:
+            self.cpu.move_to_end(key)
+            return
+        if size > self.max_cpu_bytes:
             return
         self.cpu[key] = weights
-        self.cpu.move_to_end(key)
-        while len(self.cpu) > self.max_cpu:
-            self.cpu.popitem(last=False)
+        self.cpu_bytes += size
+        while self.cpu_bytes > self.max_cpu_bytes:
+            _, oldest = self.cpu.popitem(last=False)
+            self.cpu_bytes -= oldest.nbytes
 
     def _install(
         self, slot: int, ref: AdapterRef, weights: AdapterWeights, source: str, read_seconds: float

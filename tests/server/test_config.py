@@ -58,3 +58,16 @@ def test_invalid_values_are_refused(capsys):
         Settings.load({"port": 70000})
     with pytest.raises(ValueError, match="unknown settings"):
         Settings.load({"no_such_field": 1})
+
+
+def test_cpu_adapter_memory_takes_bytes_or_units(monkeypatch):
+    assert Settings.load().adapters.cpu_adapter_memory == 2 * 1024**3
+    assert Settings.load({"cpu_adapter_memory": "500MB"}).adapters.cpu_adapter_memory == 500 * 10**6
+    assert Settings.load({"cpu_adapter_memory": 12345}).adapters.cpu_adapter_memory == 12345
+    monkeypatch.setenv("PEFTSERVE_CPU_ADAPTER_MEMORY", "1.5GiB")
+    args = build_parser().parse_args(["serve"])
+    assert settings_from_args(args).adapters.cpu_adapter_memory == 3 * 1024**3 // 2
+    args = build_parser().parse_args(["serve", "--cpu-adapter-memory", "64MiB"])
+    assert settings_from_args(args).adapters.cpu_adapter_memory == 64 * 1024**2
+    with pytest.raises(ValidationError):
+        Settings.load({"cpu_adapter_memory": "lots"})

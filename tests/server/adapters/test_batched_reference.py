@@ -80,7 +80,7 @@ def test_every_kind_mixed_in_one_batch_equals_its_reference(tiny_model, tiny_mod
 
 def test_three_times_more_adapters_than_slots(tiny_model, tiny_model_dir, tiny_store):
     prompts = [tiny_model.tokenizer("Once upon a time").input_ids]
-    served = serve_mixed(tiny_model, tiny_store, prompts, max_active_adapters=3, max_cpu_adapters=2)
+    served = serve_mixed(tiny_model, tiny_store, prompts, max_active_adapters=3, cpu_adapter_memory=20_000)
     check_against_references(tiny_model, tiny_model_dir, tiny_store, prompts, served)
 
 

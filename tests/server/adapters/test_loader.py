@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.adapters.common import SUPPORTED_TEXT, AdapterError
-from server.adapters.loader import describe, folder_loader
+from server.adapters.common import (
+    SUPPORTED_TEXT,
+    AdapterError,
+    module_path,
+    read_tensors,
+    read_tensors_reference,
+)
+from server.adapters.loader import describe, folder_loader, load_adapter, reference_folder_loader
 from server.base_model import ModelShape
-from tests.adapter_factory import make_bottleneck_adapter, make_peft_adapter
+from tests.adapter_factory import PEFT_KINDS, make_bottleneck_adapter, make_peft_adapter
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +210,127 @@ def test_adapterhub_options_we_cannot_reproduce(tiny_model, tmp_path, option):
     ours = make_bottleneck_adapter(tiny_model.shape, tmp_path / "ours")
     hub = _as_adapterhub(ours, tmp_path / "hub", tiny_model.shape, **option)
     refused(hub, tiny_model, next(iter(option)))
+
+
+@pytest.mark.parametrize("kind", [*PEFT_KINDS, "bottleneck"])
+def test_mapped_reader_equals_the_library_reader(kind, tiny_model_dir, tiny_model, tmp_path):
+    if kind == "bottleneck":
+        folder = make_bottleneck_adapter(tiny_model.shape, tmp_path / kind)
+    else:
+        folder = make_peft_adapter(tiny_model_dir, kind, tmp_path / kind)
+    fast = folder_loader(tiny_model, 64)(folder)
+    reference = reference_folder_loader(tiny_model, 64)(folder)
+    assert type(fast) is type(reference) and fast.config == reference.config
+    assert len(fast.tensors()) == len(reference.tensors()) > 0
+    for x, y in zip(fast.tensors(), reference.tensors(), strict=True):
+        assert x.dtype == y.dtype == tiny_model.dtype and x.shape == y.shape and torch.equal(x, y)
+
+
+def _raw_file(path: Path, header: dict, data: bytes) -> None:
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+@pytest.mark.parametrize(
+    "header, data, match",
+    [
+        ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(12), "after the last tensor"),
+        ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12), "holes"),
+        (
+            {
+                "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "y": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+            },
+            bytes(8),
+            "overlap",
+        ),
+        ({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8), "do not match"),
+        ({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8), "do not match"),
+        ({"x": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, bytes(8), "unknown dtype"),
+        ({"x": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, bytes(8), "malformed"),
+        ({"x": {"dtype": "F32", "shape": [2]}}, bytes(8), "malformed"),
+        ({"__metadata__": {"a": 1}}, b"", "__metadata__"),
+    ],
+)
+def test_malformed_safetensors_are_refused(tmp_path, header, data, match):
+    _raw_file(tmp_path / "adapter_model.safetensors", header, data)
+    with pytest.raises(AdapterError, match=match):
+        read_tensors(tmp_path)
+    with pytest.raises(AdapterError):  # the library refuses them too
+        read_tensors_reference(tmp_path)
+
+
+def test_header_longer_than_the_file(tmp_path):
+    (tmp_path / "adapter_model.safetensors").write_bytes(struct.pack("<Q", 1000) + b"{}")
+    with pytest.raises(AdapterError, match="does not fit"):
+        read_tensors(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_a_non_finite_value_anywhere_is_found_and_named(tmp_path, bad, mixed):
+    tensors = {f"t{i}": torch.randn(300, 70) for i in range(5)}
+    if mixed:  # several dtypes: checked tensor by tensor
+        tensors["t0"] = tensors["t0"].to(torch.bfloat16)
+    tensors["t3"][211, 17] = bad
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match="t3 holds NaN or Inf") as error:
+        read_tensors(tmp_path)
+    assert error.value.field == "t3"
+
+
+def test_integer_tensors_are_refused(tmp_path):
+    save_file({"x": torch.ones(3), "n": torch.arange(4)}, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match=r"n has dtype torch\.int64"):
+        read_tensors(tmp_path)
+
+
+def test_tensors_read_equal_the_library_s_whatever_their_dtypes_and_alignment(tmp_path):
+    tensors = {
+        "a": torch.randn(3, 5),
+        "b": torch.randn(7).to(torch.bfloat16),  # 14 bytes: what follows is not 4-aligned
+        "c": torch.randn(2, 2, 3),
+        "d": torch.randn(5).to(torch.float16),
+        "e": torch.randn(0, 4),
+        "f": torch.tensor(2.5, dtype=torch.float64),
+    }
+    save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    fast, reference = read_tensors(tmp_path), read_tensors_reference(tmp_path)
+    assert fast.keys() == reference.keys() == tensors.keys()
+    for name, tensor in reference.items():
+        assert fast[name].dtype == tensor.dtype and fast[name].shape == tensor.shape
+        assert torch.equal(fast[name], tensor)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "prompt", "prefix"])
+def test_a_parsed_adapter_does_not_depend_on_its_file(kind, tiny_model_dir, tiny_model, tmp_path):
+    folder = make_peft_adapter(tiny_model_dir, kind, tmp_path / kind)
+    weights = load(folder, tiny_model)
+    before = [t.clone() for t in weights.tensors()]
+    (folder / "adapter_model.safetensors").write_bytes(b"")  # truncated in place, as a rewrite would
+    for old, now in zip(before, weights.tensors(), strict=True):
+        assert torch.equal(old, now)
+
+
+@pytest.mark.parametrize("file_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+def test_lora_packed_in_the_model_dtype_equals_the_plain_formula(
+    lora_dir, tiny_model, tmp_path, file_dtype, model_dtype
+):
+    tensors = {k: v.to(file_dtype) for k, v in load_file(lora_dir / "adapter_model.safetensors").items()}
+    pattern = {"alpha_pattern": {"v_proj": 3.0}, "use_rslora": True}
+    folder = copy_with(lora_dir, tmp_path / "x", pattern, tensors=tensors)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    weights = load_adapter(
+        folder, tiny_model.shape, max_rank=64, dtype=model_dtype, base_weight=lambda *_: None
+    )
+    for (layer, module), site in weights.sites.items():
+        prefix = f"base_model.model.{module_path(layer, module)}"
+        a, b = tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"]
+        alpha = 3.0 if module == "v_proj" else config["lora_alpha"]
+        scale = alpha / a.shape[0] ** 0.5
+        assert site.a.dtype == site.b.dtype == model_dtype
+        assert torch.equal(site.a, a.float().to(model_dtype))
+        assert torch.equal(site.b, (b.float() * scale).t().to(model_dtype))
+    storage = {t.untyped_storage().data_ptr() for t in weights.tensors()}
+    assert len(storage) == 1, "one buffer for the whole adapter"

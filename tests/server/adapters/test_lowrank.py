@@ -19,6 +19,8 @@ from server.adapters.lowrank import (
     low_rank_apply,
     low_rank_apply_reference,
 )
+from server.config import EngineSettings
+from server.engine.engine import Engine
 
 ACTS = [None, "relu", "gelu", "silu", "tanh"]
 BIG = 24  # a small big-group threshold keeps the reference loop short
@@ -282,3 +284,13 @@ def test_row_groups_layout():
     assert groups.big_spans == ((3, 2, 5),)
     assert groups.kernel_groups.tolist() == [2, 3, 0, 2, 3, 0, 5, 2, 4, 5]
     assert groups.index.tolist() == [2, 4, 0, 3, 7, 5] and groups.max_slot == 5
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler")
+def test_the_engine_builds_the_kernel_at_start_up_and_logs_it(tiny_model, monkeypatch, caplog):
+    monkeypatch.setattr(lowrank, "_kernel", None)
+    monkeypatch.setattr(lowrank, "_kernel_tried", False)
+    with caplog.at_level(logging.INFO, logger=lowrank.__name__):
+        Engine(tiny_model, EngineSettings())
+    assert lowrank._kernel_tried and lowrank._kernel is not None  # the first LoRA step finds it ready
+    assert any("low-rank kernel ready" in r.getMessage() for r in caplog.records)

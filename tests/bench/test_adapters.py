@@ -1,0 +1,39 @@
+"""The bench's fast adapter writer produces adapters the server and PEFT's own reader accept."""
+
+from __future__ import annotations
+
+import json
+
+from bench.adapters import write_lora_store, zipf_choices
+from server.adapters.common import read_tensors_reference
+from server.adapters.loader import describe, folder_loader, reference_folder_loader
+
+
+def test_a_store_of_many_loras_written_directly(tiny_model, tmp_path):
+    names = write_lora_store(tmp_path, tiny_model.shape, 40, distinct=8)
+    assert names == [f"t{i:05d}" for i in range(40)]
+    load, reference = folder_loader(tiny_model, 64), reference_folder_loader(tiny_model, 64)
+    ranks = set()
+    for name in names:
+        folder = tmp_path / name
+        config = json.loads((folder / "adapter_config.json").read_text())
+        info = describe(folder)
+        assert info.peft_type == "LORA" and 8 <= info.rank <= 16 and info.rank == config["r"]
+        assert info.target_modules == ("q_proj", "v_proj")
+        weights = load(folder)
+        assert weights.rank == info.rank and len(weights.sites) == 2 * tiny_model.shape.num_layers
+        for x, y in zip(weights.tensors(), reference(folder).tensors(), strict=True):
+            assert x.equal(y)
+        ranks.add(info.rank)
+    assert len(ranks) > 1
+    first = read_tensors_reference(tmp_path / names[0])
+    second = read_tensors_reference(tmp_path / names[1])
+    assert any(not first[k].equal(second[k]) for k in first), "distinct files hold distinct weights"
+
+
+def test_zipf_choices_favour_the_first_ranks():
+    picks = zipf_choices(5000, 1000, 1.0, seed=0)
+    assert all(0 <= p < 1000 for p in picks)
+    assert picks.count(0) > picks.count(1) > picks.count(50)
+    uniform = zipf_choices(5000, 10, 0.0, seed=0)
+    assert min(uniform.count(i) for i in range(10)) > 350
