@@ -8,7 +8,7 @@ import httpx
 
 from tests.adapter_factory import reference_tokens
 from tests.conftest import LiveServer, tiny_settings
-from tests.server.engine.test_many_adapters import SAMPLE, TOKENS, zipf_names
+from tests.server.engine.test_many_adapters import SAMPLE, TOKENS, cache_bytes_for, zipf_names
 
 
 def test_200_adapters_over_http(tiny_model, tiny_model_dir, many_lora_store):
@@ -16,7 +16,7 @@ def test_200_adapters_over_http(tiny_model, tiny_model_dir, many_lora_store):
         tiny_model_dir,
         store=many_lora_store,
         max_active_adapters=4,
-        max_cpu_adapters=16,
+        cpu_adapter_memory=cache_bytes_for(many_lora_store, 16),
         max_batch_size=16,
         max_queue=1024,
     )

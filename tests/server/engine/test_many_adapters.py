@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import statistics
+from pathlib import Path
 
 from server.config import AdapterSettings, EngineSettings
 from server.engine.engine import Engine
@@ -26,9 +28,14 @@ def zipf_names(count: int, seed: int = 0) -> list[str]:
     return [f"l{i:03d}" for i in order]
 
 
+def cache_bytes_for(store: Path, count: int) -> int:
+    """A CPU cache budget that holds about `count` of the store's adapters (of median size)."""
+    return count * int(statistics.median(p.stat().st_size for p in store.glob("*/adapter_model.safetensors")))
+
+
 def test_200_adapters_over_4_slots_and_16_cached(tiny_model, tiny_model_dir, many_lora_store):
     settings = EngineSettings(max_batch_size=16, max_queue=1024)
-    adapters = AdapterSettings(max_active_adapters=4, max_cpu_adapters=16)
+    adapters = AdapterSettings(max_active_adapters=4, cpu_adapter_memory=cache_bytes_for(many_lora_store, 16))
     engine = Engine(tiny_model, settings, adapters, Store(many_lora_store))
     prompt = engine.encode_text("The quick brown fox")
     params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)
