@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -10,7 +11,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.api.schemas import UNSUPPORTED
+
 log = logging.getLogger("peftserve.api")
+
+# pydantic names the member of a union that failed: `str`, `list[str]`, `constrained-int`, ...
+_TAG = re.compile(r"[\[\]-]|^(str|int|float|bool|none|dict|list)$")
 
 _TYPES = {
     400: "invalid_request_error",
@@ -57,14 +63,27 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
+def _field_path(loc: tuple) -> list[str]:
+    """A pydantic error location as request field names: without `body` and union member tags."""
+    return [str(p) for p in loc if p != "body" and not (isinstance(p, str) and _TAG.search(p))]
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """The first problem, phrased for a person, and the request field it concerns."""
-    first = exc.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
+    """The problem, phrased for a person, and the request field it concerns."""
+    errors = exc.errors()
+    first = errors[0]
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
-    message = first.get("msg", "invalid request")
+    path = _field_path(first.get("loc", ()))
+    param = ".".join(path) or None
+    if path and path[0] in UNSUPPORTED:
+        return f"{path[0]}: {UNSUPPORTED[path[0]]}", path[0]
+    # A value that fits none of a union's forms fails once per form: report them together.
+    same = [e for e in errors if _field_path(e.get("loc", ()))[:1] == path[:1]]
+    messages = list(dict.fromkeys(e.get("msg", "invalid") for e in same))
+    message = "; or ".join(messages) if len(same) > 1 else first.get("msg", "invalid request")
+    if len(same) > 1 and path:
+        param = path[0]
     return (f"{param}: {message}" if param else message), param
 
 
