@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api.schemas import UNSUPPORTED
@@ -108,3 +109,39 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return error_response(APIError(500, f"internal error: {type(exc).__name__}"))
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """The body of every error answer."""
+
+    error: ErrorDetail
+
+
+_DESCRIPTIONS = {
+    400: "Invalid request: the message and `param` name the field at fault",
+    401: "No `Authorization: Bearer` key, and this server needs one",
+    403: "The key is not valid for this request",
+    404: "No such model, adapter or job",
+    413: "The request body or upload is over the configured limit",
+    429: "The queue is full; retry after `Retry-After` seconds",
+    503: "The server is shutting down or the engine has stopped",
+}
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the error statuses a route answers, each with OpenAI's error body."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        responses[status] = {"model": ErrorBody, "description": _DESCRIPTIONS[status]}
+        if status == 429:
+            responses[status]["headers"] = {
+                "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}
+            }
+    return responses

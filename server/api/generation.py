@@ -14,7 +14,7 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from server.adapters.common import AdapterRef
-from server.api.errors import APIError
+from server.api.errors import APIError, documented
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
 from server.engine.engine import Engine
 from server.engine.request import (
@@ -30,6 +30,14 @@ from server.engine.request import (
 )
 from server.engine.sampler import SamplingParams
 
+GENERATION_RESPONSES = {
+    200: {
+        "description": "The completion as JSON, or with `stream: true` server-sent events (`data: {chunk}`, "
+        "ending with `data: [DONE]`)",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    },
+    **documented(400, 401, 403, 404, 413, 429, 503),
+}
 RETRY_AFTER_SECONDS = 1
 DISCONNECT_POLL_SECONDS = 0.1
 

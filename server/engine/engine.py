@@ -17,6 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import jinja2
@@ -56,6 +57,9 @@ class AdapterSource(Protocol):
 
     def resolve(self, name: str) -> AdapterRef:
         """The adapter version a `model` field names; KeyError if none."""
+
+    def verified_path(self, ref: AdapterRef) -> Path:
+        """The folder to load `ref` from, its files checked; raises if they no longer match."""
 
 
 @dataclass
@@ -138,7 +142,7 @@ class Engine:
         self.tiers = AdapterTiers(
             self.slots,
             self.adapter_settings.max_cpu_adapters,
-            lambda ref: load(ref.path),
+            lambda ref: load(self.source.verified_path(ref) if self.source else ref.path),
             self._wake.set,
             self.metrics,
         )

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.generation import (
+    GENERATION_RESPONSES,
     StreamFormat,
     collect,
     engine,
@@ -32,7 +33,7 @@ COMPLETION_STREAM = StreamFormat(
 )
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=None, responses=GENERATION_RESPONSES)
 async def completions(body: CompletionRequest, request: Request) -> dict[str, Any] | StreamingResponse:
     eng = engine(request)
     adapter = resolve_adapter(request, body.model)

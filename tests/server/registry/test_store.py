@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import socket
@@ -14,9 +15,13 @@ import httpx
 import pytest
 
 from server.adapters.loader import folder_loader
+from server.config import AdapterSettings, EngineSettings
+from server.engine.engine import Engine
+from server.engine.sampler import SamplingParams
+from server.registry import store as store_module
 from server.registry.store import Store, StoreError, parse_adapter_flag
 from tests.adapter_factory import make_peft_adapter
-from tests.helpers import wait_until
+from tests.helpers import run_until_done, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -101,19 +106,101 @@ def test_crash_between_write_and_publish_leaves_nothing(validated, lora, monkeyp
     assert validated.names() == []
     restarted = Store(validated.root)
     assert restarted.names() == []
-    assert leftovers(validated.root) in ([], ["bot"])  # at most the empty name folder
+    # At most the name folder and the number the failed publish reserved.
+    assert leftovers(validated.root) in ([], ["bot"], ["bot", "bot/LAST_VERSION"])
 
 
-def test_checksums_are_verified_at_start(validated, lora, caplog):
+def test_checksums_are_verified_at_first_load(validated, lora, caplog, monkeypatch):
     publish_copy(validated, "bot", lora)
     publish_copy(validated, "bot", lora)
     weights = validated.root / "bot" / "2" / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
+    hashed = []
+    real_sha = store_module.sha256_file
+    monkeypatch.setattr(store_module, "sha256_file", lambda path: hashed.append(path) or real_sha(path))
     restarted = Store(validated.root)
+    assert hashed == [], "start-up reads no weights"
+    assert [v.ref.version for v in restarted.versions("bot")] == [1, 2]
+    assert restarted.stats().unverified == 2
+    good, bad = (restarted.resolve(f"bot@{n}") for n in (1, 2))
+    assert restarted.verified_path(good) == good.path
+    with pytest.raises(StoreError, match="no longer matches its checksum"):
+        restarted.verified_path(bad)
     assert [v.ref.version for v in restarted.versions("bot")] == [1]
-    assert "checksum mismatch" in caplog.text
+    assert "dropped from the index" in caplog.text
+    count = len(hashed)
+    restarted.verified_path(good)
+    assert len(hashed) == count, "a version is verified once"
+    assert restarted.stats().unverified == 0
+
+
+def test_a_corrupt_version_fails_its_request_not_the_server(validated, lora, tiny_model):
+    publish_copy(validated, "bot", lora)
+    weights = validated.root / "bot" / "1" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    restarted = Store(validated.root, validate=validated.validate)
+    engine = Engine(tiny_model, EngineSettings(), AdapterSettings(), restarted)
+    handle = engine.submit([1, 2, 3], SamplingParams(max_tokens=2), restarted.resolve("bot"))
+    (events,) = run_until_done(engine, [handle])
+    assert events[-1].reason == "error" and "checksum" in events[-1].error
+    with pytest.raises(KeyError):
+        restarted.resolve("bot")
+
+
+def test_version_numbers_are_never_reused(validated, lora, tmp_path):
+    assert [publish_copy(validated, "bot", lora).version for _ in range(2)] == [1, 2]
+    validated.delete("bot")
+    restarted = Store(validated.root, validate=validated.validate)  # deleted files go now
+    assert not (validated.root / "bot" / "2").exists()
+    assert publish_copy(restarted, "bot", lora).version == 3
+    # A plain folder is version 1 of its name; deleting it does not free the number either.
+    plain = tmp_path / "plain-store"
+    shutil.copytree(lora, plain / "hand")
+    store = Store(plain, validate=validated.validate)
+    store.delete("hand")
+    store = Store(plain, validate=validated.validate)
+    assert store.names() == []
+    assert publish_copy(store, "hand", lora).version == 2
+
+
+def test_a_store_of_thousands_starts_lazily_and_pages(tmp_path, lora, monkeypatch):
+    config = (lora / "adapter_config.json").read_text()
+    weights = b"not read at start"
+    digest = store_module.hashlib.sha256(weights).hexdigest()
+    names = [f"a{i:05d}" for i in range(3000)]
+    for name in names:
+        folder = tmp_path / name / "1"
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text(config)
+        (folder / "adapter_model.safetensors").write_bytes(weights)
+        meta = {
+            "name": name,
+            "version": 1,
+            "peft_type": "LORA",
+            "rank": 8,
+            "target_modules": ["q_proj"],
+            "size_bytes": 1,
+            "sha256": digest,
+            "created": 0,
+            "files": {"adapter_model.safetensors": digest},
+        }
+        (folder / "meta.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(store_module, "sha256_file", lambda path: pytest.fail("hashed at start-up"))
+    store = Store(tmp_path)
+    stats = store.stats()
+    assert (stats.adapters, stats.versions, stats.unverified) == (3000, 3000, 3000)
+    assert stats.index_bytes > 3000 * 100
+    seen, after = [], None
+    while True:
+        page, more = store.page(after, 1000)
+        seen += [e.latest.ref.name for e in page]
+        if not more:
+            break
+        after = seen[-1]
+    assert seen == names
+    assert store.page("a02998", 10) == ([store._index["a02999"]], False)
 
 
 def test_deleted_versions_go_at_the_next_start(validated, lora):
