@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import sys
 import time
 from pathlib import Path
@@ -270,3 +271,28 @@ def _healthy(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_resolving_never_waits_for_an_upload(validated, lora, monkeypatch):
+    publish_copy(validated, "live", lora)
+    in_fsync, release = threading.Event(), threading.Event()
+    real_fsync = store_module._fsync_tree
+
+    def slow_fsync(folder):
+        in_fsync.set()
+        release.wait(timeout=60)
+        real_fsync(folder)
+
+    monkeypatch.setattr(store_module, "_fsync_tree", slow_fsync)
+    uploader = threading.Thread(target=publish_copy, args=(validated, "new", lora))
+    uploader.start()
+    try:
+        assert in_fsync.wait(timeout=60)
+        resolved = threading.Event()
+        threading.Thread(target=lambda: validated.resolve("live") and resolved.set(), daemon=True).start()
+        assert resolved.wait(timeout=30), "resolve waited for the upload's fsync"
+        assert [r.name for r in validated.names()] == ["live"]
+    finally:
+        release.set()
+        uploader.join()
+    assert [r.name for r in validated.names()] == ["live", "new"]
