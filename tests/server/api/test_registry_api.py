@@ -383,7 +383,8 @@ def test_a_zip_declaring_too_much_is_refused_before_extraction(server, sources, 
 def test_the_413_states_the_configured_limit(server):
     def body():
         yield b'--x\r\nContent-Disposition: form-data; name="name"\r\n\r\nbig\r\n'
-        yield b'--x\r\nContent-Disposition: form-data; name="file"; filename="adapter_model.safetensors"\r\n\r\n'
+        yield b'--x\r\nContent-Disposition: form-data; name="file"; '
+        yield b'filename="adapter_model.safetensors"\r\n\r\n'
         for _ in range(30):
             yield b"0" * 100_000
         yield b"\r\n--x--\r\n"

@@ -7,8 +7,8 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import sys
+import threading
 import time
 from pathlib import Path
 
