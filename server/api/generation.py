@@ -30,11 +30,16 @@ from server.engine.request import (
 )
 from server.engine.sampler import SamplingParams
 
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "a JSON chunk, or [DONE] at the end"}},
+}
 GENERATION_RESPONSES = {
     200: {
         "description": "The completion as JSON, or with `stream: true` server-sent events (`data: {chunk}`, "
         "ending with `data: [DONE]`)",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": {"text/event-stream": {"itemSchema": SSE_EVENT}},
     },
     **documented(400, 401, 403, 404, 413, 429, 503),
 }

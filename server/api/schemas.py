@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_N = 16
 MAX_STOP = 16
@@ -27,7 +27,20 @@ UNSUPPORTED = {
 }
 """Field -> why it is refused; any value other than the one that changes nothing is a 400."""
 
-TokenId = Annotated[int, Field(ge=0)]
+
+def _integral(value: object) -> object:
+    """JSON Schema counts 1.0 as an integer: take it as 1 (strict mode alone would refuse it)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Integer fields take 8 and 8.0, never "8", true or 8.5. Constraints come before the validator
+# (which still runs first): after it, pydantic writes `ge` into the schema instead of `minimum`.
+Int = Annotated[int, BeforeValidator(_integral)]
+TokenId = Annotated[int, Field(ge=0), BeforeValidator(_integral)]
+Count = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
+Seed = Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX), BeforeValidator(_integral)]
 
 
 class _Body(BaseModel):
@@ -40,6 +53,14 @@ class TextPart(_Body):
 
 
 class Message(_Body):
+    # The schema says what the validator below does: a tool message has content.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"role": {"const": "tool"}}, "required": ["role"]},
+            "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+        }
+    )
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = Field(default=None, validate_default=True)
 
@@ -68,13 +89,13 @@ class TextFormat(_Body):
 
 class _Generation(_Body):
     model: str = Field(min_length=1)
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Count | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, ge=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=-1)
-    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
+    top_k: Int = Field(default=0, ge=-1)
+    seed: Seed | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
-    n: int = Field(default=1, ge=1, le=MAX_N)
+    n: Int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -95,7 +116,7 @@ class _Generation(_Body):
 
 class ChatCompletionRequest(_Generation):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Count | None = None
     logprobs: Literal[False] | None = None
     top_logprobs: None = None
     tools: None = None
@@ -112,7 +133,7 @@ class CompletionRequest(_Generation):
         | Annotated[list[TokenId], Field(min_length=1)]
         | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
     )
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    max_tokens: Count | None = 16
     logprobs: None = None
 
     def completion_limit(self) -> int | None:

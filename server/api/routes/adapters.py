@@ -47,6 +47,7 @@ UPLOAD_BODY = {
                     "file": {
                         "type": "array",
                         "items": {"type": "string", "format": "binary"},
+                        "minItems": 1,
                         "description": "adapter_config.json and .safetensors files, or one "
                         ".tar.gz, .tgz or .zip archive of them",
                     },
