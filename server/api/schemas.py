@@ -40,7 +40,20 @@ def _integral(value: object) -> object:
 Int = Annotated[int, BeforeValidator(_integral)]
 TokenId = Annotated[int, Field(ge=0), BeforeValidator(_integral)]
 Count = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
-Seed = Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX), BeforeValidator(_integral)]
+
+
+def _seed(value: object) -> object:
+    """A number just past a bound that reads as the bound when taken as a double (2**63 does, as
+    do 2**63 + 1000 and the float 9.223372036854776e18) is the bound: JSON readers, schema
+    validators among them, compare numbers as doubles, and such a seed is valid to them."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        for bound in (SEED_MIN, SEED_MAX):
+            if value != bound and float(value) == float(bound):
+                return bound
+    return _integral(value)
+
+
+Seed = Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX), BeforeValidator(_seed)]
 
 
 class _Body(BaseModel):
