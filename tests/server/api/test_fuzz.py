@@ -113,3 +113,9 @@ def test_the_schema_uses_only_json_schema_keywords(live_server):
     responses = schema["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert {"200", "400", "401", "403", "404", "413", "429", "503"} <= set(responses)
     assert "text/event-stream" in responses["200"]["content"]
+    assert not [
+        (path, method)
+        for path, ops in schema["paths"].items()
+        for method, op in ops.items()
+        if "422" in op["responses"]
+    ], "invalid input answers 400, never 422"

@@ -22,6 +22,7 @@ from server.engine.sampler import SamplingParams
 from server.registry import store as store_module
 from server.registry.store import Store, StoreError, parse_adapter_flag
 from tests.adapter_factory import make_peft_adapter
+from tests.conftest import LiveServer, tiny_settings
 from tests.helpers import run_until_done, wait_until
 
 
@@ -166,13 +167,13 @@ def test_version_numbers_are_never_reused(validated, lora, tmp_path):
     assert publish_copy(store, "hand", lora).version == 2
 
 
-def test_a_store_of_thousands_starts_lazily_and_pages(tmp_path, lora, monkeypatch):
-    config = (lora / "adapter_config.json").read_text()
+def fake_store(root: Path, config: str, count: int) -> list[str]:
+    """`count` published-looking adapters whose weights are never read (nor valid)."""
     weights = b"not read at start"
     digest = store_module.hashlib.sha256(weights).hexdigest()
-    names = [f"a{i:05d}" for i in range(3000)]
+    names = [f"a{i:05d}" for i in range(count)]
     for name in names:
-        folder = tmp_path / name / "1"
+        folder = root / name / "1"
         folder.mkdir(parents=True)
         (folder / "adapter_config.json").write_text(config)
         (folder / "adapter_model.safetensors").write_bytes(weights)
@@ -188,6 +189,11 @@ def test_a_store_of_thousands_starts_lazily_and_pages(tmp_path, lora, monkeypatc
             "files": {"adapter_model.safetensors": digest},
         }
         (folder / "meta.json").write_text(json.dumps(meta))
+    return names
+
+
+def test_a_store_of_thousands_starts_lazily_and_pages(tmp_path, lora, monkeypatch):
+    names = fake_store(tmp_path, (lora / "adapter_config.json").read_text(), 3000)
     monkeypatch.setattr(store_module, "sha256_file", lambda path: pytest.fail("hashed at start-up"))
     store = Store(tmp_path)
     stats = store.stats()
@@ -201,7 +207,33 @@ def test_a_store_of_thousands_starts_lazily_and_pages(tmp_path, lora, monkeypatc
             break
         after = seen[-1]
     assert seen == names
-    assert store.page("a02998", 10) == ([store._index["a02999"]], False)
+    assert [e.latest.ref.name for e in store.page("a02998", 10)[0]] == ["a02999"]
+    assert store.page("a02999", 10) == ([], False)
+
+
+def test_thousands_of_adapters_over_http(tmp_path, lora, tiny_model_dir, tiny_model):
+    names = fake_store(tmp_path / "store", (lora / "adapter_config.json").read_text(), 2000)
+    with LiveServer(tiny_settings(tiny_model_dir, store=tmp_path / "store"), tiny_model) as live:
+        http = httpx.Client(base_url=live.url, timeout=60)
+        first = http.get("/v1/adapters").json()
+        assert len(first["data"]) == 100 and first["has_more"] and first["last_id"] == names[99]
+        listed, after = [], None
+        while True:
+            page = http.get(
+                "/v1/adapters", params={"limit": 1000, **({"after": after} if after else {})}
+            ).json()
+            listed += [a["name"] for a in page["data"]]
+            if not page["has_more"]:
+                break
+            after = page["last_id"]
+        assert listed == names
+        models = http.get("/v1/models").json()["data"]
+        assert [m["id"] for m in models[1:]] == names
+        some = http.get("/v1/models", params={"limit": 10, "after": names[-5]}).json()
+        assert [m["id"] for m in some["data"]] == names[-4:] and not some["has_more"]
+        metrics = http.get("/metrics").text
+        assert "peftserve_store_adapters 2000.0" in metrics
+        assert "peftserve_store_unverified_versions 2000.0" in metrics
 
 
 def test_deleted_versions_go_at_the_next_start(validated, lora):
