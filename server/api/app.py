@@ -121,7 +121,7 @@ def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
 def dedicate(model: LoadedModel, store: Store, name: str, max_rank: int) -> LoadedModel:
     """Fold one store adapter into the base and serve the result under the adapter's name."""
     ref = store.resolve(name)
-    weights = folder_loader(model, max_rank)(ref.path)
+    weights = folder_loader(model, max_rank)(store.verified_path(ref))
     fold_into(model, weights)
     log.info("merged %s (version %d) into the base; serving only %s", ref.name, ref.version, ref.name)
     return dataclasses.replace(model, name=ref.name)
