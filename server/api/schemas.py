@@ -15,6 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationIn
 MAX_N = 16
 MAX_STOP = 16
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+TOP_K_MAX = 2**31 - 1  # beyond any vocabulary; larger ones overflowed the sampler's tensor
 
 UNSUPPORTED = {
     "logprobs": "logprobs are not supported by this server yet; leave `logprobs` out (or false)",
@@ -105,7 +106,7 @@ class _Generation(_Body):
     max_tokens: Count | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, ge=0.0, le=1.0)
-    top_k: Int = Field(default=0, ge=-1)
+    top_k: Int = Field(default=0, ge=-1, le=TOP_K_MAX)
     seed: Seed | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     n: Int = Field(default=1, ge=1, le=MAX_N)

@@ -185,6 +185,7 @@ def test_values_that_ask_for_nothing_are_accepted(http, model, fields):
         (COMPLETIONS, {"prompt": [True, 1]}, "prompt"),
         (COMPLETIONS, {"prompt": [""]}, "prompt"),
         (COMPLETIONS, {"seed": 2**70}, "seed"),
+        (COMPLETIONS, {"top_k": 6 * 10**25, "temperature": 1}, "top_k"),  # found by schemathesis: a 500
         (COMPLETIONS, {"seed": -(2**64)}, "seed"),
         (COMPLETIONS, {"temperature": "0.5"}, "temperature"),
         (COMPLETIONS, {"stream": 1}, "stream"),
@@ -197,6 +198,11 @@ def test_request_fields_are_strict(http, model, path, fields, param):
     body = chat(model) if path == CHAT else {"model": model, "prompt": "hi", "max_tokens": 2}
     error = assert_openai_error(http.post(path, json={**body, **fields}), 400, param)
     assert error["message"].startswith(param)
+
+
+def test_a_top_k_beyond_the_vocabulary_is_off(http, model):
+    body = {"model": model, "prompt": "hi", "max_tokens": 2, "top_k": 2**31 - 1, "n": 2}
+    assert http.post(COMPLETIONS, json=body).status_code == 200
 
 
 def test_integral_numbers_are_integers(http, model):
