@@ -252,10 +252,6 @@ class Store:
         with self._lock:
             return [self._index[name].latest.ref for name in self._names]
 
-    def latest(self) -> list[Version]:
-        with self._lock:
-            return [self._index[name].latest for name in self._names]
-
     def page(self, after: str | None, limit: int) -> tuple[list[Entry], bool]:
         """Up to `limit` entries by name, starting after the name `after`; and whether more follow."""
         with self._lock:
@@ -265,6 +261,7 @@ class Store:
             return [self._index[name] for name in names], more
 
     def stats(self) -> StoreStats:
+        """Counts and estimated memory of the index (the metrics read it at every scrape)."""
         with self._lock:
             entries = list(self._index.values())
             index_bytes = sum(self._entry_bytes.values()) + sys.getsizeof(self._index)
