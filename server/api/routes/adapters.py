@@ -56,6 +56,17 @@ UPLOAD_BODY = {
         }
     },
 }
+# OpenAPI links: what an answer leads to (schemathesis' stateful phase follows them).
+UPLOADED_LINKS = {
+    "links": {
+        "show": {"operationId": "show_adapter", "parameters": {"name": "$response.body#/name"}},
+        "merge": {"operationId": "merge_adapter", "parameters": {"name": "$response.body#/name"}},
+        "delete": {"operationId": "delete_adapter", "parameters": {"name": "$response.body#/name"}},
+    }
+}
+MERGE_LINKS = {
+    "links": {"status": {"operationId": "merge_status", "parameters": {"job_id": "$response.body#/id"}}}
+}
 GZIP = {"content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}}
 
 
@@ -129,7 +140,7 @@ def _stage(files: list[UploadFile], folder: Path, budget: Budget) -> None:
     status_code=201,
     dependencies=[Depends(require_admin)],
     openapi_extra={"requestBody": UPLOAD_BODY},
-    responses=documented(400, 401, 403, 413),
+    responses={201: UPLOADED_LINKS, **documented(400, 401, 403, 413)},
 )
 async def upload_adapter(request: Request) -> dict[str, Any]:
     """Upload a new version of an adapter; it is validated before it becomes visible."""
@@ -174,7 +185,7 @@ async def list_adapters(
     return _page([_summary(e.latest, e.versions) for e in entries], "name", more)
 
 
-@router.get("/v1/adapters/{name}", responses=documented(401, 403, 404))
+@router.get("/v1/adapters/{name}", operation_id="show_adapter", responses=documented(401, 403, 404))
 async def show_adapter(name: str, request: Request) -> dict[str, Any]:
     try:
         versions = store(request).versions(name)
@@ -184,7 +195,10 @@ async def show_adapter(name: str, request: Request) -> dict[str, Any]:
 
 
 @router.delete(
-    "/v1/adapters/{name}", dependencies=[Depends(require_admin)], responses=documented(401, 403, 404)
+    "/v1/adapters/{name}",
+    operation_id="delete_adapter",
+    dependencies=[Depends(require_admin)],
+    responses=documented(401, 403, 404),
 )
 async def delete_adapter(name: str, request: Request) -> dict[str, Any]:
     try:
@@ -215,8 +229,9 @@ def merge_builder(reg: Store, model) -> Any:
 @router.post(
     "/v1/adapters/{name}/merge",
     status_code=202,
+    operation_id="merge_adapter",
     dependencies=[Depends(require_admin)],
-    responses=documented(400, 401, 403, 404),
+    responses={202: MERGE_LINKS, **documented(400, 401, 403, 404)},
 )
 async def merge_adapter(name: str, request: Request) -> dict[str, Any]:
     """Start folding the adapter (`name` or `name@N`) into the base: 202 with a job to poll."""
@@ -228,7 +243,12 @@ async def merge_adapter(name: str, request: Request) -> dict[str, Any]:
     return job.public()
 
 
-@router.get("/v1/merges/{job_id}", dependencies=[Depends(require_admin)], responses=documented(401, 403, 404))
+@router.get(
+    "/v1/merges/{job_id}",
+    operation_id="merge_status",
+    dependencies=[Depends(require_admin)],
+    responses=documented(401, 403, 404),
+)
 async def merge_status(job_id: str, request: Request) -> dict[str, Any]:
     """A merge job: queued, running, succeeded (download ready) or failed (with the reason)."""
     try:
