@@ -19,12 +19,11 @@ from server.api.errors import APIError, error_response, install_error_handlers
 from server.api.openapi import install_openapi
 from server.api.routes import adapters as adapters_routes
 from server.api.routes import chat, completions, health, metrics, models
-from server.api.routes.adapters import merge_builder
 from server.base_model import LoadedModel, load_base_model
 from server.config import Settings
 from server.engine.engine import Engine
 from server.metrics import Metrics, StoreSnapshot
-from server.registry.merge import MergeJobs, fold_into
+from server.registry.merge import MergeJobs, archive_builder, fold_into
 from server.registry.store import Store, parse_adapter_flag
 
 log = logging.getLogger("peftserve")
@@ -92,7 +91,7 @@ def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.metrics = Metrics()
         app.state.store = store
-        app.state.merges = MergeJobs(merge_builder(store, loaded))
+        app.state.merges = MergeJobs(archive_builder(store, loaded))
         app.state.metrics.watch_store(lambda: StoreSnapshot(**dataclasses.asdict(store.stats())))
         app.state.dedicated = adapters.merge_adapter is not None
         eng = Engine(loaded, settings.engine, adapters, source=source, metrics=app.state.metrics)

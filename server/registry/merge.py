@@ -34,7 +34,7 @@ from server.adapters.common import AdapterError, AdapterRef, AdapterWeights
 from server.adapters.ia3 import IA3Weights
 from server.adapters.lora import LoraWeights
 from server.base_model import LoadedModel, dense_weight, linear_module
-from server.registry.store import sha256_file
+from server.registry.store import Store, sha256_file
 
 log = logging.getLogger("peftserve.registry")
 
@@ -140,6 +140,25 @@ def export_archive(
         tar.add(folder, arcname=top)
     tmp.replace(archive)
     return archive
+
+
+def merged_paths(root: Path, ref: AdapterRef) -> tuple[Path, Path]:
+    """Where the merged export of `ref` lives in the store: its folder and its .tar.gz."""
+    folder = root / ".merged" / ref.key.replace("#", "-")
+    return folder, folder.with_name(folder.name + ".tar.gz")
+
+
+def archive_builder(store: Store, model: LoadedModel) -> Callable[[AdapterRef], Path]:
+    """What a merge job runs: verify and parse the adapter, fold it into a float32 base, pack it."""
+
+    def build(ref: AdapterRef) -> Path:
+        if store.validate is None:
+            raise MergeError("this store has no loader; it cannot merge")
+        weights = store.validate(store.verified_path(ref))
+        folder, archive = merged_paths(store.root, ref)
+        return export_archive(model, weights, folder, archive, f"{ref.name}-v{ref.version}-merged")
+
+    return build
 
 
 JobStatus = Literal["queued", "running", "succeeded", "failed"]

@@ -13,10 +13,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from server.adapters.common import AdapterError, AdapterRef
+from server.adapters.common import AdapterError
 from server.api.auth import require_admin
 from server.api.errors import APIError, documented
-from server.registry.merge import MergeError, MergeJobs, export_archive
+from server.registry.merge import MergeJobs, merged_paths
 from server.registry.store import NAME, Store, StoreError, UnknownAdapter, Version
 from server.registry.uploads import (
     Budget,
@@ -206,24 +206,6 @@ async def delete_adapter(name: str, request: Request) -> dict[str, Any]:
     except UnknownAdapter as exc:
         raise registry_error(exc, store(request).root) from exc
     return {"name": name, "deleted": True}
-
-
-def merged_paths(root: Path, ref: AdapterRef) -> tuple[Path, Path]:
-    folder = root / ".merged" / ref.key.replace("#", "-")
-    return folder, folder.with_name(folder.name + ".tar.gz")
-
-
-def merge_builder(reg: Store, model) -> Any:
-    """What a merge job runs: verify and parse the adapter, fold it into a float32 base, pack it."""
-
-    def build(ref: AdapterRef) -> Path:
-        if reg.validate is None:
-            raise MergeError("this store has no loader; it cannot merge")
-        weights = reg.validate(reg.verified_path(ref))
-        folder, archive = merged_paths(reg.root, ref)
-        return export_archive(model, weights, folder, archive, f"{ref.name}-v{ref.version}-merged")
-
-    return build
 
 
 @router.post(

@@ -200,6 +200,13 @@ def test_request_fields_are_strict(http, model, path, fields, param):
     assert error["message"].startswith(param)
 
 
+def test_text_that_encodes_to_nothing_starts_from_the_start_token(http, model):
+    # Found by schemathesis: "\u0014" is a valid prompt, and answered 400 "the prompt is empty".
+    reply = http.post(COMPLETIONS, json={"model": model, "prompt": ["\u0014", "hi"], "max_tokens": 2})
+    assert reply.status_code == 200, reply.text
+    assert len(reply.json()["choices"]) == 2
+
+
 def test_a_top_k_beyond_the_vocabulary_is_off(http, model):
     body = {"model": model, "prompt": "hi", "max_tokens": 2, "top_k": 2**31 - 1, "n": 2}
     assert http.post(COMPLETIONS, json=body).status_code == 200
