@@ -2,9 +2,10 @@
 
 A schema cannot say which `model` names exist, how long a context is, or how large the
 vocabulary is, so schema-valid requests would almost all end in a 404 and never reach the
-engine. For *positive* cases only, these hooks point most requests at real models and
-adapters and keep the numbers the schema cannot bound (token ids, max_tokens) within what
-the served model takes. Negative cases are sent as generated.
+engine, or in a 400 `context_length_exceeded`. For *positive* cases only, these hooks point
+most requests at real models and adapters and keep what the schema cannot bound (token ids,
+max_tokens, prompt and message lengths) within what the served model takes. Negative cases
+are sent as generated.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from schemathesis.core.parameters import ParameterLocation
 MODELS = os.environ.get("PEFTSERVE_FUZZ_MODELS", "").split(",")
 VOCAB = int(os.environ.get("PEFTSERVE_FUZZ_VOCAB", "1000"))
 MAX_NEW_TOKENS = 4
+# Well inside the tiny model's 512-token context even at 4 tokens a character.
+PROMPT_CHARS, PROMPT_IDS = 96, 256
+MESSAGES, MESSAGE_CHARS = 6, 12
 
 
 def _pick(value: str, choices: list[str]) -> str:
