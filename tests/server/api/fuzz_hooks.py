@@ -47,13 +47,36 @@ def _tame_generation(body: dict) -> None:
     if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = MAX_NEW_TOKENS  # no limit means the rest of the context
     prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        body["prompt"] = prompt[:PROMPT_CHARS]
+    elif isinstance(prompt, list):
+        body["prompt"] = [_tame_prompt(p) for p in prompt[:PROMPT_IDS]]
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        body["messages"] = [_tame_message(m) for m in messages[:MESSAGES]]
+
+
+def _tame_prompt(prompt):
     if isinstance(prompt, list):
-        body["prompt"] = [
-            [t % VOCAB if _is_int(t) else t for t in p]
-            if isinstance(p, list)
-            else (p % VOCAB if _is_int(p) else p)
-            for p in prompt
-        ]
+        return [t % VOCAB if _is_int(t) else t for t in prompt[:PROMPT_IDS]]
+    if isinstance(prompt, str):
+        return prompt[:PROMPT_CHARS]
+    return prompt % VOCAB if _is_int(prompt) else prompt
+
+
+def _tame_message(message):
+    if not isinstance(message, dict):
+        return message
+    content = message.get("content")
+    if isinstance(content, str):
+        message["content"] = content[:MESSAGE_CHARS]
+    elif isinstance(content, list):
+        parts = content[:2]
+        for part in parts:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                part["text"] = part["text"][: MESSAGE_CHARS // 2]
+        message["content"] = parts
+    return message
 
 
 def _is_int(value: object) -> bool:
