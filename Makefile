@@ -16,7 +16,7 @@ PY := $(BIN)/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PIP_INSTALL := $(PIP) install $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install install-dev serve test lint format upgrade-deps bench demo-adapters loadtest soak deploy-check clean
+.PHONY: install install-dev serve test fuzz lint format upgrade-deps bench demo-adapters loadtest soak deploy-check clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -50,6 +50,15 @@ serve: install
 # The tests import torch before server/__init__.py can choose passive OpenMP threads, so say it here.
 test: install-dev lint
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest $(PYTEST_ARGS)
+
+# Examples per API operation for `make fuzz` (`make test` runs the same test with 8).
+FUZZ_EXAMPLES ?= 200
+FUZZ_SEED ?= 1
+
+## fuzz: schemathesis (--checks all) against a live server's OpenAPI schema, with and without keys
+fuzz: install-dev
+	OMP_WAIT_POLICY=PASSIVE FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SEED=$(FUZZ_SEED) \
+		$(PY) -m pytest tests/server/api/test_fuzz.py -s -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: install-dev
 	$(BIN)/ruff check .

@@ -50,7 +50,15 @@ class RegistryClient:
             return self._call("POST", "/v1/adapters", data={"name": name}, files=parts)
 
     def list(self) -> dict[str, Any]:
-        return self._call("GET", "/v1/adapters")
+        """Every adapter, following the server's pages."""
+        data: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"limit": 1000}
+        while True:
+            page = self._call("GET", "/v1/adapters", params=params)
+            data += page["data"]
+            if not page.get("has_more") or not page["data"]:
+                return {"object": "list", "data": data}
+            params["after"] = page["last_id"]
 
     def show(self, name: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/adapters/{name}")

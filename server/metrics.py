@@ -78,6 +78,35 @@ class _SnapshotCollector(Collector):
         yield info
 
 
+@dataclass(frozen=True)
+class StoreSnapshot:
+    """The adapter store's index, for the gauges."""
+
+    adapters: int
+    versions: int
+    unverified: int
+    index_bytes: int
+
+
+class _StoreCollector(Collector):
+    def __init__(self, snapshot: Callable[[], StoreSnapshot]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.snapshot()
+        for name, doc, value in (
+            ("peftserve_store_adapters", "Adapter names in the store's index.", s.adapters),
+            ("peftserve_store_versions", "Adapter versions in the store's index.", s.versions),
+            (
+                "peftserve_store_unverified_versions",
+                "Versions whose checksums are verified at their first load, not yet loaded.",
+                s.unverified,
+            ),
+            ("peftserve_store_index_bytes", "Estimated memory held by the store's index.", s.index_bytes),
+        ):
+            yield GaugeMetricFamily(name, doc, value=value)
+
+
 class Metrics:
     """The server's metrics, in a registry of their own (so several servers can share a process)."""
 
@@ -146,3 +175,7 @@ class Metrics:
     def watch(self, snapshot: Callable[[], EngineSnapshot]) -> None:
         """Read the state gauges from `snapshot` at every scrape."""
         self.registry.register(_SnapshotCollector(snapshot))
+
+    def watch_store(self, snapshot: Callable[[], StoreSnapshot]) -> None:
+        """Read the adapter store gauges from `snapshot` at every scrape."""
+        self.registry.register(_StoreCollector(snapshot))

@@ -102,7 +102,7 @@ class AdapterRef:
 def read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_FILE
     if not path.is_file():
-        raise AdapterError(f"{folder} has no {CONFIG_FILE}", CONFIG_FILE)
+        raise AdapterError(f"the adapter has no {CONFIG_FILE}", CONFIG_FILE)
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -145,7 +145,7 @@ def _weights_path(folder: Path, file: str) -> Path:
     if not path.is_file():
         pickled = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
         hint = f" ({', '.join(pickled)} are pickle files, which are never loaded)" if pickled else ""
-        raise AdapterError(f"{folder} has no {file}{hint}", file)
+        raise AdapterError(f"the adapter has no {file}{hint}", file)
     return path
 
 
@@ -289,6 +289,35 @@ def positive_int(config: dict[str, Any], key: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise AdapterError(f"{key} must be a positive integer, got {value!r}", key)
     return value
+
+
+def target_list(config: dict[str, Any]) -> tuple[str, ...]:
+    """PEFT's target_modules, checked: one pattern string or a list of module names, sorted."""
+    value = config.get("target_modules")
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(sorted(value))
+    raise AdapterError(
+        f"target_modules must be a string or a list of strings, got {value!r}", "target_modules"
+    )
+
+
+def is_targeted(config: dict[str, Any], path: str) -> bool:
+    """Whether target_modules names the module at `path` (PEFT's rule: a string is a regular
+    expression the whole path must match, list items match the path or its last parts)."""
+    value = config.get("target_modules")
+    if value is None or value == "all-linear":
+        return True
+    if isinstance(value, str):
+        try:
+            return re.fullmatch(value, path) is not None
+        except re.error as exc:
+            message = f"target_modules {value!r} is not a valid pattern: {exc}"
+            raise AdapterError(message, "target_modules") from exc
+    return any(path == t or path.endswith("." + t) for t in target_list(config))
 
 
 def finite_number(config: dict[str, Any], key: str, default: float) -> float:

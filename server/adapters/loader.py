@@ -18,6 +18,7 @@ from server.adapters.common import (
     read_config,
     read_tensors,
     read_tensors_reference,
+    target_list,
 )
 from server.adapters.lora import BaseWeight
 from server.base_model import LoadedModel, ModelShape, dense_weight, linear_module
@@ -106,7 +107,6 @@ def describe(folder: Path) -> AdapterInfo:
     peft_type = peft_type_of(config)
     if peft_type in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
         return AdapterInfo(peft_type, virtual_tokens=positive_int(config, "num_virtual_tokens"))
-    targets = config.get("target_modules") or []
-    targets = (targets,) if isinstance(targets, str) else tuple(sorted(targets))
     rank = config.get("bottleneck_size") if peft_type == "BOTTLENECK" else config.get("r")
-    return AdapterInfo(peft_type, rank=rank if isinstance(rank, int) else None, target_modules=targets)
+    rank = rank if isinstance(rank, int) and not isinstance(rank, bool) else None
+    return AdapterInfo(peft_type, rank=rank, target_modules=target_list(config))

@@ -21,8 +21,10 @@ from server.adapters.common import (
     AdapterWeights,
     expect_shape,
     finite_number,
+    is_targeted,
     layer_module,
     module_path,
+    positive_int,
 )
 from server.base_model import ModelShape
 
@@ -68,11 +70,16 @@ class LoraWeights(AdapterWeights):
         return [t for s in self.sites.values() for t in (s.a, s.b, s.dora_scale) if t is not None]
 
 
-def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:
+def _pattern_value(patterns: Any, field: str, module_path: str, default: Any) -> Any:
     """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module path ending with it."""
+    if not isinstance(patterns, dict):
+        raise AdapterError(f"{field} must be an object of module pattern -> value", field)
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_path):
-            return value
+        try:
+            if re.match(rf"(.*\.)?({key})$", module_path):
+                return value
+        except re.error as exc:
+            raise AdapterError(f"{field} key {key!r} is not a valid pattern: {exc}", field) from exc
     return default
 
 
@@ -98,6 +105,19 @@ def _check_config(config: dict[str, Any]) -> None:
         )
     if config.get("target_parameters"):
         raise AdapterError("target_parameters is not supported", "target_parameters")
+    if config.get("r") is not None:
+        positive_int(config, "r")
+
+
+def _check_rank(config: dict[str, Any], path: str, rank: int) -> None:
+    """The rank of the tensors must be the one adapter_config.json gives (r, or rank_pattern)."""
+    declared = _pattern_value(config.get("rank_pattern") or {}, "rank_pattern", path, config.get("r"))
+    if declared is None:
+        return
+    if not isinstance(declared, int) or isinstance(declared, bool) or declared < 1:
+        raise AdapterError(f"rank_pattern gives {path} the rank {declared!r}; not a positive integer", "r")
+    if declared != rank:
+        raise AdapterError(f"{path} has rank {rank} but adapter_config.json says r={declared}", "r")
 
 
 def parse(
@@ -142,10 +162,16 @@ def parse(
             raise AdapterError(f"{path} has rank 0", "r")
         if rank > max_rank:
             raise AdapterError(f"{path} has rank {rank}, above --max-lora-rank {max_rank}", "r")
+        _check_rank(config, path, rank)
+        if not is_targeted(config, path):
+            raise AdapterError(f"{path} has weights but target_modules does not name it", "target_modules")
         in_features, out_features = dims[module]
         expect_shape(a_name, a, (rank, in_features))
         expect_shape(b_name, b, (out_features, rank))
-        module_alpha = float(_pattern_value(alpha_pattern, path, alpha)) if alpha_pattern else alpha
+        module_alpha = _pattern_value(alpha_pattern, "alpha_pattern", path, alpha)
+        if isinstance(module_alpha, bool) or not isinstance(module_alpha, int | float):
+            raise AdapterError(f"alpha_pattern gives {path} the value {module_alpha!r}", "alpha_pattern")
+        module_alpha = float(module_alpha)
         scale = module_alpha / (math.sqrt(rank) if rslora else rank)
         magnitude = None
         if "lora_magnitude_vector" in found:

@@ -19,13 +19,14 @@ from server import __version__
 from server.adapters.loader import folder_loader
 from server.api.auth import require_api_key, warn_if_open
 from server.api.errors import APIError, error_response, install_error_handlers
+from server.api.openapi import install_openapi
 from server.api.routes import adapters as adapters_routes
 from server.api.routes import chat, completions, health, metrics, models
 from server.base_model import LoadedModel, load_base_model
 from server.config import Settings
 from server.engine.engine import Engine
-from server.metrics import Metrics
-from server.registry.merge import fold_into
+from server.metrics import Metrics, StoreSnapshot
+from server.registry.merge import MergeJobs, archive_builder, fold_into
 from server.registry.store import Store, parse_adapter_flag
 
 log = logging.getLogger("peftserve")
@@ -93,6 +94,8 @@ def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.metrics = Metrics()
         app.state.store = store
+        app.state.merges = MergeJobs(archive_builder(store, loaded))
+        app.state.metrics.watch_store(lambda: StoreSnapshot(**dataclasses.asdict(store.stats())))
         app.state.dedicated = adapters.merge_adapter is not None
         eng = Engine(loaded, settings.engine, adapters, source=source, metrics=app.state.metrics)
         eng.start()
@@ -103,9 +106,11 @@ def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
             yield
         finally:
             eng.stop()
+            app.state.merges.stop()
 
     app = FastAPI(title="peftserve", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
+    install_openapi(app, settings.server)
     app.include_router(health.router)
     app.include_router(metrics.router)
     keyed = [Depends(require_api_key)]
@@ -118,7 +123,7 @@ def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
 def dedicate(model: LoadedModel, store: Store, name: str, max_rank: int) -> LoadedModel:
     """Fold one store adapter into the base and serve the result under the adapter's name."""
     ref = store.resolve(name)
-    weights = folder_loader(model, max_rank)(ref.path)
+    weights = folder_loader(model, max_rank)(store.verified_path(ref))
     fold_into(model, weights)
     log.info("merged %s (version %d) into the base; serving only %s", ref.name, ref.version, ref.name)
     return dataclasses.replace(model, name=ref.name)

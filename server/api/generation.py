@@ -15,7 +15,7 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from server.adapters.common import AdapterRef
-from server.api.errors import APIError
+from server.api.errors import APIError, documented
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
 from server.engine.engine import Engine
 from server.engine.request import (
@@ -32,6 +32,19 @@ from server.engine.request import (
 )
 from server.engine.sampler import SamplingParams
 
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "a JSON chunk, or [DONE] at the end"}},
+}
+GENERATION_RESPONSES = {
+    200: {
+        "description": "The completion as JSON, or with `stream: true` server-sent events (`data: {chunk}`, "
+        "ending with `data: [DONE]`)",
+        "content": {"text/event-stream": {"itemSchema": SSE_EVENT}},
+    },
+    **documented(400, 401, 403, 404, 413, 429, 503),
+}
 RETRY_AFTER_SECONDS = 1
 DISCONNECT_POLL_SECONDS = 0.1
 CLIENT_CLOSED = 499  # as nginx logs it: the client went away before the answer

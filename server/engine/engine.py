@@ -21,6 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import jinja2
@@ -65,6 +66,9 @@ class AdapterSource(Protocol):
 
     def resolve(self, name: str) -> AdapterRef:
         """The adapter version a `model` field names; KeyError if none."""
+
+    def verified_path(self, ref: AdapterRef) -> Path:
+        """The folder to load `ref` from, its files checked; raises if they no longer match."""
 
 
 @dataclass
@@ -154,7 +158,7 @@ class Engine:
         self.tiers = AdapterTiers(
             self.slots,
             self.adapter_settings.cpu_adapter_memory,
-            lambda ref: load(ref.path),
+            lambda ref: load(self.source.verified_path(ref) if self.source else ref.path),
             self._wake.set,
             self.metrics,
         )

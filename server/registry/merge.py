@@ -5,22 +5,40 @@ weights, dequantized when the base runs in 4 or 8 bits. The export is a plain HF
 (safetensors, config, generation config, tokenizer) that `from_pretrained` loads, saved in
 16-bit when the base was quantized. Prompt, prefix and bottleneck adapters change the input
 or add a non-linear block, so there is nothing to fold them into; they are refused.
+
+Over HTTP an export is a background job (MergeJobs): it loads a float32 copy of the base,
+which takes seconds to minutes, so it runs on a worker thread of its own, one at a time,
+and no request waits for it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import queue
 import shutil
+import tarfile
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from server.adapters.common import AdapterError, AdapterWeights
+from server.adapters.common import AdapterError, AdapterRef, AdapterWeights
 from server.adapters.ia3 import IA3Weights
 from server.adapters.lora import LoraWeights
 from server.base_model import LoadedModel, dense_weight, linear_module
+from server.registry.store import Store, sha256_file
 
+log = logging.getLogger("peftserve.registry")
+
+KEEP_JOBS = 256
 NOT_MERGEABLE = {
     "prompt_tuning": "prompt tuning adds virtual tokens before the input; no weight can hold them",
     "p_tuning": "P-tuning adds virtual tokens before the input; no weight can hold them",
@@ -35,9 +53,13 @@ class MergeError(AdapterError):
 
 
 def check_mergeable(weights: AdapterWeights) -> None:
-    if weights.kind in NOT_MERGEABLE:
+    check_kind(weights.peft_type)
+
+
+def check_kind(peft_type: str) -> None:
+    if peft_type.lower() in NOT_MERGEABLE:
         raise MergeError(
-            f"{weights.peft_type} adapters cannot be merged: {NOT_MERGEABLE[weights.kind]}", "peft_type"
+            f"{peft_type} adapters cannot be merged: {NOT_MERGEABLE[peft_type.lower()]}", "peft_type"
         )
 
 
@@ -105,3 +127,128 @@ def fold_into(model: LoadedModel, weights: AdapterWeights) -> None:
             served.weight.copy_(weight.to(served.weight.dtype))
             if bias is not None:
                 served.bias.copy_(bias.to(served.bias.dtype))
+
+
+def export_archive(
+    model: LoadedModel, weights: AdapterWeights, folder: Path, archive: Path, top: str
+) -> Path:
+    """Export the merged model into `folder` and pack it as `archive` (.tar.gz, one folder `top`)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    export_merged(model, weights, folder)
+    tmp = archive.with_name(f".{archive.name}.tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(folder, arcname=top)
+    tmp.replace(archive)
+    return archive
+
+
+def merged_paths(root: Path, ref: AdapterRef) -> tuple[Path, Path]:
+    """Where the merged export of `ref` lives in the store: its folder and its .tar.gz."""
+    folder = root / ".merged" / ref.key.replace("#", "-")
+    return folder, folder.with_name(folder.name + ".tar.gz")
+
+
+def archive_builder(store: Store, model: LoadedModel) -> Callable[[AdapterRef], Path]:
+    """What a merge job runs: verify and parse the adapter, fold it into a float32 base, pack it."""
+
+    def build(ref: AdapterRef) -> Path:
+        if store.validate is None:
+            raise MergeError("this store has no loader; it cannot merge")
+        weights = store.validate(store.verified_path(ref))
+        folder, archive = merged_paths(store.root, ref)
+        return export_archive(model, weights, folder, archive, f"{ref.name}-v{ref.version}-merged")
+
+    return build
+
+
+JobStatus = Literal["queued", "running", "succeeded", "failed"]
+
+
+@dataclass
+class MergeJob:
+    """One merge export; what GET /v1/merges/{id} answers."""
+
+    id: str
+    name: str
+    version: int
+    peft_type: str
+    created: int
+    status: JobStatus = "queued"
+    error: str | None = None
+    size_bytes: int | None = None
+    sha256: str | None = None
+    finished: int | None = None
+
+    @property
+    def model(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "object": "merge_job",
+            **asdict(self),
+            "status_url": f"/v1/merges/{self.id}",
+            "download": f"/v1/adapters/{self.model}/merged",
+        }
+
+
+class MergeJobs:
+    """Merge exports run one at a time on a daemon thread; the latest KEEP_JOBS are remembered."""
+
+    def __init__(self, build: Callable[[AdapterRef], Path]) -> None:
+        self._build = build
+        self._jobs: OrderedDict[str, MergeJob] = OrderedDict()
+        self._refs: dict[str, AdapterRef] = {}
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="peftserve-merge", daemon=True)
+        self._thread.start()
+
+    def submit(self, ref: AdapterRef) -> MergeJob:
+        """Queue an export of `ref` (refused at once if its kind cannot merge); a pending one is reused."""
+        check_kind(ref.peft_type)
+        with self._lock:
+            for job in self._jobs.values():
+                if job.model == f"{ref.name}@{ref.version}" and job.status in ("queued", "running"):
+                    return job
+            job = MergeJob(
+                f"merge-{uuid.uuid4().hex[:24]}", ref.name, ref.version, ref.peft_type, int(time.time())
+            )
+            self._jobs[job.id] = job
+            self._refs[job.id] = ref
+            while len(self._jobs) > KEEP_JOBS:
+                old, _ = self._jobs.popitem(last=False)
+                self._refs.pop(old, None)
+        self._queue.put(job.id)
+        return job
+
+    def get(self, job_id: str) -> MergeJob:
+        """The job; KeyError if there is none (or it is too old to be remembered)."""
+        with self._lock:
+            return self._jobs[job_id]
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while (job_id := self._queue.get()) is not None:
+            with self._lock:
+                job, ref = self._jobs.get(job_id), self._refs.get(job_id)
+            if job is None or ref is None:
+                continue
+            job.status = "running"
+            try:
+                archive = self._build(ref)
+                job.sha256 = sha256_file(archive)
+                job.size_bytes = archive.stat().st_size
+                job.status = "succeeded"
+            except AdapterError as exc:
+                job.error, job.status = str(exc), "failed"
+            except Exception as exc:  # a job must end, and say why, whatever went wrong
+                log.exception("merge job %s (%s) failed", job.id, job.model)
+                job.error, job.status = (
+                    f"the merge failed: {type(exc).__name__}; see the server log",
+                    "failed",
+                )
+            job.finished = int(time.time())
+            log.info("merge job %s (%s): %s", job.id, job.model, job.status)

@@ -6,6 +6,7 @@ Layout of `--store`:
     <store>/<name>/<N>/adapter_model.safetensors  meta.json (kind, rank, size, sha256 of every
     <store>/<name>/<N>/meta.json                  file, created)
     <store>/<name>/<N>/DELETED                    present once the version is deleted
+    <store>/<name>/LAST_VERSION                   the highest version number ever given to <name>
     <store>/<name>/adapter_config.json + weights  a plain adapter folder, served as version 1
     <store>/<name>/<N>/ without meta.json         a plain folder placed by hand, served as version N
     <store>/.staging/<id>/                        uploads being received and validated
@@ -13,20 +14,28 @@ Layout of `--store`:
 Every upload is written into `.staging`, validated there, and published by one atomic
 rename into `<name>/<N>`: a crash at any point leaves no partial version visible. A delete
 drops the name from the index at once and marks its versions DELETED; their files stay
-until the next start, so requests already admitted can still load them. At start the store
-removes staging leftovers and deleted versions, verifies every checksum, and rebuilds the
-index from disk (it holds no other state). Adapters given as `--adapter NAME=PATH` are
-served from PATH as version 1 of NAME.
+until the next start, so requests already admitted can still load them. A version number
+is never given twice: LAST_VERSION outlives deletes and restarts, so `name@N` always means
+the same weights. At start the store removes staging leftovers and deleted versions and
+rebuilds the index from disk (it holds no other state), reading only the small JSON files:
+checksums are verified lazily, when a version is first loaded (`verified_path`), so a store
+of thousands starts in seconds. A version whose files no longer match is dropped then.
+Adapters given as `--adapter NAME=PATH` are served from PATH as version 1 of NAME.
+
+The index lock guards only dictionary updates: hashing, fsync and copying of an upload run
+before it is taken, so resolving a `model` name never waits for an upload.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 import uuid
@@ -43,6 +52,7 @@ log = logging.getLogger("peftserve.registry")
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 META_FILE = "meta.json"
 DELETED_MARK = "DELETED"
+LAST_VERSION = "LAST_VERSION"
 STAGING = ".staging"
 
 # folder -> parsed weights; raises AdapterError. Checks the adapter against the base model.
@@ -108,17 +118,30 @@ class VersionMeta:
 class Version:
     ref: AdapterRef
     meta: VersionMeta
+    verified: bool = True
+    """False until the files of a managed version are checked against meta.json's checksums."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Entry:
-    """The live versions of one adapter name, oldest first."""
+    """The live versions of one adapter name, oldest first; replaced, never changed in place."""
 
-    versions: list[Version] = field(default_factory=list)
+    versions: tuple[Version, ...]
 
     @property
     def latest(self) -> Version:
         return self.versions[-1]
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """The index at one moment, for the metrics."""
+
+    adapters: int
+    versions: int
+    unverified: int
+    index_bytes: int
+    """Estimated memory the index holds (entries, metadata, paths)."""
 
 
 class Store:
@@ -128,8 +151,11 @@ class Store:
         self.root = root
         self.extra = extra or {}
         self.validate = validate
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the index: held only for dictionary reads and updates
+        self._publish_lock = threading.Lock()  # version numbers and the publishing renames
         self._index: dict[str, Entry] = {}
+        self._names: list[str] = []  # sorted, for pagination
+        self._entry_bytes: dict[str, int] = {}
         self._clean()
         self.rebuild()
 
@@ -144,28 +170,41 @@ class Store:
             log.info("removing deleted adapter version %s", mark.parent)
             shutil.rmtree(mark.parent, ignore_errors=True)
         for mark in self.root.glob(f"*/{DELETED_MARK}"):
-            # A deleted plain folder: its own files go, versions uploaded since stay.
+            # A deleted plain folder: its own files go, versions uploaded since (and the mark) stay.
             log.info("removing deleted adapter files in %s", mark.parent)
             for path in mark.parent.iterdir():
-                if path.is_file():
+                if path.is_file() and path.name != LAST_VERSION:
                     path.unlink()
 
     def rebuild(self) -> None:
         """Scan the store folder (and the --adapter folders) into a fresh index."""
+        started = time.perf_counter()
         index: dict[str, Entry] = {}
         if self.root.is_dir():
             for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
                 versions = self._scan_name(folder)
                 if versions:
-                    index[folder.name] = Entry(versions)
+                    index[folder.name] = Entry(tuple(versions))
         for name, path in self.extra.items():
             version = _plain_version(name, path)
             if version is None:
                 raise StoreError(f"--adapter {name}={path}: not a servable adapter folder (see the log)")
-            index[name] = Entry([version])
+            index[name] = Entry((version,))
+        sizes = {name: _entry_size(name, entry) for name, entry in index.items()}
         with self._lock:
             self._index = index
-        log.info("adapter store %s: %d adapters", self.root, len(index))
+            self._names = sorted(index)
+            self._entry_bytes = sizes
+        stats = self.stats()
+        log.info(
+            "adapter store %s: %d adapters, %d versions, index %.1f MiB, scanned in %.2f s "
+            "(checksums are verified when a version is first loaded)",
+            self.root,
+            stats.adapters,
+            stats.versions,
+            stats.index_bytes / 2**20,
+            time.perf_counter() - started,
+        )
 
     def _scan_name(self, folder: Path) -> list[Version]:
         if not NAME.match(folder.name):
@@ -211,11 +250,53 @@ class Store:
     def names(self) -> list[AdapterRef]:
         """The latest version of every adapter, by name."""
         with self._lock:
-            return [entry.latest.ref for _, entry in sorted(self._index.items())]
+            return [self._index[name].latest.ref for name in self._names]
 
-    def latest(self) -> list[Version]:
+    def page(self, after: str | None, limit: int) -> tuple[list[Entry], bool]:
+        """Up to `limit` entries by name, starting after the name `after`; and whether more follow."""
         with self._lock:
-            return [entry.latest for _, entry in sorted(self._index.items())]
+            start = bisect.bisect_right(self._names, after) if after is not None else 0
+            names = self._names[start : start + limit]
+            more = start + limit < len(self._names)
+            return [self._index[name] for name in names], more
+
+    def stats(self) -> StoreStats:
+        """Counts and estimated memory of the index (the metrics read it at every scrape)."""
+        with self._lock:
+            entries = list(self._index.values())
+            index_bytes = sum(self._entry_bytes.values()) + sys.getsizeof(self._index)
+        versions = [v for entry in entries for v in entry.versions]
+        return StoreStats(
+            adapters=len(entries),
+            versions=len(versions),
+            unverified=sum(not v.verified for v in versions),
+            index_bytes=index_bytes + sys.getsizeof(self._names),
+        )
+
+    def verified_path(self, ref: AdapterRef) -> Path:
+        """The folder to load `ref` from, its checksums verified on first use.
+
+        A version whose files no longer match meta.json leaves the index, and StoreError says why.
+        Called on the adapter loader thread, never on the event loop.
+        """
+        with self._lock:
+            entry = self._index.get(ref.name)
+        version = next((v for v in entry.versions if v.ref == ref), None) if entry else None
+        if version is None or version.verified:
+            return ref.path  # verified already, or deleted while waiting (its files stay until restart)
+        for file, expected in version.meta.files.items():
+            try:
+                actual = sha256_file(ref.path / file)
+            except OSError as exc:
+                actual = f"unreadable ({exc.strerror})"
+            if actual != expected:
+                self._drop(ref)
+                raise StoreError(
+                    f"adapter {ref.name} version {ref.version}: {file} no longer matches its checksum "
+                    "(changed on disk since it was published); it is no longer served"
+                )
+        version.verified = True
+        return ref.path
 
     # ---- writing ----
 
@@ -230,21 +311,25 @@ class Store:
             shutil.rmtree(folder, ignore_errors=True)
 
     def publish(self, name: str, folder: Path) -> VersionMeta:
-        """Validate a staged adapter and make it the newest version of `name`, atomically."""
+        """Validate a staged adapter and make it the newest version of `name`, atomically.
+
+        Slow and blocking (parse, hash, fsync): call it off the event loop. Only the final
+        index update holds the index lock.
+        """
         check_name(name)
         if name in self.extra:
-            raise StoreError(f"{name} is served from --adapter {self.extra[name]}; it cannot take uploads")
+            raise StoreError(f"{name} is served from --adapter; it cannot take uploads")
         if self.validate is None:
             raise StoreError("this store has no validator; it cannot take uploads")
         weights = self.validate(folder)  # AdapterError for anything that cannot be served
+        info = describe(folder)
         files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
         weights_file = next(n for n in files if n.endswith(".safetensors"))
-        with self._lock:
-            target_dir = self.root / name
+        _fsync_tree(folder)
+        target_dir = self.root / name
+        with self._publish_lock:
             target_dir.mkdir(parents=True, exist_ok=True)
-            taken = [int(p.name) for p in target_dir.iterdir() if p.name.isdigit()]
-            plain = 1 if (target_dir / CONFIG_FILE).is_file() else 0
-            number = max([*taken, plain]) + 1  # never reused while old files exist
+            number = _next_version(target_dir)
             meta = VersionMeta(
                 name=name,
                 version=number,
@@ -256,14 +341,13 @@ class Store:
                 created=int(time.time()),
                 files=files,
             )
-            (folder / META_FILE).write_text(json.dumps(asdict(meta), indent=2))
-            _fsync_tree(folder)
-            os.rename(folder, target_dir / str(number))  # the publish: one atomic rename
+            _write_durably(folder / META_FILE, json.dumps(asdict(meta), indent=2))
+            _write_durably(target_dir / LAST_VERSION, str(number))  # reserved even if the rename fails
+            final = target_dir / str(number)
+            os.rename(folder, final)  # the publish: one atomic rename
             _fsync_dir(target_dir)
-            version = _managed_version(name, target_dir / str(number))
-            assert version is not None
-            entry = self._index.setdefault(name, Entry())
-            entry.versions.append(version)
+            ref = AdapterRef(name, number, final, info.peft_type, info.virtual_tokens, meta.sha256)
+            self._put(name, Version(ref, meta))
         log.info("published %s version %d (%s, %d bytes)", name, number, meta.peft_type, meta.size_bytes)
         return meta
 
@@ -271,13 +355,67 @@ class Store:
         """Hide every version of `name` now; their files go at the next start."""
         with self._lock:
             entry = self._index.pop(name, None)
+            if entry is not None:
+                self._names.remove(name)
+                self._entry_bytes.pop(name, None)
         if entry is None:
             raise UnknownAdapter(name)
         if name in self.extra:
             return
-        for version in entry.versions:
-            (version.ref.path / DELETED_MARK).touch()
+        with self._publish_lock:
+            folder = self.root / name
+            highest = max([v.ref.version for v in entry.versions] + [_next_version(folder) - 1])
+            _write_durably(folder / LAST_VERSION, str(highest))  # outlives the files deleted at restart
+            for version in entry.versions:
+                (version.ref.path / DELETED_MARK).touch()
         log.info("deleted %s (%d versions)", name, len(entry.versions))
+
+    def _put(self, name: str, version: Version) -> None:
+        with self._lock:
+            old = self._index.get(name)
+            entry = Entry((*old.versions, version) if old else (version,))
+            self._index[name] = entry
+            if old is None:
+                bisect.insort(self._names, name)
+            self._entry_bytes[name] = _entry_size(name, entry)
+
+    def _drop(self, ref: AdapterRef) -> None:
+        """Take one version out of the index (its files stay)."""
+        with self._lock:
+            entry = self._index.get(ref.name)
+            if entry is None:
+                return
+            rest = tuple(v for v in entry.versions if v.ref != ref)
+            if rest:
+                self._index[ref.name] = Entry(rest)
+                self._entry_bytes[ref.name] = _entry_size(ref.name, self._index[ref.name])
+            else:
+                del self._index[ref.name]
+                self._names.remove(ref.name)
+                self._entry_bytes.pop(ref.name, None)
+        log.error("adapter %s version %d dropped from the index", ref.name, ref.version)
+
+
+def _next_version(folder: Path) -> int:
+    """One above every number `folder` has used: its version folders, a plain adapter (1), LAST_VERSION."""
+    if not folder.is_dir():
+        return 1
+    taken = [int(p.name) for p in folder.iterdir() if p.name.isdigit()]
+    plain = 1 if (folder / CONFIG_FILE).is_file() else 0
+    try:
+        last = int((folder / LAST_VERSION).read_text().strip())
+    except (OSError, ValueError):
+        last = 0
+    return max([*taken, plain, last]) + 1
+
+
+def _write_durably(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -294,6 +432,27 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _deep_size(obj: object, seen: set[int]) -> int:
+    """Bytes held by an index object and what it references (strings, lists, dataclasses, paths)."""
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    size = sys.getsizeof(obj)
+    if isinstance(obj, dict):
+        size += sum(_deep_size(k, seen) + _deep_size(v, seen) for k, v in obj.items())
+    elif isinstance(obj, list | tuple):
+        size += sum(_deep_size(item, seen) for item in obj)
+    elif isinstance(obj, Path):
+        size += _deep_size(str(obj), seen)
+    elif hasattr(obj, "__dataclass_fields__"):
+        size += sum(_deep_size(getattr(obj, f), seen) for f in obj.__dataclass_fields__)
+    return size
+
+
+def _entry_size(name: str, entry: Entry) -> int:
+    return _deep_size(name, set()) + _deep_size(entry, set())
+
+
 def _stat_digest(folder: Path) -> str:
     """Identity of a plain folder's files without reading them (they are not ours to checksum)."""
     parts = [
@@ -308,18 +467,19 @@ def _plain_version(name: str, path: Path, number: int = 1) -> Version | None:
     except AdapterError as exc:
         log.warning("ignoring adapter %s at %s: %s", name, path, exc)
         return None
-    weights = sorted(path.glob("*.safetensors"))
+    files = [p for p in path.iterdir() if p.is_file()]
+    digest = _stat_digest(path)
     meta = VersionMeta(
         name=name,
         version=number,
         peft_type=info.peft_type,
         rank=info.rank,
         target_modules=list(info.target_modules),
-        size_bytes=sum(p.stat().st_size for p in path.iterdir() if p.is_file()),
-        sha256=sha256_file(weights[0]) if weights else "",
+        size_bytes=sum(p.stat().st_size for p in files),
+        sha256="",  # not ours to read at start: a plain folder is identified by its files' stat
         created=int(path.stat().st_mtime),
     )
-    ref = AdapterRef(name, number, path, info.peft_type, info.virtual_tokens, _stat_digest(path))
+    ref = AdapterRef(name, number, path, info.peft_type, info.virtual_tokens, digest)
     return Version(ref, meta)
 
 
@@ -330,13 +490,9 @@ def _managed_version(name: str, path: Path) -> Version | None:
         return _plain_version(name, path, int(path.name))  # placed by hand: no checksums to verify
     try:
         meta = VersionMeta(**json.loads((path / META_FILE).read_text()))
-        for file, expected in meta.files.items():
-            if sha256_file(path / file) != expected:
-                raise StoreError(f"checksum mismatch for {file}")
         info = describe(path)
     except (OSError, ValueError, TypeError) as exc:
         log.error("ignoring adapter %s version %s: %s", name, path.name, exc)
         return None
-    return Version(
-        AdapterRef(name, int(path.name), path, info.peft_type, info.virtual_tokens, meta.sha256), meta
-    )
+    ref = AdapterRef(name, int(path.name), path, info.peft_type, info.virtual_tokens, meta.sha256)
+    return Version(ref, meta, verified=False)

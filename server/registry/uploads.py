@@ -2,8 +2,10 @@
 
 Only `adapter_config.json` and `*.safetensors` files are accepted. Archive members are
 read one by one and written under their base name: absolute paths, `..`, links, devices
-and nested folders are refused, and so is anything whose contents pass the size limit
-(archive headers can lie, so the bytes actually written are counted).
+and nested folders are refused, and so is anything whose contents pass the size limit:
+first by the sizes the archive declares (a zip's central directory, before anything is
+written; a tar header, before its member is), then by the bytes actually written, since
+headers can lie.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import BinaryIO
 from server.adapters.common import CONFIG_FILE
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".zip")
+UNIX = 3  # a zip member's create_system when its external attributes hold a Unix mode
 CHUNK = 1 << 20
 
 
@@ -44,6 +47,10 @@ def allowed_name(filename: str) -> str:
     return name
 
 
+def too_large(limit: int) -> UploadError:
+    return UploadError(f"the adapter is larger than --max-adapter-bytes ({limit} bytes)", status=413)
+
+
 class Budget:
     """Counts bytes written against the upload limit."""
 
@@ -53,9 +60,12 @@ class Budget:
     def take(self, count: int) -> None:
         self.used += count
         if self.used > self.limit:
-            raise UploadError(
-                f"the adapter is larger than --max-adapter-bytes ({self.limit} bytes)", status=413
-            )
+            raise too_large(self.limit)
+
+    def expect(self, declared: int) -> None:
+        """Refuse, before writing anything, what an archive declares to be over the limit."""
+        if self.used + declared > self.limit:
+            raise too_large(self.limit)
 
 
 def save_file(source: BinaryIO, dest: Path, budget: Budget) -> None:
@@ -96,21 +106,26 @@ def _extract_tar(archive: BinaryIO, dest: Path, budget: Budget) -> None:
                 continue
             if not member.isfile():
                 raise UploadError(f"archive member {member.name!r} is a link or a device", param=member.name)
+            budget.expect(member.size)
             source = tar.extractfile(member)
-            assert source is not None
+            if source is None:
+                raise UploadError(f"archive member {member.name!r} cannot be read", param=member.name)
             save_file(source, dest / _member_path(member.name), budget)
 
 
 def _extract_zip(archive: BinaryIO, dest: Path, budget: Budget) -> None:
     with zipfile.ZipFile(archive) as zf:
-        for info in zf.infolist():
-            if info.is_dir():
-                continue
-            mode = info.external_attr >> 16
-            if mode and not stat.S_ISREG(mode):
+        members = [info for info in zf.infolist() if not info.is_dir()]
+        for info in members:
+            # Only Unix zips carry a file type; zipfile.writestr leaves it 0 (a plain file).
+            kind = stat.S_IFMT(info.external_attr >> 16) if info.create_system == UNIX else 0
+            if kind and kind != stat.S_IFREG:
                 raise UploadError(
                     f"archive member {info.filename!r} is a link or a device", param=info.filename
                 )
+            _member_path(info.filename)
+        budget.expect(sum(info.file_size for info in members))
+        for info in members:
             with zf.open(info) as source:
                 save_file(source, dest / _member_path(info.filename), budget)
 

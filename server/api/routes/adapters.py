@@ -1,13 +1,13 @@
-"""The adapter registry over HTTP: upload, list, show, delete (merging lives in merge.py)."""
+"""The adapter registry over HTTP: upload, list, show, delete, and merge exports as background jobs."""
 
 from __future__ import annotations
 
-import tarfile
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -15,9 +15,9 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from server.adapters.common import AdapterError
 from server.api.auth import require_admin
-from server.api.errors import APIError
-from server.registry.merge import export_merged
-from server.registry.store import Store, StoreError, UnknownAdapter, Version, sha256_file
+from server.api.errors import APIError, documented
+from server.registry.merge import MergeJobs, merged_paths
+from server.registry.store import NAME, Store, StoreError, UnknownAdapter, Version
 from server.registry.uploads import (
     Budget,
     UploadError,
@@ -26,29 +26,77 @@ from server.registry.uploads import (
     extract_archive,
     is_archive,
     save_file,
+    too_large,
 )
 
 router = APIRouter(tags=["adapters"])
 # Multipart framing around the files; the files themselves count against --max-adapter-bytes.
 FORM_OVERHEAD = 64 * 1024
 MAX_PARTS = 16
+PAGE_DEFAULT, PAGE_MAX = 100, 1000
+
+UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["name", "file"],
+                "properties": {
+                    "name": {"type": "string", "pattern": NAME.pattern},
+                    "file": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "minItems": 1,
+                        "description": "adapter_config.json and .safetensors files, or one "
+                        ".tar.gz, .tgz or .zip archive of them",
+                    },
+                },
+            }
+        }
+    },
+}
+# OpenAPI links: what an answer leads to (schemathesis' stateful phase follows them).
+UPLOADED_LINKS = {
+    "links": {
+        "show": {"operationId": "show_adapter", "parameters": {"name": "$response.body#/name"}},
+        "merge": {"operationId": "merge_adapter", "parameters": {"name": "$response.body#/name"}},
+        "delete": {"operationId": "delete_adapter", "parameters": {"name": "$response.body#/name"}},
+    }
+}
+MERGE_LINKS = {
+    "links": {"status": {"operationId": "merge_status", "parameters": {"job_id": "$response.body#/id"}}}
+}
+GZIP = {"content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}}
 
 
 def store(request: Request) -> Store:
     return request.app.state.store
 
 
-def registry_error(exc: Exception) -> APIError:
+def merges(request: Request) -> MergeJobs:
+    return request.app.state.merges
+
+
+def without_paths(message: str, root: Path) -> str:
+    """The message with every path inside the store cut to its last part: clients see no server paths."""
+    for prefix in {str(root.resolve()), str(root.absolute()), str(root)}:
+        message = re.sub(re.escape(prefix) + r"[^\s'\":,;)]*", lambda m: Path(m.group()).name, message)
+    return message
+
+
+def registry_error(exc: Exception, root: Path) -> APIError:
+    message = without_paths(str(exc), root)
     if isinstance(exc, UploadError):
         return APIError(
-            exc.status, str(exc), param=exc.param, code="request_too_large" if exc.status == 413 else None
+            exc.status, message, param=exc.param, code="request_too_large" if exc.status == 413 else None
         )
     if isinstance(exc, AdapterError):
-        return APIError(400, str(exc), param=exc.field, code="invalid_adapter")
+        return APIError(400, message, param=exc.field, code="invalid_adapter")
     if isinstance(exc, UnknownAdapter):
         return APIError(404, f"no adapter named '{exc.args[0]}'", param="name", code="adapter_not_found")
     if isinstance(exc, StoreError):
-        return APIError(400, str(exc), param="name")
+        return APIError(400, message, param="name")
     raise exc
 
 
@@ -56,8 +104,8 @@ async def _limited_body(request: Request, limit: int) -> AsyncIterator[bytes]:
     seen = 0
     async for chunk in request.stream():
         seen += len(chunk)
-        if seen > limit:
-            raise UploadError(f"the upload is larger than --max-adapter-bytes ({limit} bytes)", status=413)
+        if seen > limit + FORM_OVERHEAD:
+            raise too_large(limit)
         yield chunk
 
 
@@ -66,14 +114,9 @@ async def _read_form(request: Request, limit: int):
         raise APIError(400, "send the adapter as multipart/form-data with a `name` field and its files")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit + FORM_OVERHEAD:
-        raise APIError(
-            413, f"the upload is larger than --max-adapter-bytes ({limit} bytes)", code="request_too_large"
-        )
+        raise APIError(413, str(too_large(limit)), code="request_too_large")
     parser = MultiPartParser(
-        request.headers,
-        _limited_body(request, limit + FORM_OVERHEAD),
-        max_files=MAX_PARTS,
-        max_fields=MAX_PARTS,
+        request.headers, _limited_body(request, limit), max_files=MAX_PARTS, max_fields=MAX_PARTS
     )
     try:
         return await parser.parse()
@@ -92,93 +135,123 @@ def _stage(files: list[UploadFile], folder: Path, budget: Budget) -> None:
     check_complete(folder)
 
 
-@router.post("/v1/adapters", status_code=201, dependencies=[Depends(require_admin)])
+@router.post(
+    "/v1/adapters",
+    status_code=201,
+    dependencies=[Depends(require_admin)],
+    openapi_extra={"requestBody": UPLOAD_BODY},
+    responses={201: UPLOADED_LINKS, **documented(400, 401, 403, 413)},
+)
 async def upload_adapter(request: Request) -> dict[str, Any]:
+    """Upload a new version of an adapter; it is validated before it becomes visible."""
     limit = request.app.state.settings.adapters.max_adapter_bytes
+    reg = store(request)
     try:
         form = await _read_form(request, limit)
         name = form.get("name")
         if not isinstance(name, str) or not name:
             raise APIError(400, "the form needs a `name` field", param="name")
         files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
-        with store(request).staging() as folder:
-            await run_in_threadpool(_stage, files, folder, Budget(limit))
-            meta = await run_in_threadpool(store(request).publish, name, folder)
+        # Copying, parsing, hashing and fsync all block: a worker thread does them, the loop serves.
+        meta = await run_in_threadpool(_stage_and_publish, reg, name, files, limit)
     except (UploadError, AdapterError, StoreError) as exc:
-        raise registry_error(exc) from exc
+        raise registry_error(exc, reg.root) from exc
     return meta.public()
 
 
-def _summary(version: Version, versions: list[Version]) -> dict[str, Any]:
+def _stage_and_publish(reg: Store, name: str, files: list[UploadFile], limit: int):
+    with reg.staging() as folder:
+        _stage(files, folder, Budget(limit))
+        return reg.publish(name, folder)
+
+
+def _summary(version: Version, versions: tuple[Version, ...] | list[Version]) -> dict[str, Any]:
     return {**version.meta.public(), "versions": [v.ref.version for v in versions]}
 
 
-@router.get("/v1/adapters")
-async def list_adapters(request: Request) -> dict[str, Any]:
-    data = [_summary(v, store(request).versions(v.ref.name)) for v in store(request).latest()]
-    return {"object": "list", "data": data}
+def _page(data: list[dict[str, Any]], key: str, more: bool) -> dict[str, Any]:
+    first, last = (data[0][key], data[-1][key]) if data else (None, None)
+    return {"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": more}
 
 
-@router.get("/v1/adapters/{name}")
+@router.get("/v1/adapters", responses=documented(400, 401, 403))
+async def list_adapters(
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=PAGE_MAX)] = PAGE_DEFAULT,
+    after: Annotated[str | None, Query(description="list the names after this one")] = None,
+) -> dict[str, Any]:
+    """Adapters by name with their latest version, a page at a time (`after` = the last name seen)."""
+    entries, more = store(request).page(after, limit)
+    return _page([_summary(e.latest, e.versions) for e in entries], "name", more)
+
+
+@router.get("/v1/adapters/{name}", operation_id="show_adapter", responses=documented(401, 403, 404))
 async def show_adapter(name: str, request: Request) -> dict[str, Any]:
     try:
         versions = store(request).versions(name)
     except UnknownAdapter as exc:
-        raise registry_error(exc) from exc
+        raise registry_error(exc, store(request).root) from exc
     return {**_summary(versions[-1], versions), "history": [v.meta.public() for v in versions]}
 
 
-@router.delete("/v1/adapters/{name}", dependencies=[Depends(require_admin)])
+@router.delete(
+    "/v1/adapters/{name}",
+    operation_id="delete_adapter",
+    dependencies=[Depends(require_admin)],
+    responses=documented(401, 403, 404),
+)
 async def delete_adapter(name: str, request: Request) -> dict[str, Any]:
     try:
-        store(request).delete(name)
+        await run_in_threadpool(store(request).delete, name)
     except UnknownAdapter as exc:
-        raise registry_error(exc) from exc
+        raise registry_error(exc, store(request).root) from exc
     return {"name": name, "deleted": True}
 
 
-def _merged_paths(request: Request, version: Version) -> tuple[Path, Path]:
-    folder = store(request).root / ".merged" / version.ref.key.replace("#", "-")
-    return folder, folder.with_name(folder.name + ".tar.gz")
-
-
-def _build_merged(request: Request, version: Version) -> Path:
-    folder, archive = _merged_paths(request, version)
-    weights = store(request).validate(version.ref.path)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    export_merged(request.app.state.engine.model, weights, folder)
-    tmp = archive.with_name(f".{archive.name}.tmp")
-    with tarfile.open(tmp, "w:gz") as tar:
-        tar.add(folder, arcname=f"{version.ref.name}-v{version.ref.version}-merged")
-    tmp.replace(archive)
-    return archive
-
-
-@router.post("/v1/adapters/{name}/merge", dependencies=[Depends(require_admin)])
+@router.post(
+    "/v1/adapters/{name}/merge",
+    status_code=202,
+    operation_id="merge_adapter",
+    dependencies=[Depends(require_admin)],
+    responses={202: MERGE_LINKS, **documented(400, 401, 403, 404)},
+)
 async def merge_adapter(name: str, request: Request) -> dict[str, Any]:
-    """Fold the adapter (`name` or `name@N`) into the base; the result downloads from .../merged."""
+    """Start folding the adapter (`name` or `name@N`) into the base: 202 with a job to poll."""
     try:
         version = store(request).version(name)
-        archive = await run_in_threadpool(_build_merged, request, version)
+        job = merges(request).submit(version.ref)
     except (AdapterError, UnknownAdapter) as exc:
-        raise registry_error(exc) from exc
-    return {
-        "name": version.ref.name,
-        "version": version.ref.version,
-        "peft_type": version.ref.peft_type,
-        "size_bytes": archive.stat().st_size,
-        "sha256": sha256_file(archive),
-        "download": f"/v1/adapters/{name}/merged",
-    }
+        raise registry_error(exc, store(request).root) from exc
+    return job.public()
 
 
-@router.get("/v1/adapters/{name}/merged", dependencies=[Depends(require_admin)])
+@router.get(
+    "/v1/merges/{job_id}",
+    operation_id="merge_status",
+    dependencies=[Depends(require_admin)],
+    responses=documented(401, 403, 404),
+)
+async def merge_status(job_id: str, request: Request) -> dict[str, Any]:
+    """A merge job: queued, running, succeeded (download ready) or failed (with the reason)."""
+    try:
+        return merges(request).get(job_id).public()
+    except KeyError as exc:
+        raise APIError(404, f"no merge job {job_id!r}", param="job_id", code="job_not_found") from exc
+
+
+@router.get(
+    "/v1/adapters/{name}/merged",
+    dependencies=[Depends(require_admin)],
+    response_class=FileResponse,
+    responses={200: GZIP, **documented(401, 403, 404)},
+)
 async def download_merged(name: str, request: Request) -> FileResponse:
+    """The merged model as .tar.gz, once a merge job for this version has succeeded."""
     try:
         version = store(request).version(name)
     except UnknownAdapter as exc:
-        raise registry_error(exc) from exc
-    _, archive = _merged_paths(request, version)
+        raise registry_error(exc, store(request).root) from exc
+    _, archive = merged_paths(store(request).root, version.ref)
     if not archive.is_file():
         raise APIError(
             404, f"{name} has not been merged yet: POST /v1/adapters/{name}/merge first", param="name"

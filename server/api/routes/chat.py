@@ -10,6 +10,7 @@ from fastapi.responses import StreamingResponse
 
 from server.api.errors import APIError
 from server.api.generation import (
+    GENERATION_RESPONSES,
     StreamFormat,
     collect,
     engine,
@@ -38,7 +39,7 @@ CHAT_STREAM = StreamFormat(
 )
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post("/v1/chat/completions", response_model=None, responses=GENERATION_RESPONSES)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request
 ) -> dict[str, Any] | StreamingResponse:

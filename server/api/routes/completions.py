@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.generation import (
+    GENERATION_RESPONSES,
     StreamFormat,
     collect,
     engine,
@@ -21,6 +22,7 @@ from server.api.generation import (
     usage,
 )
 from server.api.schemas import CompletionRequest
+from server.engine.engine import Engine
 
 router = APIRouter(tags=["generation"])
 
@@ -32,13 +34,23 @@ COMPLETION_STREAM = StreamFormat(
 )
 
 
-@router.post("/v1/completions", response_model=None)
+async def _encode(eng: Engine, text: str) -> list[int]:
+    """Token ids of a text prompt. Text the tokenizer drops entirely (control characters, say)
+    starts from the beginning-of-text token: the request is valid, there is just nothing to read."""
+    ids = await tokenize(lambda: eng.encode_text(text))
+    if ids:
+        return ids
+    start = (
+        eng.tokenizer.bos_token_id if eng.tokenizer.bos_token_id is not None else eng.tokenizer.eos_token_id
+    )
+    return [start] if start is not None else []
+
+
+@router.post("/v1/completions", response_model=None, responses=GENERATION_RESPONSES)
 async def completions(body: CompletionRequest, request: Request) -> dict[str, Any] | StreamingResponse:
     eng = engine(request)
     adapter = resolve_adapter(request, body.model)
-    prompts = [
-        p if isinstance(p, list) else await tokenize(lambda p=p: eng.encode_text(p)) for p in body.prompts()
-    ]
+    prompts = [p if isinstance(p, list) else await _encode(eng, p) for p in body.prompts()]
     choices = submit_choices(request, body, prompts, adapter, "prompt")
     response_id = new_id("cmpl")
     if body.stream:

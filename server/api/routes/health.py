@@ -2,12 +2,12 @@
 
 from fastapi import APIRouter, Request
 
-from server.api.errors import APIError
+from server.api.errors import APIError, documented
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health")
+@router.get("/health", responses=documented(503))
 async def health(request: Request) -> dict[str, str]:
     engine = request.app.state.engine
     if not engine.alive:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 
+from server.api.errors import documented
 from server.api.generation import engine
 
 router = APIRouter(tags=["models"])
+PAGE_MAX = 10_000
 
 
 def _model(model_id: str, created: int, base: str, parent: str | None) -> dict[str, Any]:
@@ -22,11 +24,27 @@ def _model(model_id: str, created: int, base: str, parent: str | None) -> dict[s
     }
 
 
-@router.get("/v1/models")
-async def list_models(request: Request) -> dict[str, Any]:
+@router.get("/v1/models", responses=documented(400, 401, 403))
+async def list_models(
+    request: Request,
+    limit: Annotated[
+        int | None, Query(ge=1, le=PAGE_MAX, description="at most this many; default all")
+    ] = None,
+    after: Annotated[str | None, Query(description="list the models after this id")] = None,
+) -> dict[str, Any]:
+    """The base model first, then the adapters by name; `limit` and `after` page through a large store."""
     created = request.app.state.started
     base = engine(request).model.name
     if request.app.state.dedicated:  # one adapter folded into the base is the only model served
-        return {"object": "list", "data": [_model(base, created, base, None)]}
-    adapters = [_model(ref.name, created, base, base) for ref in request.app.state.store.names()]
-    return {"object": "list", "data": [_model(base, created, base, None), *adapters]}
+        data = [] if after is not None else [_model(base, created, base, None)]
+        return {"object": "list", "data": data, "has_more": False}
+    head = [_model(base, created, base, None)] if after is None else []
+    wanted = None if limit is None else limit - len(head)
+    store = request.app.state.store
+    entries, more = store.page(
+        None if after in (None, base) else after, wanted if wanted is not None else 2**31
+    )
+    models = [*head, *(_model(e.latest.ref.name, created, base, base) for e in entries)]
+    if wanted == 0:
+        more = bool(store.page(None, 1)[0])
+    return {"object": "list", "data": models, "has_more": more}

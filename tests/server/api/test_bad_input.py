@@ -139,5 +139,89 @@ def test_server_keeps_serving_around_bad_requests(http, model):
 
 
 def test_unknown_fields_are_ignored(http, model):
-    reply = http.post(CHAT, json=chat(model, frobnicate=True, logit_bias={"1": 5}, temperature=0))
+    reply = http.post(CHAT, json=chat(model, frobnicate=True, temperature=0))
     assert reply.status_code == 200, reply.text
+
+
+@pytest.mark.parametrize(
+    "path, fields, param",
+    [
+        (CHAT, {"logprobs": True}, "logprobs"),
+        (CHAT, {"top_logprobs": 2}, "top_logprobs"),
+        (CHAT, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        (CHAT, {"tool_choice": "auto"}, "tool_choice"),
+        (CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
+        (CHAT, {"logit_bias": {"1": 5}}, "logit_bias"),
+        (COMPLETIONS, {"logprobs": 1}, "logprobs"),
+        (COMPLETIONS, {"logprobs": 0}, "logprobs"),
+        (COMPLETIONS, {"echo": True}, "echo"),
+        (COMPLETIONS, {"logit_bias": {"50256": -100}}, "logit_bias"),
+    ],
+)
+def test_fields_we_cannot_honour_are_refused(http, model, path, fields, param):
+    body = (
+        chat(model, **fields) if path == CHAT else {"model": model, "prompt": "hi", "max_tokens": 2, **fields}
+    )
+    error = assert_openai_error(http.post(path, json=body), 400, param)
+    assert "not supported" in error["message"] or "only" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"logprobs": False, "echo": False, "logit_bias": {}, "tool_choice": "none"},
+        {"response_format": {"type": "text"}, "tools": None, "top_logprobs": None},
+    ],
+)
+def test_values_that_ask_for_nothing_are_accepted(http, model, fields):
+    assert http.post(CHAT, json=chat(model, **fields)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path, fields, param",
+    [
+        (COMPLETIONS, {"max_tokens": "8"}, "max_tokens"),
+        (COMPLETIONS, {"prompt": [[False]]}, "prompt"),
+        (COMPLETIONS, {"prompt": [True, 1]}, "prompt"),
+        (COMPLETIONS, {"prompt": [""]}, "prompt"),
+        (COMPLETIONS, {"seed": 2**70}, "seed"),
+        (COMPLETIONS, {"top_k": 6 * 10**25, "temperature": 1}, "top_k"),  # found by schemathesis: a 500
+        (COMPLETIONS, {"seed": -(2**64)}, "seed"),
+        (COMPLETIONS, {"temperature": "0.5"}, "temperature"),
+        (COMPLETIONS, {"stream": 1}, "stream"),
+        (CHAT, {"messages": [{"role": "tool"}]}, "messages.0.content"),
+        (CHAT, {"max_completion_tokens": "4"}, "max_completion_tokens"),
+        (CHAT, {"n": 2.5}, "n"),
+    ],
+)
+def test_request_fields_are_strict(http, model, path, fields, param):
+    body = chat(model) if path == CHAT else {"model": model, "prompt": "hi", "max_tokens": 2}
+    error = assert_openai_error(http.post(path, json={**body, **fields}), 400, param)
+    assert error["message"].startswith(param)
+
+
+def test_text_that_encodes_to_nothing_starts_from_the_start_token(http, model):
+    # Found by schemathesis: "\u0014" is a valid prompt, and answered 400 "the prompt is empty".
+    reply = http.post(COMPLETIONS, json={"model": model, "prompt": ["\u0014", "hi"], "max_tokens": 2})
+    assert reply.status_code == 200, reply.text
+    assert len(reply.json()["choices"]) == 2
+
+
+def test_a_top_k_beyond_the_vocabulary_is_off(http, model):
+    body = {"model": model, "prompt": "hi", "max_tokens": 2, "top_k": 2**31 - 1, "n": 2}
+    assert http.post(COMPLETIONS, json=body).status_code == 200
+
+
+def test_integral_numbers_are_integers(http, model):
+    # JSON Schema counts 2.0 as an integer; schemathesis sent it and got a 400.
+    body = {"model": model, "prompt": [1.0, 2], "max_tokens": 2.0, "n": 2.0}
+    reply = http.post(COMPLETIONS, json=body)
+    assert reply.status_code == 200, reply.text
+    assert len(reply.json()["choices"]) == 2
+
+
+@pytest.mark.parametrize("seed", [2**63 - 1, -(2**63), float(2**63 - 1), 2**63 + 192, -(2**63) - 5])
+def test_a_64_bit_seed_is_served(http, model, seed):
+    # Compared as doubles, these equal a bound; schemathesis sent them as schema-valid and got a 400.
+    body = {"model": model, "prompt": "hi", "max_tokens": 2, "n": 2, "seed": seed}
+    assert http.post(COMPLETIONS, json=body).status_code == 200

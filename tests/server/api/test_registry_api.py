@@ -318,3 +318,102 @@ def test_delete(server, sources, tiny_model):
     assert "gone" not in [m["id"] for m in server.http.get("/v1/models").json()["data"]]
     again = upload(server, "gone", files_of(sources["ia3"]))
     assert again.status_code == 201 and again.json()["version"] == 2
+
+
+def _config(source: Path, **changes) -> tuple:
+    config = json.loads((source / "adapter_config.json").read_text())
+    config.update(changes)
+    return ("file", ("adapter_config.json", json.dumps(config).encode()))
+
+
+@pytest.mark.parametrize(
+    "changes, param",
+    [
+        ({"r": "eight"}, "r"),
+        ({"r": 0}, "r"),
+        ({"r": 4}, "r"),  # the tensors have rank 8
+        ({"rank_pattern": {"q_proj": 2}}, "r"),
+        ({"target_modules": [1, 2]}, "target_modules"),
+        ({"target_modules": ["v_proj"]}, "target_modules"),  # the tensors cover every linear
+        ({"target_modules": "(("}, "target_modules"),
+        ({"alpha_pattern": {"((": 3}}, "alpha_pattern"),
+    ],
+)
+def test_config_must_agree_with_the_tensors(server, sources, changes, param):
+    files = [_config(sources["lora"], **changes), *files_of(sources["lora"])[1:]]
+    reply = upload(server, "cfg", files)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param
+    assert server.http.get("/v1/adapters/cfg").status_code == 404
+
+
+def test_errors_name_no_server_paths(server, sources):
+    weights = (sources["lora"] / "adapter_model.safetensors").read_bytes()
+    files = [files_of(sources["lora"])[0], ("file", ("other.safetensors", weights))]
+    reply = upload(server, "nopath", files)
+    assert reply.status_code == 400
+    message = reply.json()["error"]["message"]
+    assert "adapter_model.safetensors" in message
+    assert str(server.store_root) not in message and ".staging" not in message and "/tmp" not in message
+
+
+def test_a_zip_written_by_writestr_is_plain_files(server, sources):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for p in sources["lora"].glob("adapter*"):
+            zf.writestr(p.name, p.read_bytes())  # no file type in the member's mode
+    reply = upload(server, "written", [("file", ("a.zip", buffer.getvalue()))])
+    assert reply.status_code == 201, reply.text
+
+
+def test_a_zip_declaring_too_much_is_refused_before_extraction(server, sources, monkeypatch):
+    written = []
+    monkeypatch.setattr("server.registry.uploads.save_file", lambda *args: written.append(args))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("adapter_config.json", (sources["lora"] / "adapter_config.json").read_bytes())
+        zf.writestr("adapter_model.safetensors", b"\0" * 3_000_000)  # compresses to a few KB
+    reply = upload(server, "bomb", [("file", ("a.zip", buffer.getvalue()))])
+    assert reply.status_code == 413
+    assert "(2000000 bytes)" in reply.json()["error"]["message"]
+    assert written == []
+    assert snapshot(server.store_root) == []
+
+
+def test_the_413_states_the_configured_limit(server):
+    def body():
+        yield b'--x\r\nContent-Disposition: form-data; name="name"\r\n\r\nbig\r\n'
+        yield b'--x\r\nContent-Disposition: form-data; name="file"; '
+        yield b'filename="adapter_model.safetensors"\r\n\r\n'
+        for _ in range(30):
+            yield b"0" * 100_000
+        yield b"\r\n--x--\r\n"
+
+    headers = {"content-type": "multipart/form-data; boundary=x"}
+    reply = server.http.post("/v1/adapters", content=body(), headers=headers)
+    assert reply.status_code == 413
+    assert "(2000000 bytes)" in reply.json()["error"]["message"]
+
+
+def test_adapters_list_in_pages(server, sources):
+    for name in ("c", "a", "b"):
+        assert upload(server, name, files_of(sources["ia3"])).status_code == 201
+    first = server.http.get("/v1/adapters", params={"limit": 2}).json()
+    assert [a["name"] for a in first["data"]] == ["a", "b"] and first["has_more"]
+    assert (first["first_id"], first["last_id"]) == ("a", "b")
+    rest = server.http.get("/v1/adapters", params={"limit": 2, "after": "b"}).json()
+    assert [a["name"] for a in rest["data"]] == ["c"] and not rest["has_more"]
+    assert server.http.get("/v1/adapters", params={"limit": 0}).status_code == 400
+    models = server.http.get("/v1/models", params={"limit": 2}).json()
+    assert [m["id"] for m in models["data"]][1:] == ["a"] and models["has_more"]
+    tail = server.http.get("/v1/models", params={"after": "a"}).json()
+    assert [m["id"] for m in tail["data"]] == ["b", "c"] and not tail["has_more"]
+    assert len(server.http.get("/v1/models").json()["data"]) == 4
+
+
+def test_store_gauges(server, sources):
+    upload(server, "g", files_of(sources["ia3"]))
+    text = server.http.get("/metrics").text
+    assert "peftserve_store_adapters 1.0" in text and "peftserve_store_versions 1.0" in text
+    index_bytes = next(line for line in text.splitlines() if line.startswith("peftserve_store_index_bytes"))
+    assert float(index_bytes.split()[1]) > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 from pathlib import Path
@@ -22,7 +23,7 @@ from server.registry.merge import MergeError, export_merged
 from server.registry.store import Store
 from tests.adapter_factory import make_bottleneck_adapter, make_peft_adapter
 from tests.conftest import LiveServer, tiny_settings
-from tests.helpers import reference_greedy, run_until_done, token_ids
+from tests.helpers import reference_greedy, run_until_done, token_ids, wait_until
 
 MERGEABLE = ["lora", "rslora", "dora", "ia3"]
 TOKENS = 10
@@ -70,7 +71,12 @@ def test_kinds_that_cannot_merge_say_why(kind, reason, tiny_model, adapters, tmp
     assert not (tmp_path / "m").exists()
 
 
-def test_merge_over_http(tmp_path, tiny_model_dir, tiny_model, adapters):
+def _wait_for_job(http: httpx.Client, job: dict) -> dict:
+    wait_until(lambda: http.get(job["status_url"]).json()["status"] in ("succeeded", "failed"), timeout=300)
+    return http.get(job["status_url"]).json()
+
+
+def test_merge_over_http_is_a_background_job(tmp_path, tiny_model_dir, tiny_model, adapters):
     settings = tiny_settings(tiny_model_dir, store=tmp_path / "store", admin_key="k")
     auth = {"Authorization": "Bearer k"}
     with LiveServer(settings, tiny_model) as live:
@@ -79,11 +85,18 @@ def test_merge_over_http(tmp_path, tiny_model_dir, tiny_model, adapters):
         assert http.post("/v1/adapters", data={"name": "d"}, files=files).status_code == 201
         assert http.get("/v1/adapters/d/merged").status_code == 404
         assert httpx.post(f"{live.url}/v1/adapters/d/merge").status_code == 401
-        merged = http.post("/v1/adapters/d/merge")
-        assert merged.status_code == 200, merged.text
-        assert merged.json()["version"] == 1 and merged.json()["download"] == "/v1/adapters/d/merged"
-        archive = http.get("/v1/adapters/d/merged")
+        started = http.post("/v1/adapters/d/merge")
+        assert started.status_code == 202, started.text
+        job = started.json()
+        assert job["status"] in ("queued", "running") and job["version"] == 1
+        assert job["download"] == "/v1/adapters/d@1/merged" and job["status_url"] == f"/v1/merges/{job['id']}"
+        assert httpx.get(f"{live.url}{job['status_url']}").status_code == 401
+        done = _wait_for_job(http, job)
+        assert done["status"] == "succeeded", done
+        archive = http.get(done["download"])
         assert archive.headers["content-type"] == "application/gzip"
+        assert hashlib.sha256(archive.content).hexdigest() == done["sha256"]
+        assert len(archive.content) == done["size_bytes"]
         with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
             tar.extractall(tmp_path / "download", filter="data")
         files = [("file", (p.name, p.read_bytes())) for p in sorted((adapters / "prompt").glob("adapter*"))]
@@ -91,9 +104,23 @@ def test_merge_over_http(tmp_path, tiny_model_dir, tiny_model, adapters):
         refused = http.post("/v1/adapters/p/merge")
         assert refused.status_code == 400 and "virtual tokens" in refused.json()["error"]["message"]
         assert http.post("/v1/adapters/none/merge").status_code == 404
+        assert http.get("/v1/merges/merge-nothing").status_code == 404
     (folder,) = (tmp_path / "download").iterdir()
     prompt = tiny_model.tokenizer("Hello").input_ids
     assert merged_tokens(folder, prompt) == served_tokens(tiny_model, adapters, "dora", prompt)
+
+
+def test_a_failed_merge_job_says_why(tmp_path, tiny_model_dir, tiny_model, adapters):
+    settings = tiny_settings(tiny_model_dir, store=tmp_path / "store")
+    with LiveServer(settings, tiny_model) as live:
+        http = httpx.Client(base_url=live.url, timeout=120)
+        files = [("file", (p.name, p.read_bytes())) for p in sorted((adapters / "lora").glob("adapter*"))]
+        assert http.post("/v1/adapters", data={"name": "l"}, files=files).status_code == 201
+        (tmp_path / "store" / "l" / "1" / "adapter_model.safetensors").write_bytes(b"changed")
+        done = _wait_for_job(http, http.post("/v1/adapters/l/merge").json())
+        assert done["status"] == "failed" and "safetensors" in done["error"]
+        assert str(tmp_path) not in done["error"]
+        assert http.get(done["download"]).status_code == 404
 
 
 def test_merge_command(tmp_path, tiny_model_dir, tiny_model, adapters, capsys):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,9 +16,14 @@ import httpx
 import pytest
 
 from server.adapters.loader import folder_loader
+from server.config import AdapterSettings, EngineSettings
+from server.engine.engine import Engine
+from server.engine.sampler import SamplingParams
+from server.registry import store as store_module
 from server.registry.store import Store, StoreError, parse_adapter_flag
 from tests.adapter_factory import make_peft_adapter
-from tests.helpers import wait_until
+from tests.conftest import LiveServer, tiny_settings
+from tests.helpers import run_until_done, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -101,19 +108,132 @@ def test_crash_between_write_and_publish_leaves_nothing(validated, lora, monkeyp
     assert validated.names() == []
     restarted = Store(validated.root)
     assert restarted.names() == []
-    assert leftovers(validated.root) in ([], ["bot"])  # at most the empty name folder
+    # At most the name folder and the number the failed publish reserved.
+    assert leftovers(validated.root) in ([], ["bot"], ["bot", "bot/LAST_VERSION"])
 
 
-def test_checksums_are_verified_at_start(validated, lora, caplog):
+def test_checksums_are_verified_at_first_load(validated, lora, caplog, monkeypatch):
     publish_copy(validated, "bot", lora)
     publish_copy(validated, "bot", lora)
     weights = validated.root / "bot" / "2" / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
+    hashed = []
+    real_sha = store_module.sha256_file
+    monkeypatch.setattr(store_module, "sha256_file", lambda path: hashed.append(path) or real_sha(path))
     restarted = Store(validated.root)
+    assert hashed == [], "start-up reads no weights"
+    assert [v.ref.version for v in restarted.versions("bot")] == [1, 2]
+    assert restarted.stats().unverified == 2
+    good, bad = (restarted.resolve(f"bot@{n}") for n in (1, 2))
+    assert restarted.verified_path(good) == good.path
+    with pytest.raises(StoreError, match="no longer matches its checksum"):
+        restarted.verified_path(bad)
     assert [v.ref.version for v in restarted.versions("bot")] == [1]
-    assert "checksum mismatch" in caplog.text
+    assert "dropped from the index" in caplog.text
+    count = len(hashed)
+    restarted.verified_path(good)
+    assert len(hashed) == count, "a version is verified once"
+    assert restarted.stats().unverified == 0
+
+
+def test_a_corrupt_version_fails_its_request_not_the_server(validated, lora, tiny_model):
+    publish_copy(validated, "bot", lora)
+    weights = validated.root / "bot" / "1" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    restarted = Store(validated.root, validate=validated.validate)
+    engine = Engine(tiny_model, EngineSettings(), AdapterSettings(), restarted)
+    handle = engine.submit([1, 2, 3], SamplingParams(max_tokens=2), restarted.resolve("bot"))
+    (events,) = run_until_done(engine, [handle])
+    assert events[-1].reason == "error" and "checksum" in events[-1].error
+    with pytest.raises(KeyError):
+        restarted.resolve("bot")
+
+
+def test_version_numbers_are_never_reused(validated, lora, tmp_path):
+    assert [publish_copy(validated, "bot", lora).version for _ in range(2)] == [1, 2]
+    validated.delete("bot")
+    restarted = Store(validated.root, validate=validated.validate)  # deleted files go now
+    assert not (validated.root / "bot" / "2").exists()
+    assert publish_copy(restarted, "bot", lora).version == 3
+    # A plain folder is version 1 of its name; deleting it does not free the number either.
+    plain = tmp_path / "plain-store"
+    shutil.copytree(lora, plain / "hand")
+    store = Store(plain, validate=validated.validate)
+    store.delete("hand")
+    store = Store(plain, validate=validated.validate)
+    assert store.names() == []
+    assert publish_copy(store, "hand", lora).version == 2
+
+
+def fake_store(root: Path, config: str, count: int) -> list[str]:
+    """`count` published-looking adapters whose weights are never read (nor valid)."""
+    weights = b"not read at start"
+    digest = store_module.hashlib.sha256(weights).hexdigest()
+    names = [f"a{i:05d}" for i in range(count)]
+    for name in names:
+        folder = root / name / "1"
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text(config)
+        (folder / "adapter_model.safetensors").write_bytes(weights)
+        meta = {
+            "name": name,
+            "version": 1,
+            "peft_type": "LORA",
+            "rank": 8,
+            "target_modules": ["q_proj"],
+            "size_bytes": 1,
+            "sha256": digest,
+            "created": 0,
+            "files": {"adapter_model.safetensors": digest},
+        }
+        (folder / "meta.json").write_text(json.dumps(meta))
+    return names
+
+
+def test_a_store_of_thousands_starts_lazily_and_pages(tmp_path, lora, monkeypatch):
+    names = fake_store(tmp_path, (lora / "adapter_config.json").read_text(), 3000)
+    monkeypatch.setattr(store_module, "sha256_file", lambda path: pytest.fail("hashed at start-up"))
+    store = Store(tmp_path)
+    stats = store.stats()
+    assert (stats.adapters, stats.versions, stats.unverified) == (3000, 3000, 3000)
+    assert stats.index_bytes > 3000 * 100
+    seen, after = [], None
+    while True:
+        page, more = store.page(after, 1000)
+        seen += [e.latest.ref.name for e in page]
+        if not more:
+            break
+        after = seen[-1]
+    assert seen == names
+    assert [e.latest.ref.name for e in store.page("a02998", 10)[0]] == ["a02999"]
+    assert store.page("a02999", 10) == ([], False)
+
+
+def test_thousands_of_adapters_over_http(tmp_path, lora, tiny_model_dir, tiny_model):
+    names = fake_store(tmp_path / "store", (lora / "adapter_config.json").read_text(), 2000)
+    with LiveServer(tiny_settings(tiny_model_dir, store=tmp_path / "store"), tiny_model) as live:
+        http = httpx.Client(base_url=live.url, timeout=60)
+        first = http.get("/v1/adapters").json()
+        assert len(first["data"]) == 100 and first["has_more"] and first["last_id"] == names[99]
+        listed, after = [], None
+        while True:
+            page = http.get(
+                "/v1/adapters", params={"limit": 1000, **({"after": after} if after else {})}
+            ).json()
+            listed += [a["name"] for a in page["data"]]
+            if not page["has_more"]:
+                break
+            after = page["last_id"]
+        assert listed == names
+        models = http.get("/v1/models").json()["data"]
+        assert [m["id"] for m in models[1:]] == names
+        some = http.get("/v1/models", params={"limit": 10, "after": names[-5]}).json()
+        assert [m["id"] for m in some["data"]] == names[-4:] and not some["has_more"]
+        metrics = http.get("/metrics").text
+        assert "peftserve_store_adapters 2000.0" in metrics
+        assert "peftserve_store_unverified_versions 2000.0" in metrics
 
 
 def test_deleted_versions_go_at_the_next_start(validated, lora):
@@ -183,3 +303,28 @@ def _healthy(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_resolving_never_waits_for_an_upload(validated, lora, monkeypatch):
+    publish_copy(validated, "live", lora)
+    in_fsync, release = threading.Event(), threading.Event()
+    real_fsync = store_module._fsync_tree
+
+    def slow_fsync(folder):
+        in_fsync.set()
+        release.wait(timeout=60)
+        real_fsync(folder)
+
+    monkeypatch.setattr(store_module, "_fsync_tree", slow_fsync)
+    uploader = threading.Thread(target=publish_copy, args=(validated, "new", lora))
+    uploader.start()
+    try:
+        assert in_fsync.wait(timeout=60)
+        resolved = threading.Event()
+        threading.Thread(target=lambda: validated.resolve("live") and resolved.set(), daemon=True).start()
+        assert resolved.wait(timeout=30), "resolve waited for the upload's fsync"
+        assert [r.name for r in validated.names()] == ["live"]
+    finally:
+        release.set()
+        uploader.join()
+    assert [r.name for r in validated.names()] == ["live", "new"]
