@@ -22,12 +22,18 @@ BLOCK = 4
 
 def make_cache(shape, blocks: int = 32) -> PagedKVCache:
     return PagedKVCache(
-        shape.num_layers, blocks, BLOCK, shape.num_kv_heads, shape.head_dim, torch.float32, torch.device("cpu")
+        shape.num_layers,
+        blocks,
+        BLOCK,
+        shape.num_kv_heads,
+        shape.head_dim,
+        torch.float32,
+        torch.device("cpu"),
     )
 
 
 def step_inputs(tables: list[list[int]], starts: list[int], lengths: list[int]) -> StepInputs:
-    """Rows starting at `starts` with `lengths` real tokens, padded to the longest, over these block tables."""
+    """Rows from `starts` with `lengths` real tokens, padded to the longest, over these block tables."""
     width = max(lengths)
     positions = torch.tensor(starts).unsqueeze(1) + torch.arange(width)
     table = torch.zeros(len(tables), max(map(len, tables)), dtype=torch.long)
