@@ -63,6 +63,9 @@ from server.metrics import EngineSnapshot, Metrics
 
 log = logging.getLogger("peftserve.engine")
 
+SHARED_PREFIX_BLOCKS = 4
+"""Waiting requests that would compute this many identical uncached blocks prefill one at a time."""
+
 
 class EngineInvariantError(RuntimeError):
     """The engine's own bookkeeping broke (a bug): rows, queue counts or a request's life."""
@@ -387,12 +390,14 @@ class Engine:
         hashes = self._lookup_hashes(seq, tokens)
         size = self.cache.block_size
         taken, hit = self.blocks.cost(hashes, -(-len(tokens) // size))
+        shared = hit + SHARED_PREFIX_BLOCKS - 1  # the prefix it computes, if at least this long
         return Waiting(
             seq.request_id,
             seq.adapter.key if seq.adapter else None,
             len(tokens) - hit * size,
             now - seq.arrival,
             taken,
+            hashes[shared] if shared < len(hashes) else None,
         )
 
     def _lookup_hashes(self, seq: Sequence, tokens: list[int]) -> list[bytes]:

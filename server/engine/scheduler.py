@@ -15,6 +15,10 @@ The policy:
 - Memory: a request joins only if the KV cache blocks it needs (its prompt, less the blocks it
   shares through the prefix cache) are available after those admitted before it; if not, it and
   those behind it wait, so a long prompt is not overtaken for ever by short ones.
+- One prefill per shared prefix: of the requests that would compute the same uncached prefix
+  (`Waiting.prefix`), only the first joins in a step; the others join a step later and find
+  that prefix in the cache instead of computing it again beside it (as SGLang's in-batch
+  prefix check does).
 - Aging: a request that has waited `Limits.aging` seconds or more may take a slot that younger
   requests still want. Of the slots no older request wants, the one with the fewest running
   sequences (then the lowest index, so the choice is stable from step to step) takes no new
@@ -41,6 +45,8 @@ class Waiting:
     """Seconds since it arrived."""
     blocks: int = 0
     """KV cache blocks it takes from the available ones when it joins."""
+    prefix: bytes | None = None
+    """Names the uncached prefix its prefill would compute and cache, if that is long enough to share."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,7 @@ def schedule(
     budget = limits.max_prefill_tokens
     budget_closed = False
     blocks_left = free_blocks
+    computing: set[bytes] = set()  # uncached prefixes that requests admitted by this plan compute
     for request in waiting:
         name = request.adapter
         if name is not None and name not in held and name not in evicted and name not in draining_for:
@@ -144,13 +151,15 @@ def schedule(
         older.add(name)
         if name is not None and (name not in ready or name in closed):
             continue
-        if budget_closed or free_rows == 0:
+        if budget_closed or free_rows == 0 or request.prefix in computing:
             continue
         if (plan.admit and request.prompt_tokens > budget) or request.blocks > blocks_left:
             # Keep queue order for prompt budget and memory: later, smaller requests do not overtake this one.
             budget_closed = True
             continue
         plan.admit.append(request.request_id)
+        if request.prefix is not None:
+            computing.add(request.prefix)
         budget -= request.prompt_tokens
         blocks_left -= request.blocks
         free_rows -= 1
