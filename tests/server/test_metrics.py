@@ -178,3 +178,23 @@ def test_cache_config_prefix_cache_and_usage_gauges(tiny_model):
     assert value(s, "vllm:kv_cache_usage_perc") == pytest.approx(held / engine.blocks.capacity)
     assert value(s, "peftserve_kv_cache_usage_ratio") == value(s, "vllm:kv_cache_usage_perc")
     running.cancel()
+
+
+def test_a_repeated_prompt_over_http_hits_the_prefix_cache_and_answers_the_same(live_server, tiny_model):
+    url = live_server.url
+    body = {
+        "model": tiny_model.name,
+        "prompt": "Summarise the following text in one line. " * 8,
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+    texts = [httpx.post(f"{url}/v1/completions", json=body).json()["choices"][0]["text"] for _ in range(2)]
+    assert texts[0] == texts[1]
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+        for s in f.samples
+    }
+    prompt_tokens = len(tiny_model.tokenizer(body["prompt"]).input_ids)
+    assert value(samples, "vllm:prefix_cache_queries_total") == 2 * prompt_tokens
+    assert value(samples, "vllm:prefix_cache_hits_total") == (prompt_tokens - 1) // 16 * 16
