@@ -67,6 +67,18 @@ class EngineSettings(_Section):
     stall_timeout: float = Field(default=60.0, gt=0)
     """/health answers 503 while a request has waited this many seconds with nothing running."""
 
+    kv_cache_memory: ByteSize | None = None
+    """KV cache bytes, or with a unit (8GiB, 512MiB); unset: --gpu-memory-utilization, or 4 GiB on CPU."""
+
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    """On a GPU without --kv-cache-memory: the cache fills the device up to this fraction of its memory."""
+
+    block_size: int = Field(default=16, ge=1, le=1024)
+    """Tokens per KV cache block."""
+
+    enable_prefix_caching: bool = True
+    """Share full KV cache blocks between requests with the same prefix under the same adapter."""
+
 
 class AdapterSettings(_Section):
     """Which adapters are served, and how many are kept where."""

@@ -36,6 +36,7 @@ class EngineSnapshot:
     running: int
     waiting: int
     kv_cache_usage: float
+    """Fraction of the KV cache blocks held by sequences (cached blocks no sequence holds are free)."""
     slots: int
     slots_used: int
     cached_adapters: int
@@ -107,6 +108,20 @@ class _StoreCollector(Collector):
             yield GaugeMetricFamily(name, doc, value=value)
 
 
+class _CacheConfigCollector(Collector):
+    def __init__(self, block_size: int, num_blocks: int) -> None:
+        self.labels = [str(block_size), str(num_blocks)]
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "vllm:cache_config_info",
+            "KV cache configuration (vLLM-compatible), for routers that score prefix-cache affinity.",
+            labels=["block_size", "num_gpu_blocks"],
+        )
+        info.add_metric(self.labels, 1.0)
+        yield info
+
+
 class Metrics:
     """The server's metrics, in a registry of their own (so several servers can share a process)."""
 
@@ -163,6 +178,25 @@ class Metrics:
             buckets=LOAD_BUCKETS,
             registry=r,
         )
+        # vLLM names these counters without `_total`; prometheus_client adds it on the wire, as vLLM's does.
+        self.prefix_cache_queries = Counter(
+            "peftserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", registry=r
+        )
+        self.prefix_cache_hits = Counter(
+            "peftserve_prefix_cache_hits", "Prompt tokens found in the prefix cache.", registry=r
+        )
+        self.vllm_prefix_cache_queries = Counter(
+            "vllm:prefix_cache_queries", "Prefix cache queries, in tokens (vLLM-compatible).", registry=r
+        )
+        self.vllm_prefix_cache_hits = Counter(
+            "vllm:prefix_cache_hits", "Prefix cache hits, in tokens (vLLM-compatible).", registry=r
+        )
+        self.preemptions = Counter(
+            "peftserve_preemptions",
+            "Running sequences preempted for KV cache blocks (recomputed later).",
+            registry=r,
+        )
+        self.vllm_preemptions = Counter("vllm:num_preemptions", "Preemptions (vLLM-compatible).", registry=r)
         self.batch_size = Histogram(
             "peftserve_batch_size", "Sequences in each decode step.", buckets=BATCH_BUCKETS, registry=r
         )
@@ -171,6 +205,24 @@ class Metrics:
         self.info.info(
             {"version": __version__, "base_model": base_model, "dtype": dtype, "quantization": quantization}
         )
+
+    def describe_cache(self, block_size: int, num_blocks: int) -> None:
+        """Export vllm:cache_config_info for this engine's cache."""
+        self.registry.register(_CacheConfigCollector(block_size, num_blocks))
+
+    def prefix_lookup(self, queried: int, hit: int) -> None:
+        """Count one prefix cache lookup, in tokens, under both names."""
+        for counter, value in (
+            (self.prefix_cache_queries, queried),
+            (self.vllm_prefix_cache_queries, queried),
+            (self.prefix_cache_hits, hit),
+            (self.vllm_prefix_cache_hits, hit),
+        ):
+            counter.inc(value)
+
+    def preempted(self) -> None:
+        self.preemptions.inc()
+        self.vllm_preemptions.inc()
 
     def watch(self, snapshot: Callable[[], EngineSnapshot]) -> None:
         """Read the state gauges from `snapshot` at every scrape."""

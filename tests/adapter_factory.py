@@ -115,7 +115,7 @@ def make_bottleneck_adapter(
 
 
 def reference_tokens(
-    base_dir: Path, adapter_dir: Path, prompt_ids: list[int], max_new_tokens: int
+    base_dir: Path, adapter_dir: Path, prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bool = True
 ) -> list[int]:
     """Greedy tokens of one adapter alone, over full forwards without a KV cache (`reference_greedy`):
     PEFT for PEFT kinds, our reference module for bottleneck ones."""
@@ -130,5 +130,6 @@ def reference_tokens(
             config, load_file(adapter_dir / "adapter_model.safetensors"), model_shape(base.config)
         )
         with BottleneckReference(base, weights).applied():
-            return reference_greedy(base, prompt_ids, max_new_tokens)
-    return reference_greedy(PeftModel.from_pretrained(base, adapter_dir).eval(), prompt_ids, max_new_tokens)
+            return reference_greedy(base, prompt_ids, max_new_tokens, stop_at_eos)
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    return reference_greedy(model, prompt_ids, max_new_tokens, stop_at_eos)

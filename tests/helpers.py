@@ -38,16 +38,18 @@ def text_of(events: list[Event]) -> str:
     return "".join(e.text for e in events if isinstance(e, Delta))
 
 
-def reference_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+def reference_greedy(
+    model, prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bool = True
+) -> list[int]:
     """The ground truth the engine must match: greedy tokens of one prompt alone, each one from a
     full forward over the prompt and the tokens so far, without a KV cache.
 
     `model` is a plain HF causal LM, a PeftModel of any kind, or a model under our bottleneck
     reference. Cached `generate` is not used: for prefix- and prompt-tuning adapters PEFT's cached
     path departs from its own uncached forward (transformers 5.24). Stops at EOS without emitting
-    it, as the engine does.
+    it, as the engine does, unless `stop_at_eos` is False (the engine's ignore_eos).
     """
-    eos = _eos_ids(model)
+    eos = _eos_ids(model) if stop_at_eos else set()
     tokens = list(prompt_ids)
     with torch.no_grad():
         for _ in range(max_new_tokens):

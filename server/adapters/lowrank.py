@@ -420,11 +420,11 @@ def _machine_id() -> str:
     return "\n".join([platform.machine(), *lines])
 
 
-def build_kernel(flags: tuple[str, ...] = CFLAGS) -> Path:
-    """Compile lowrank_kernel.c once per source, flags and machine; return the .so path."""
-    source = _SOURCE.read_bytes()
+def build_kernel(flags: tuple[str, ...] = CFLAGS, source_file: Path = _SOURCE) -> Path:
+    """Compile a C source (lowrank_kernel.c unless told) once per source, flags and machine; the .so path."""
+    source = source_file.read_bytes()
     key = hashlib.sha256(source + "\0".join(flags).encode() + _machine_id().encode()).hexdigest()[:16]
-    target = cache_dir() / key / "lowrank_kernel.so"
+    target = cache_dir() / key / f"{source_file.stem}.so"
     if target.exists():
         return target
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
@@ -439,8 +439,8 @@ def build_kernel(flags: tuple[str, ...] = CFLAGS) -> Path:
             f"cannot write to {target.parent} ({e}): set PEFTSERVE_CACHE to a writable folder"
         ) from e
     os.close(fd)
-    cmd = [cc, *flags, "-o", tmp, str(_SOURCE), "-lm"]
-    log.info("compiling the low-rank kernel for this CPU: %s", " ".join(cmd))
+    cmd = [cc, *flags, "-o", tmp, str(source_file), "-lm"]
+    log.info("compiling %s for this CPU: %s", source_file.name, " ".join(cmd))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:

@@ -4,6 +4,13 @@ Each step the scheduler may admit waiting requests; they are prefilled and join 
 batch, which then decodes one token for every running sequence. Finished sequences leave
 between steps. The batch is never drained to admit new work.
 
+Keys and values live in a paged cache (kv_cache.py): a sequence takes blocks as it grows and
+gives them back when it ends. A prompt whose first full blocks are cached under the same adapter
+(blocks.py) shares them and prefills only the rest. When a running sequence needs a block and
+none is left, the newest running sequence is preempted: its blocks go back, it returns to the
+front of the queue, and when it runs again its prompt and the tokens it already streamed are
+recomputed (most often found in the prefix cache), so its stream goes on with the next token.
+
 The asyncio side talks to this thread only through `submit`/`cancel` (an inbox queue) and
 the per-request handles it pushes events into.
 
@@ -34,8 +41,9 @@ from server.adapters.loader import folder_loader
 from server.adapters.slots import SlotTable
 from server.base_model import LoadedModel
 from server.config import AdapterSettings, EngineSettings
+from server.engine.blocks import NULL_BLOCK, BlockPool, block_hashes, chain_hash, root_hash
 from server.engine.detokenizer import Detokenizer
-from server.engine.kv_cache import KVCache
+from server.engine.kv_cache import PagedKVCache, bytes_per_token, choose_budget
 from server.engine.model import Decoder, StepInputs
 from server.engine.request import (
     ContextLengthError,
@@ -55,6 +63,9 @@ from server.engine.tiers import AdapterTiers
 from server.metrics import EngineSnapshot, Metrics
 
 log = logging.getLogger("peftserve.engine")
+
+SHARED_PREFIX_BLOCKS = 4
+"""Waiting requests that would compute this many identical uncached blocks prefill one at a time."""
 
 
 class EngineInvariantError(RuntimeError):
@@ -87,15 +98,32 @@ class Sequence:
     last_token_at: float = 0.0
     output_ids: list[int] = field(default_factory=list)
     cached: int = 0
-    """Positions of this sequence's cache row that hold keys and values."""
+    """Positions of this sequence that hold keys and values in its blocks."""
+    blocks: list[int] = field(default_factory=list)
+    """Its block table: the cache blocks holding positions 0, block_size, 2 * block_size, ..."""
+    hashes: list[bytes] = field(default_factory=list)
+    """Prefix hashes of its first full blocks (as far as they are sealed)."""
     slot: int = -1
     """Device slot of its adapter while running; -1 for the base model."""
+    preemptions: int = 0
+    """Times it gave its blocks back to be recomputed later."""
     done: bool = False
     """Set by the one `_finish` call that ended it."""
+    lookup: tuple[int, list[bytes]] = (0, [])
+    """(tokens, hashes of its full blocks but the last token's) from the last prefix cache lookup."""
 
     @property
     def virtual_tokens(self) -> int:
         return self.adapter.virtual_tokens if self.adapter else 0
+
+    @property
+    def identity(self) -> str:
+        """What its keys and values depend on besides the tokens: the adapter version, if any."""
+        return self.adapter.key if self.adapter else ""
+
+    def tokens(self) -> list[int]:
+        """What fills its positions: virtual tokens (as -1, -2, ...), the prompt, the generated tokens."""
+        return [-1 - i for i in range(self.virtual_tokens)] + self.prompt_ids + self.output_ids
 
     def last_token(self) -> int:
         return self.output_ids[-1]
@@ -129,19 +157,14 @@ class Engine:
         self.metrics.describe(model.name, str(model.dtype).removeprefix("torch."), model.quantize)
         self.decoder = Decoder(model.hf, model.shape)
         shape = model.shape
-        self.cache = KVCache(
-            shape.num_layers,
-            settings.max_batch_size,
-            shape.num_kv_heads,
-            model.max_model_len,
-            shape.head_dim,
-            model.dtype,
-            model.device,
-        )
+        self.cache = self._make_cache()
+        self.blocks = BlockPool(self.cache.num_blocks, settings.enable_prefix_caching)
+        self.metrics.describe_cache(self.cache.block_size, self.cache.num_blocks)
         self.limits = Limits(settings.max_batch_size, settings.max_prefill_tokens, settings.adapter_aging)
         self._waiting: OrderedDict[int, Sequence] = OrderedDict()  # in arrival order
-        self._running: list[Sequence] = []  # index = cache row
-        self._admitting: list[Sequence] = []  # left the queue this step, not yet all in rows
+        self._running: list[Sequence] = []  # in the order they joined
+        self._admitting: list[Sequence] = []  # left the queue this step, not yet all running
+        self._to_compute: dict[int, int] = {}  # request id -> tokens its prefill computes, as last planned
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count(1)
         # Guards the counts below and the refusal flags, so a submit never slips past a stop.
@@ -211,6 +234,7 @@ class Engine:
         if not all(0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         prompt_tokens = len(prompt_ids) + (adapter.virtual_tokens if adapter else 0)
+        limit = min(limit, self.cache_tokens)  # one sequence never needs more blocks than there are
         if prompt_tokens + params.max_tokens > limit:
             raise ContextLengthError(prompt_tokens, params.max_tokens, limit)
         try:
@@ -334,8 +358,9 @@ class Engine:
         self._admitting = admitted = self._dequeue(plan.admit)
         now = time.monotonic()
         for seq in admitted:
-            self.metrics.queue_time.observe(now - seq.arrival)
-            self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
+            if not seq.preemptions:
+                self.metrics.queue_time.observe(now - seq.arrival)
+                self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
             if seq.adapter is not None:
                 seq.slot = self.tiers.slot_of(seq.adapter.key)
                 self.tiers.acquire(seq.slot)
@@ -346,7 +371,9 @@ class Engine:
                 finished += self._decode()
         except Exception as exc:  # a bug or an out-of-memory: fail this batch, keep serving
             log.exception("engine step failed")
-            for seq in {id(s): s for s in [*admitted, *self._running]}.values():
+            requeued = [s.request_id for s in admitted if s.request_id in self._waiting]
+            for seq in {id(s): s for s in [*admitted, *self._running, *self._dequeue(requeued)]}.values():
+                self._free_blocks(seq)
                 if not seq.done:
                     self._finish(seq, "error", error=f"internal error: {exc}")
                     finished.append(seq.request_id)
@@ -357,16 +384,33 @@ class Engine:
 
     def _schedule(self) -> Plan:
         now = time.monotonic()
-        waiting = [
-            Waiting(
-                s.request_id,
-                s.adapter.key if s.adapter else None,
-                len(s.prompt_ids) + s.virtual_tokens,
-                now - s.arrival,
-            )
-            for s in self._waiting.values()
-        ]
-        return schedule(waiting, len(self._running), self.tiers.states(), self.limits)
+        waiting = [self._waiting_entry(s, now) for s in self._waiting.values()]
+        self._to_compute = {w.request_id: w.prompt_tokens for w in waiting}
+        return schedule(waiting, len(self._running), self.tiers.states(), self.limits, self.blocks.available)
+
+    def _waiting_entry(self, seq: Sequence, now: float) -> Waiting:
+        """A waiting sequence as the scheduler sees it: what it would compute and the blocks it would take."""
+        tokens = seq.tokens()
+        hashes = self._lookup_hashes(seq, tokens)
+        size = self.cache.block_size
+        taken, hit = self.blocks.cost(hashes, -(-len(tokens) // size))
+        shared = hit + SHARED_PREFIX_BLOCKS - 1  # the prefix it computes, if at least this long
+        return Waiting(
+            seq.request_id,
+            seq.adapter.key if seq.adapter else None,
+            len(tokens) - hit * size,
+            now - seq.arrival,
+            taken,
+            hashes[shared] if shared < len(hashes) else None,
+        )
+
+    def _lookup_hashes(self, seq: Sequence, tokens: list[int]) -> list[bytes]:
+        """Hashes of the full blocks before the last token (which is always computed, for its logits)."""
+        if not self.blocks.prefix_caching:
+            return []
+        if seq.lookup[0] != len(tokens):
+            seq.lookup = (len(tokens), block_hashes(seq.identity, tokens[:-1], self.cache.block_size))
+        return seq.lookup[1]
 
     def _plan(self, finished: list[int]) -> Plan:
         """This step's plan; a broken one ends only the waiting requests it concerns, then plans again."""
@@ -393,6 +437,7 @@ class Engine:
         """End every request in flight, each exactly once: waiting, being admitted, running."""
         seqs = [*self._dequeue(list(self._waiting)), *self._admitting, *self._running]
         for seq in {id(s): s for s in seqs}.values():
+            self._free_blocks(seq)
             if not seq.done:
                 self._finish(seq, reason, error=error)
         self._admitting = []
@@ -407,7 +452,7 @@ class Engine:
         return EngineSnapshot(
             running=len(self._running),
             waiting=self._queued,
-            kv_cache_usage=sum(s.cached for s in self._running) / (self.cache.rows * self.cache.max_len),
+            kv_cache_usage=self.blocks.used / self.blocks.capacity,
             slots=len(slots),
             slots_used=sum(s.ref is not None for s in slots),
             cached_adapters=len(self.tiers.cpu),
@@ -426,6 +471,47 @@ class Engine:
                 )
                 failed.append(seq.request_id)
         return failed
+
+    def _make_cache(self) -> PagedKVCache:
+        """The paged cache, as many blocks as the memory budget holds; logs what fits."""
+        settings, model, shape = self.settings, self.model, self.model.shape
+        size, per_token = settings.block_size, bytes_per_token(shape, model.dtype)
+        per_block = size * per_token
+        worst = (settings.max_batch_size * -(-model.max_model_len // size) + 1) * per_block
+        budget = choose_budget(
+            model.device,
+            None if settings.kv_cache_memory is None else int(settings.kv_cache_memory),
+            settings.gpu_memory_utilization,
+            worst,
+        )
+        num_blocks = budget.bytes // per_block
+        if num_blocks < 2:
+            raise ValueError(
+                f"a KV cache budget of {budget.bytes} bytes ({budget.source}) holds no block of "
+                f"{per_block} bytes; raise --kv-cache-memory"
+            )
+        cache = PagedKVCache(
+            shape.num_layers, num_blocks, size, shape.num_kv_heads, shape.head_dim, model.dtype, model.device
+        )
+        tokens = (num_blocks - 1) * size
+        log.info(
+            "KV cache: %d blocks of %d tokens = %d tokens in %.2f GiB (%s), %.1f sequences of "
+            "--max-model-len %d at once; prefix caching %s",
+            num_blocks - 1,
+            size,
+            tokens,
+            cache.nbytes / 1024**3,
+            budget.source,
+            tokens / model.max_model_len,
+            model.max_model_len,
+            "on" if settings.enable_prefix_caching else "off",
+        )
+        return cache
+
+    @property
+    def cache_tokens(self) -> int:
+        """Tokens the KV cache holds in all."""
+        return self.blocks.capacity * self.cache.block_size
 
     def _take_inbox(self) -> None:
         while True:
@@ -452,23 +538,19 @@ class Engine:
         if request_id in self._waiting:
             self._finish(self._dequeue([request_id])[0], "abort")
             return
-        for row, seq in enumerate(self._running):
+        for seq in self._running:
             if seq.request_id == request_id:
                 self._finish(seq, "abort")
-                self._release_rows([row])
+                self._leave([seq])
                 return
 
     def _prefill(self, admitted: list[Sequence]) -> list[int]:
         """Prefill in chunks of similar length, each within the prefill token budget."""
         finished: list[int] = []
-        admitted = sorted(admitted, key=lambda s: len(s.prompt_ids))
+        cost = {s.request_id: self._to_compute.get(s.request_id, len(s.tokens())) for s in admitted}
         chunk: list[Sequence] = []
-        for seq in admitted:
-            longest = (
-                max(len(seq.prompt_ids), *(len(s.prompt_ids) for s in chunk))
-                if chunk
-                else len(seq.prompt_ids)
-            )
+        for seq in sorted(admitted, key=lambda s: cost[s.request_id]):
+            longest = max(cost[seq.request_id], *(cost[s.request_id] for s in chunk)) if chunk else 0
             if chunk and longest * (len(chunk) + 1) > self.limits.max_prefill_tokens:
                 finished += self._prefill_chunk(chunk)
                 chunk = []
@@ -477,79 +559,178 @@ class Engine:
             finished += self._prefill_chunk(chunk)
         return finished
 
-    def _prefill_chunk(self, chunk: list[Sequence]) -> list[int]:
-        """Prefill new sequences into rows after the running ones; sample each one's first token.
+    def _place(self, seq: Sequence) -> bool:
+        """Give a sequence its blocks: cached ones for its prefix, new ones for the rest; False if short."""
+        tokens = seq.tokens()
+        hit = self.blocks.hits(self._lookup_hashes(seq, tokens))
+        self.blocks.take(hit)
+        size = self.cache.block_size
+        seq.blocks, seq.hashes, seq.cached = list(hit), seq.lookup[1][: len(hit)], len(hit) * size
+        while len(seq.blocks) * size < len(tokens):
+            block = self.blocks.allocate()
+            if block is None:
+                self._free_blocks(seq)
+                return False
+            seq.blocks.append(block)
+        if self.blocks.prefix_caching:
+            self.metrics.prefix_lookup(len(tokens), len(hit) * size)
+        return True
 
-        Prompt-tuning rows get their virtual tokens in front of the prompt's embeddings;
-        prefix-tuning rows get their keys and values written at positions 0..n-1, and the
-        prompt starts at position n.
+    def _prefill_chunk(self, chunk: list[Sequence]) -> list[int]:
+        """Prefill new sequences from their first uncached position; sample each one's first token.
+
+        Prompt-tuning rows get their virtual tokens' embeddings at positions 0..n-1; prefix-tuning
+        rows get their keys and values written there, and the forward starts at position n.
+        A sequence whose blocks cannot all be found goes back to the front of the queue.
         """
-        device, slots = self.model.device, self.slots
-        first_row = len(self._running)
-        if first_row + len(chunk) > self.cache.rows:
-            raise EngineInvariantError(
-                f"{first_row} rows run; {len(chunk)} more do not fit {self.cache.rows}"
-            )
-        kinds = [slots.kinds[s.slot] if s.slot >= 0 else None for s in chunk]
-        prompt_virtual = [
-            s.virtual_tokens if k == "prompt_tuning" or k == "p_tuning" else 0
-            for s, k in zip(chunk, kinds, strict=True)
-        ]
-        starts = [s.virtual_tokens if k == "prefix_tuning" else 0 for s, k in zip(chunk, kinds, strict=True)]
-        lengths = [v + len(s.prompt_ids) for s, v in zip(chunk, prompt_virtual, strict=True)]
+        device, slots, size = self.model.device, self.slots, self.cache.block_size
+        placed = []
+        for seq in chunk:
+            if self._place(seq):
+                placed.append(seq)
+            else:
+                self._requeue(seq)
+        if not placed:
+            return []
+        chunk = placed
+        all_tokens = [s.tokens() for s in chunk]
+        starts = []
+        for seq in chunk:
+            start = seq.cached
+            if seq.slot >= 0 and slots.kinds[seq.slot] == "prefix_tuning" and start < seq.virtual_tokens:
+                keys, values = slots.prefixes[seq.slot]  # (layers, kv_heads, n, head_dim)
+                where = self._slots_of(seq, range(start, seq.virtual_tokens))
+                self.cache.write_prefix(where, keys[:, :, start:], values[:, :, start:])
+                start = seq.virtual_tokens
+            starts.append(start)
+        lengths = [len(t) - start for t, start in zip(all_tokens, starts, strict=True)]
         width = max(lengths)
         ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        for i, seq in enumerate(chunk):
-            ids[i, prompt_virtual[i] : lengths[i]] = torch.tensor(seq.prompt_ids)
+        for i, (tokens, start) in enumerate(zip(all_tokens, starts, strict=True)):
+            ids[i, : lengths[i]] = torch.tensor(tokens[start:]).clamp(min=0)
         embeds = self.decoder.embed(ids.to(device))  # (B, T, hidden)
-        for i, seq in enumerate(chunk):
-            if prompt_virtual[i]:
-                embeds[i, : prompt_virtual[i]] = slots.prompts[seq.slot]
-            if starts[i]:
-                self.cache.write_prefix(first_row + i, *slots.prefixes[seq.slot])
-        token_slots = torch.tensor([s.slot for s in chunk], device=device).repeat_interleave(width)
+        for i, (seq, start) in enumerate(zip(chunk, starts, strict=True)):
+            if start < seq.virtual_tokens:  # prompt or P-tuning: its soft prompt from `start` on
+                embeds[i, : seq.virtual_tokens - start] = slots.prompts[seq.slot][start:]
+        positions = torch.tensor(starts).unsqueeze(1) + torch.arange(width)  # (B, T)
+        table = self._block_table(chunk, -(-(max(starts) + width) // size))
+        real = torch.arange(width) < torch.tensor(lengths).unsqueeze(1)
+        where = table.gather(1, positions // size) * size + positions % size
         step = StepInputs(
-            first_row=first_row,
-            positions=(torch.tensor(starts).unsqueeze(1) + torch.arange(width)).to(device),
+            positions=positions.to(device),
             lengths=torch.tensor(lengths, device=device),
-            adapters=BatchContext(slots, token_slots),
+            block_table=table.to(device),
+            slots=torch.where(real, where, NULL_BLOCK * size).to(device),
+            adapters=BatchContext(
+                slots, torch.tensor([s.slot for s in chunk], device=device).repeat_interleave(width)
+            ),
         )
         logits = self.decoder.forward(embeds, step, self.cache)
-        for seq, start, length in zip(chunk, starts, lengths, strict=True):
-            seq.cached = start + length
+        for seq, tokens in zip(chunk, all_tokens, strict=True):
+            seq.cached = len(tokens)
+            self._seal(seq, tokens)
         self._running.extend(chunk)
-        return self._accept(list(range(first_row, first_row + len(chunk))), logits)
+        return self._accept(chunk, logits)
+
+    def _slots_of(self, seq: Sequence, positions: range) -> torch.Tensor:
+        """(n,) flat cache slots of these positions of a sequence."""
+        size = self.cache.block_size
+        return torch.tensor(
+            [seq.blocks[p // size] * size + p % size for p in positions], device=self.model.device
+        )
+
+    def _block_table(self, seqs: list[Sequence], width: int) -> torch.Tensor:
+        """(B, width) block tables, padded with the null block (CPU, int64)."""
+        table = torch.full((len(seqs), width), NULL_BLOCK, dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            table[i, : len(seq.blocks)] = torch.tensor(seq.blocks[:width])
+        return table
+
+    def _seal(self, seq: Sequence, tokens: list[int]) -> None:
+        """Register the sequence's newly full blocks in the prefix cache."""
+        if not self.blocks.prefix_caching:
+            return
+        size = self.cache.block_size
+        while len(seq.hashes) < seq.cached // size:
+            index = len(seq.hashes)
+            parent = seq.hashes[-1] if seq.hashes else root_hash(seq.identity)
+            seq.hashes.append(chain_hash(parent, tokens[index * size : (index + 1) * size]))
+            self.blocks.register(seq.blocks[index], seq.hashes[-1])
+
+    def _grow(self) -> None:
+        """Give every running sequence room for one more token, oldest first; when no block is left,
+        preempt the newest running sequence (perhaps the one that asked)."""
+        size, index = self.cache.block_size, 0
+        while index < len(self._running):
+            seq = self._running[index]
+            if seq.cached < len(seq.blocks) * size:
+                index += 1
+                continue
+            block = self.blocks.allocate()
+            if block is not None:
+                seq.blocks.append(block)
+                index += 1
+                continue
+            self._preempt(self._running[-1])
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Take a running sequence out: its blocks go back and it waits at the front of the queue."""
+        log.info("preempting request %d: the KV cache is full", seq.request_id)
+        self._running.remove(seq)
+        self.metrics.preempted()
+        self._requeue(seq)
+
+    def _requeue(self, seq: Sequence) -> None:
+        """Put a sequence that holds no blocks back at the front of the queue, its adapter slot given back."""
+        self._free_blocks(seq)
+        seq.preemptions += 1
+        if seq.slot >= 0:
+            slot, seq.slot = seq.slot, -1
+            self.tiers.release(slot)
+        with self._lock:
+            self._queued += 1
+        self._waiting[seq.request_id] = seq
+        self._waiting.move_to_end(seq.request_id, last=False)
+
+    def _free_blocks(self, seq: Sequence) -> None:
+        blocks, seq.blocks, seq.hashes, seq.cached = seq.blocks, [], [], 0
+        self.blocks.release(blocks)
 
     def _decode(self) -> list[int]:
-        device = self.model.device
+        self._grow()
         batch = self._running
-        tokens = torch.tensor([[s.last_token()] for s in batch], device=device)
+        if not batch:
+            return []
+        device, size = self.model.device, self.cache.block_size
+        positions = torch.tensor([[s.cached] for s in batch])  # (B, 1)
+        table = self._block_table(batch, max(len(s.blocks) for s in batch))
         step = StepInputs(
-            first_row=0,
-            positions=torch.tensor([[s.cached] for s in batch], device=device),
+            positions=positions.to(device),
             lengths=torch.ones(len(batch), dtype=torch.long, device=device),
+            block_table=table.to(device),
+            slots=(table.gather(1, positions // size) * size + positions % size).to(device),
             adapters=BatchContext(self.slots, torch.tensor([s.slot for s in batch], device=device)),
         )
+        tokens = torch.tensor([[s.last_token()] for s in batch], device=device)
         logits = self.decoder.forward(self.decoder.embed(tokens), step, self.cache)
         self.metrics.batch_size.observe(len(batch))
         for seq in batch:
             seq.cached += 1
-        return self._accept(list(range(len(batch))), logits)
+            if seq.cached % size == 0:
+                self._seal(seq, seq.tokens())
+        return self._accept(list(batch), logits)
 
-    def _accept(self, rows: list[int], logits: torch.Tensor) -> list[int]:
-        """Sample one token for each of these cache rows; finish and release the sequences that end."""
-        seqs = [self._running[r] for r in rows]
+    def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """Sample one token for each of these running sequences (rows of `logits`); those that end leave."""
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        done_rows: list[int] = []
-        done_ids: list[int] = []
-        for row, seq, token in zip(rows, seqs, tokens, strict=True):
+        done: list[Sequence] = []
+        for seq, token in zip(seqs, tokens, strict=True):
             reason = self._append(seq, token)
             if reason is not None:
                 self._finish(seq, reason)
-                done_rows.append(row)
-                done_ids.append(seq.request_id)
-        self._release_rows(done_rows)
-        return done_ids
+                done.append(seq)
+        self._leave(done)
+        return [s.request_id for s in done]
 
     def _append(self, seq: Sequence, token: int) -> FinishReason | None:
         """Record one generated token; the reason the sequence ends, if it does."""
@@ -595,14 +776,13 @@ class Engine:
             slot, seq.slot = seq.slot, -1
             self.tiers.release(slot)
 
-    def _release_rows(self, rows: list[int]) -> None:
-        """Remove finished rows, moving the last rows into the holes so rows stay dense."""
-        if len(set(rows)) != len(rows) or not all(0 <= r < len(self._running) for r in rows):
-            raise EngineInvariantError(f"releasing rows {rows} of {len(self._running)}")
-        for row in sorted(rows, reverse=True):
-            last = len(self._running) - 1
-            if row != last:
-                moved = self._running[last]
-                self.cache.move_row(last, row, moved.cached)
-                self._running[row] = moved
-            self._running.pop()
+    def _leave(self, seqs: list[Sequence]) -> None:
+        """Finished sequences leave the running batch and give their blocks back."""
+        gone = {id(s) for s in seqs}
+        if len(gone) != len(seqs) or any(not s.done for s in seqs):
+            raise EngineInvariantError(
+                f"releasing requests {[s.request_id for s in seqs]} that are not all done"
+            )
+        for seq in seqs:
+            self._free_blocks(seq)
+        self._running = [s for s in self._running if id(s) not in gone]

@@ -1,9 +1,10 @@
-"""The decoder forward pass the engine runs, over our KV cache and one BatchContext per step.
+"""The decoder forward pass the engine runs, over the paged KV cache and one BatchContext per step.
 
 It reuses the HF model's own modules (embeddings, norms, rotary embedding, linear layers,
-which may be bitsandbytes-quantized) and only replaces the control flow: attention reads and
-writes the engine's cache rows, and every linear layer and block output goes through the
-step's adapter context, which knows each row's adapter slot.
+which may be bitsandbytes-quantized) and only replaces the control flow: attention writes each
+new token's keys and values into its cache slot and reads a sequence's blocks through its block
+table, and every linear layer and block output goes through the step's adapter context, which
+knows each row's adapter slot.
 """
 
 from __future__ import annotations
@@ -11,26 +12,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from server.adapters.context import BatchContext
 from server.base_model import ModelShape
-from server.engine.kv_cache import KVCache
+from server.engine.attention import paged_attention_reference, paged_decode_attention
+from server.engine.kv_cache import PagedKVCache
 
 
 @dataclass
 class StepInputs:
-    """One forward pass over B cache rows holding T new tokens each (T = 1 when decoding)."""
-
-    first_row: int
-    """Cache row of batch row 0; the batch covers rows first_row .. first_row + B - 1."""
+    """One forward pass over B sequences holding T new tokens each (T = 1 when decoding)."""
 
     positions: torch.Tensor
-    """(B, T) position of every new token, which is also its index in the row's cache."""
+    """(B, T) position of every new token in its sequence."""
 
     lengths: torch.Tensor
     """(B,) real tokens per row in this pass; the rest of the T are padding."""
+
+    block_table: torch.Tensor
+    """(B, blocks) cache blocks of each sequence, in order, padded with the null block."""
+
+    slots: torch.Tensor
+    """(B, T) flat cache slot (block * block_size + offset) each new token writes; padding: the null block."""
 
     adapters: BatchContext
     """Which adapter slot every token uses."""
@@ -45,31 +49,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x: (B, T, heads, head_dim); cos, sin: (B, T, head_dim)."""
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     return x * cos + rotate_half(x) * sin
-
-
-def sdpa_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """q (B, heads, T, D); keys, values (B, kv_heads, L, D); visible (B, T, L) -> (B, heads, T, D)."""
-    mask = visible.unsqueeze(1)  # (B, 1, T, L)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
-
-
-def decode_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """sdpa_attention for one new token per row (T = 1), as two batched matmuls.
-
-    CPU SDPA runs its flash kernel even for a single query: at batch 64 that is ~4x slower than
-    this, and it was over half of a decode step.
-    """
-    batch, heads, _, dim = q.shape
-    kv_heads, span = keys.shape[1], keys.shape[2]
-    q = q.reshape(batch, kv_heads, heads // kv_heads, dim)  # query heads grouped by their kv head
-    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale  # (B, kv_heads, group, L)
-    scores = scores.masked_fill(~visible.view(batch, 1, 1, span), float("-inf"))
-    probs = scores.softmax(-1).to(values.dtype)
-    return torch.matmul(probs, values).view(batch, heads, 1, dim)
 
 
 class Decoder:
@@ -90,36 +69,15 @@ class Decoder:
         return self.embed_tokens(ids)
 
     @torch.inference_mode()
-    def forward(self, embeds: torch.Tensor, step: StepInputs, cache: KVCache) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, step: StepInputs, cache: PagedKVCache) -> torch.Tensor:
         """(B, T, hidden) input embeddings -> (B, vocab) float32 logits at each row's last real token."""
         batch, tokens, hidden = embeds.shape
         cos, sin = self.rotary(embeds, step.positions)
-        # Key j is visible to a token at position p iff j <= p; padding never sits before a real token.
-        key_span = int(step.positions.max()) + 1
-        cache.prepare(step.first_row, batch, key_span)
-        visible = torch.arange(key_span, device=embeds.device) <= step.positions.unsqueeze(-1)  # (B, T, L)
-        rows = torch.arange(step.first_row, step.first_row + batch, device=embeds.device)
-        write_rows = rows.unsqueeze(1).expand(batch, tokens)
-        write_pos = step.positions.clamp(max=cache.max_len - 1)
+        slots = step.slots.reshape(batch * tokens)
         h = embeds.reshape(batch * tokens, hidden)
         for index, layer in enumerate(self.layers):
-            keys, values = cache.layer(index)
             attn_in = layer.input_layernorm(h)
-            attn_out = self._attention(
-                index,
-                layer,
-                attn_in,
-                step,
-                cos,
-                sin,
-                visible,
-                keys,
-                values,
-                write_rows,
-                write_pos,
-                key_span,
-                (batch, tokens),
-            )
+            attn_out = self._attention(index, layer, attn_in, step, cos, sin, slots, cache, (batch, tokens))
             h = h + step.adapters.block_output(index, "attn", attn_out, h)
             mlp_in = layer.post_attention_layernorm(h)
             h = h + step.adapters.block_output(index, "mlp", self._mlp(index, layer.mlp, mlp_in, step), h)
@@ -128,9 +86,7 @@ class Decoder:
         ]  # (B, hidden)
         return self.lm_head(self.norm(last)).float()
 
-    def _attention(
-        self, index, layer, x, step, cos, sin, visible, keys, values, write_rows, write_pos, key_span, bt
-    ) -> torch.Tensor:
+    def _attention(self, index, layer, x, step, cos, sin, slots, cache, bt) -> torch.Tensor:
         batch, tokens = bt
         shape, attn, ctx = self.shape, layer.self_attn, step.adapters
         q = ctx.linear(index, "q_proj", attn.q_proj, x).view(batch, tokens, shape.num_heads, shape.head_dim)
@@ -141,15 +97,16 @@ class Decoder:
             batch, tokens, shape.num_kv_heads, shape.head_dim
         )
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys[write_rows, :, write_pos] = k  # (B, T, kv_heads, head_dim) into each row's positions
-        values[write_rows, :, write_pos] = v
-        rows = slice(step.first_row, step.first_row + batch)
-        attention = decode_attention if tokens == 1 else sdpa_attention
+        k_pool, v_pool = cache.layer(index)  # (blocks, block_size, kv_heads, head_dim)
+        k_pool.view(-1, shape.num_kv_heads, shape.head_dim)[slots] = k.reshape(batch * tokens, *k.shape[2:])
+        v_pool.view(-1, shape.num_kv_heads, shape.head_dim)[slots] = v.reshape(batch * tokens, *v.shape[2:])
+        attention = paged_decode_attention if tokens == 1 else paged_attention_reference
         out = attention(
             q.transpose(1, 2),  # (B, heads, T, head_dim)
-            keys[rows, :, :key_span],  # (B, kv_heads, L, head_dim)
-            values[rows, :, :key_span],
-            visible,
+            k_pool,
+            v_pool,
+            step.block_table,
+            step.positions,
             self.scale,
         )
         out = out.transpose(1, 2).reshape(batch * tokens, shape.num_heads * shape.head_dim)

@@ -12,6 +12,13 @@ The policy:
   slot, else into the least recently used slot that no running sequence uses and no waiting
   request wants. So an adapter loaded for a waiting request stays until that request runs (no
   thrash), and an adapter evicted by a plan is never loaded again by the same plan.
+- Memory: a request joins only if the KV cache blocks it needs (its prompt, less the blocks it
+  shares through the prefix cache) are available after those admitted before it; if not, it and
+  those behind it wait, so a long prompt is not overtaken for ever by short ones.
+- One prefill per shared prefix: of the requests that would compute the same uncached prefix
+  (`Waiting.prefix`), only the first joins in a step; the others join a step later and find
+  that prefix in the cache instead of computing it again beside it (as SGLang's in-batch
+  prefix check does).
 - Aging: a request that has waited `Limits.aging` seconds or more may take a slot that younger
   requests still want. Of the slots no older request wants, the one with the fewest running
   sequences (then the lowest index, so the choice is stable from step to step) takes no new
@@ -33,8 +40,13 @@ class Waiting:
     request_id: int
     adapter: str | None
     prompt_tokens: int
+    """Tokens its prefill computes (those found in the prefix cache excluded)."""
     waited: float = 0.0
     """Seconds since it arrived."""
+    blocks: int = 0
+    """KV cache blocks it takes from the available ones when it joins."""
+    prefix: bytes | None = None
+    """Names the uncached prefix its prefill would compute and cache, if that is long enough to share."""
 
 
 @dataclass(frozen=True)
@@ -87,8 +99,15 @@ class PlanError(RuntimeError):
         super().__init__(f"{message} (requests {self.request_ids})")
 
 
-def schedule(waiting: Sequence[Waiting], running: int, slots: Sequence[Slot], limits: Limits) -> Plan:
-    """Plan one step. `waiting` is in queue (arrival) order; `running` counts sequences decoding."""
+def schedule(
+    waiting: Sequence[Waiting],
+    running: int,
+    slots: Sequence[Slot],
+    limits: Limits,
+    free_blocks: float = math.inf,
+) -> Plan:
+    """Plan one step. `waiting` is in queue (arrival) order; `running` counts sequences decoding;
+    `free_blocks` is what the KV cache can give now."""
     plan = Plan()
     held = {s.adapter: i for i, s in enumerate(slots) if s.adapter is not None}
     ready = {s.adapter for s in slots if s.ready}
@@ -106,6 +125,8 @@ def schedule(waiting: Sequence[Waiting], running: int, slots: Sequence[Slot], li
     free_rows = limits.max_batch_size - running
     budget = limits.max_prefill_tokens
     budget_closed = False
+    blocks_left = free_blocks
+    computing: set[bytes] = set()  # uncached prefixes that requests admitted by this plan compute
     for request in waiting:
         name = request.adapter
         if name is not None and name not in held and name not in evicted and name not in draining_for:
@@ -130,16 +151,19 @@ def schedule(waiting: Sequence[Waiting], running: int, slots: Sequence[Slot], li
         older.add(name)
         if name is not None and (name not in ready or name in closed):
             continue
-        if budget_closed or free_rows == 0:
+        if budget_closed or free_rows == 0 or request.prefix in computing:
             continue
-        if plan.admit and request.prompt_tokens > budget:
-            # Keep queue order for prompt budget: later, shorter prompts do not overtake this one.
+        if (plan.admit and request.prompt_tokens > budget) or request.blocks > blocks_left:
+            # Keep queue order for prompt budget and memory: later, smaller requests do not overtake this one.
             budget_closed = True
             continue
         plan.admit.append(request.request_id)
+        if request.prefix is not None:
+            computing.add(request.prefix)
         budget -= request.prompt_tokens
+        blocks_left -= request.blocks
         free_rows -= 1
-    check(plan, waiting, running, slots, limits)
+    check(plan, waiting, running, slots, limits, free_blocks)
     return plan
 
 
@@ -150,7 +174,12 @@ def _victim(slots: Sequence[Slot], claimed: set[int], older: set[str | None]) ->
 
 
 def check(
-    plan: Plan, waiting: Sequence[Waiting], running: int, slots: Sequence[Slot], limits: Limits
+    plan: Plan,
+    waiting: Sequence[Waiting],
+    running: int,
+    slots: Sequence[Slot],
+    limits: Limits,
+    free_blocks: float = math.inf,
 ) -> None:
     """Raise PlanError if the plan would corrupt data: a row, a slot, or an adapter's weights."""
     by_id = {w.request_id: w for w in waiting}
@@ -164,6 +193,8 @@ def check(
     admitted = [by_id[i] for i in plan.admit]
     if len(admitted) > 1 and sum(w.prompt_tokens for w in admitted) > limits.max_prefill_tokens:
         raise PlanError("prefill budget exceeded", plan.admit)
+    if sum(w.blocks for w in admitted) > free_blocks:
+        raise PlanError("admitted more KV cache blocks than are free", plan.admit)
 
     def waiting_for(name: str | None) -> list[int]:
         return [w.request_id for w in waiting if w.adapter == name]

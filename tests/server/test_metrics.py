@@ -137,6 +137,13 @@ def test_metrics_endpoint_counts_requests_per_model(live_server, tiny_model):
         "vllm:num_requests_running",
         "vllm:kv_cache_usage_perc",
         "vllm:lora_requests_info",
+        "vllm:cache_config_info",
+        "peftserve_prefix_cache_queries",
+        "peftserve_prefix_cache_hits",
+        "vllm:prefix_cache_queries",
+        "vllm:prefix_cache_hits",
+        "peftserve_preemptions",
+        "vllm:num_preemptions",
     ):
         assert name in families, name
     samples = {
@@ -147,3 +154,47 @@ def test_metrics_endpoint_counts_requests_per_model(live_server, tiny_model):
     assert value(samples, "peftserve_adapter_requests_total", adapter=tiny_model.name) == 2
     assert value(samples, "peftserve_adapter_requests_total", adapter="other") == 1
     assert value(samples, "peftserve_request_failure_total", reason="invalid_request") == 2
+
+
+def test_cache_config_prefix_cache_and_usage_gauges(tiny_model):
+    metrics = Metrics()
+    engine = Engine(tiny_model, EngineSettings(block_size=4, kv_cache_memory="64KiB"), metrics=metrics)
+    s = scrape(metrics)
+    assert (
+        value(s, "vllm:cache_config_info", block_size="4", num_gpu_blocks=str(engine.cache.num_blocks)) == 1
+    )
+    prompt = list(range(100, 118))  # 18 tokens: 4 full blocks before the last token
+    run_until_done(engine, [engine.submit(prompt, params(3))])
+    run_until_done(engine, [engine.submit(prompt, params(3))])
+    s = scrape(metrics)
+    for prefix in ("peftserve_", "vllm:"):
+        assert value(s, f"{prefix}prefix_cache_queries_total") == 2 * 18
+        assert value(s, f"{prefix}prefix_cache_hits_total") == 16  # the second request, its 4 full blocks
+    assert value(s, "vllm:kv_cache_usage_perc") == 0  # blocks that are only cached count as free
+    running = engine.submit(prompt, params(8))
+    engine.step()
+    s = scrape(metrics)
+    held = -(-(18 + 1) // 4)
+    assert value(s, "vllm:kv_cache_usage_perc") == pytest.approx(held / engine.blocks.capacity)
+    assert value(s, "peftserve_kv_cache_usage_ratio") == value(s, "vllm:kv_cache_usage_perc")
+    running.cancel()
+
+
+def test_a_repeated_prompt_over_http_hits_the_prefix_cache_and_answers_the_same(live_server, tiny_model):
+    url = live_server.url
+    body = {
+        "model": tiny_model.name,
+        "prompt": "Summarise the following text in one line. " * 8,
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+    texts = [httpx.post(f"{url}/v1/completions", json=body).json()["choices"][0]["text"] for _ in range(2)]
+    assert texts[0] == texts[1]
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+        for s in f.samples
+    }
+    prompt_tokens = len(tiny_model.tokenizer(body["prompt"]).input_ids)
+    assert value(samples, "vllm:prefix_cache_queries_total") == 2 * prompt_tokens
+    assert value(samples, "vllm:prefix_cache_hits_total") == (prompt_tokens - 1) // 16 * 16

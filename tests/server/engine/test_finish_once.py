@@ -128,11 +128,11 @@ def test_a_broken_plan_ends_only_the_requests_it_concerns(tiny_model, monkeypatc
     engine = Engine(tiny_model, EngineSettings())
     victim: list[int] = []
 
-    def broken_schedule(waiting, running, slots, limits):
-        plan = real(waiting, running, slots, limits)
+    def broken_schedule(waiting, running, slots, limits, free_blocks):
+        plan = real(waiting, running, slots, limits, free_blocks)
         if victim and victim[0] in plan.admit:
             plan.admit.append(victim[0])  # admitted twice: a bug the check must catch
-            check(plan, waiting, running, slots, limits)
+            check(plan, waiting, running, slots, limits, free_blocks)
         return plan
 
     real = engine_module.schedule

@@ -153,3 +153,39 @@ def test_a_young_request_does_not_take_a_wanted_slot():
     queue = [Waiting(0, "rare", 10, waited=1.0), Waiting(1, "q", 10)]
     plan = schedule(queue, running=4, slots=slots, limits=Limits(4, 100, aging=5.0))
     assert plan.load == [] and plan.drain == []
+
+
+def with_blocks(*specs: tuple[int, int]) -> list[Waiting]:
+    """(prompt tokens, blocks) of base-model requests, in queue order."""
+    return [Waiting(i, None, tokens, blocks=blocks) for i, (tokens, blocks) in enumerate(specs)]
+
+
+def test_admits_only_what_the_free_blocks_hold_in_queue_order():
+    plan = schedule(with_blocks((10, 3), (10, 4), (10, 1)), running=0, slots=[], limits=LIMITS, free_blocks=7)
+    assert plan.admit == [0, 1]
+    plan = schedule(with_blocks((10, 3), (10, 5), (10, 1)), running=0, slots=[], limits=LIMITS, free_blocks=7)
+    assert plan.admit == [0]  # the one that fits behind the one that does not waits its turn
+
+
+def test_a_request_that_needs_more_blocks_than_are_free_waits_even_first():
+    plan = schedule(with_blocks((10, 8)), running=2, slots=[], limits=LIMITS, free_blocks=7)
+    assert plan.admit == []
+
+
+def test_a_plan_over_the_free_blocks_is_refused():
+    with pytest.raises(PlanError, match="blocks"):
+        check(Plan(admit=[0, 1]), with_blocks((10, 4), (10, 4)), 0, [], LIMITS, free_blocks=7)
+
+
+def test_requests_that_would_compute_the_same_prefix_join_one_per_step():
+    shared, other = b"system prompt", b"another prompt"
+    queue = [
+        Waiting(0, None, 10, prefix=shared),
+        Waiting(1, None, 10, prefix=shared),
+        Waiting(2, None, 10, prefix=other),
+        Waiting(3, None, 10),
+    ]
+    plan = schedule(queue, running=0, slots=[], limits=Limits(max_batch_size=8, max_prefill_tokens=100))
+    assert plan.admit == [0, 2, 3]  # 1 waits a step, then finds 0's blocks cached
+    plan = schedule(queue[1:], running=3, slots=[], limits=Limits(max_batch_size=8, max_prefill_tokens=100))
+    assert plan.admit == [1, 2, 3]
