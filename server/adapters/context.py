@@ -2,7 +2,8 @@
 
 Built once per forward pass from the slot table and the (N,) slot of every token (-1 = base
 model only). Everything that depends only on those slots (groups of rows per slot, gather
-indices) is computed here once and shared by all layers.
+indices) is computed here once and shared by all layers. It applies the slot table's hooks
+(method.Hook) and never asks which method put a tensor there.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from server.adapters.lowrank import RowGroups, low_rank_apply
+from server.adapters.method import Hook
 from server.adapters.slots import ScaleTable, SlotTable
 
 
@@ -24,16 +26,18 @@ class BatchContext:
         if not self.active:
             return
         self.used = used
-        kinds = slots.kinds
         # index into scale tables: slot, or the table's last row (ones) for the base model
         self.scale_index = torch.where(token_slots >= 0, token_slots, slots.num_slots).long()
-        self.lora_groups = self._groups(token_slots, {s for s in used if kinds[s] == "lora"})
-        bottleneck = {s for s in used if kinds[s] == "bottleneck"}
-        self.bottleneck_groups = {
-            act: self._groups(token_slots, {s for s in bottleneck if slots.activation[s] == act})
-            for act in {slots.activation[s] for s in bottleneck}
+        self.delta_groups = self._groups(
+            token_slots, {s for s in used if Hook.LINEAR_DELTA in slots.methods[s].hooks}
+        )
+        block = {s: slots.slot_data(s, Hook.BLOCK_OUTPUT) for s in used}
+        block = {s: options for s, options in block.items() if options is not None}
+        self.block_groups = {
+            act: self._groups(token_slots, {s for s, (a, _) in block.items() if a == act})
+            for act in {a for a, _ in block.values()}
         }
-        readers = [s for s in bottleneck if slots.reads_residual[s]]
+        readers = [s for s, (_, reads_residual) in block.items() if reads_residual]
         self.residual_mask = (
             torch.isin(token_slots, torch.tensor(readers, device=token_slots.device)).unsqueeze(1)
             if readers
@@ -47,8 +51,9 @@ class BatchContext:
         mask = torch.isin(token_slots, torch.tensor(sorted(keep), device=token_slots.device))
         return RowGroups.build(torch.where(mask, token_slots, -1))
 
-    def _scales(self, table: ScaleTable | None) -> torch.Tensor | None:
+    def _scales(self, hook: Hook, site: tuple[int, str]) -> torch.Tensor | None:
         """(N, dim) per-token scales, or None when no token here uses the table."""
+        table: ScaleTable | None = self.slots.scales.get((hook, site))
         if table is None or not (table.slots & self.used):
             return None
         return table.rows(self.scale_index)
@@ -57,31 +62,31 @@ class BatchContext:
         """(N, in) -> (N, out): the base linear layer plus each token's adapter."""
         if not self.active:
             return module(x)
-        site, slots = (layer, name), self.slots
-        in_scale = self._scales(slots.ia3_in.get(site))
+        site = (layer, name)
+        in_scale = self._scales(Hook.INPUT_SCALE, site)
         if in_scale is not None:
             x = x * in_scale
         y = module(x)
-        table = slots.lora.get(site)
-        if table is not None and self.lora_groups is not None:
-            low_rank_apply(x, y, table, self.lora_groups)
-        dora = self._scales(slots.dora.get(site))
-        if dora is not None:
-            # DoRA rescales W x + s B A x but not the bias: g * y + (1 - g) * bias.
-            y = y * dora if module.bias is None else y * dora + module.bias * (1 - dora)
-        out_scale = self._scales(slots.ia3_out.get(site))
+        table = self.slots.lowrank.get((Hook.LINEAR_DELTA, site))
+        if table is not None and self.delta_groups is not None:
+            low_rank_apply(x, y, table, self.delta_groups)
+        rescale = self._scales(Hook.OUTPUT_RESCALE, site)
+        if rescale is not None:
+            # g * y + (1 - g) * bias: the weight is rescaled, the bias is not.
+            y = y * rescale if module.bias is None else y * rescale + module.bias * (1 - rescale)
+        out_scale = self._scales(Hook.OUTPUT_SCALE, site)
         if out_scale is not None:
             y = y * out_scale
         return y
 
     def block_output(self, layer: int, block: str, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """(N, hidden) output of a block ("attn" or "mlp") before the residual add; residual (N, hidden)."""
-        if not self.active or not self.bottleneck_groups:
+        if not self.active or not self.block_groups:
             return out
-        table = self.slots.bottleneck.get((layer, block))
+        table = self.slots.lowrank.get((Hook.BLOCK_OUTPUT, (layer, block)))
         if table is None:
             return out
         x = out if self.residual_mask is None else out + residual * self.residual_mask
-        for act, groups in self.bottleneck_groups.items():
+        for act, groups in self.block_groups.items():
             low_rank_apply(x, out, table, groups, act=act)
         return out

@@ -30,6 +30,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from server.adapters.common import AdapterRef
 from server.adapters.context import BatchContext
 from server.adapters.loader import folder_loader
+from server.adapters.method import Hook
 from server.adapters.slots import SlotTable
 from server.base_model import LoadedModel
 from server.config import AdapterSettings, EngineSettings
@@ -486,23 +487,21 @@ class Engine:
             raise EngineInvariantError(
                 f"{first_row} rows run; {len(chunk)} more do not fit {self.cache.rows}"
             )
-        kinds = [slots.kinds[s.slot] if s.slot >= 0 else None for s in chunk]
-        prompt_virtual = [
-            s.virtual_tokens if k == "prompt_tuning" or k == "p_tuning" else 0
-            for s, k in zip(chunk, kinds, strict=True)
-        ]
-        starts = [s.virtual_tokens if k == "prefix_tuning" else 0 for s, k in zip(chunk, kinds, strict=True)]
+        prompts = [slots.slot_data(s.slot, Hook.INPUT_EMBEDDINGS) for s in chunk]  # (n, hidden) or None
+        prefixes = [slots.slot_data(s.slot, Hook.KV_PREFIX) for s in chunk]  # (keys, values) or None
+        prompt_virtual = [0 if p is None else s.virtual_tokens for s, p in zip(chunk, prompts, strict=True)]
+        starts = [0 if p is None else s.virtual_tokens for s, p in zip(chunk, prefixes, strict=True)]
         lengths = [v + len(s.prompt_ids) for s, v in zip(chunk, prompt_virtual, strict=True)]
         width = max(lengths)
         ids = torch.zeros(len(chunk), width, dtype=torch.long)
         for i, seq in enumerate(chunk):
             ids[i, prompt_virtual[i] : lengths[i]] = torch.tensor(seq.prompt_ids)
         embeds = self.decoder.embed(ids.to(device))  # (B, T, hidden)
-        for i, seq in enumerate(chunk):
-            if prompt_virtual[i]:
-                embeds[i, : prompt_virtual[i]] = slots.prompts[seq.slot]
-            if starts[i]:
-                self.cache.write_prefix(first_row + i, *slots.prefixes[seq.slot])
+        for i in range(len(chunk)):
+            if prompts[i] is not None:
+                embeds[i, : prompt_virtual[i]] = prompts[i]
+            if prefixes[i] is not None:
+                self.cache.write_prefix(first_row + i, *prefixes[i])
         token_slots = torch.tensor([s.slot for s in chunk], device=device).repeat_interleave(width)
         step = StepInputs(
             first_row=first_row,
