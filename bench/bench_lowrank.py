@@ -37,13 +37,13 @@ LINEARS = {
     "up": (HIDDEN, INTER),
     "down": (INTER, HIDDEN),
 }
-ADAPTERS, RANK = 64, 16
+ADAPTERS, RANK, MAX_RANK = 64, 16, 64  # MAX_RANK: the server default --max-lora-rank
 NEVER_BIG = 1 << 30
 
 
 class Site:
     def __init__(self, in_f: int, out_f: int, dtype: torch.dtype) -> None:
-        self.table = LowRankTable(ADAPTERS, in_f, out_f, dtype)
+        self.table = LowRankTable(ADAPTERS, in_f, out_f, dtype, max_rank=MAX_RANK)
         for s in range(ADAPTERS):
             # Kaiming-like A and small B keep bf16 values in a realistic range.
             a = torch.randn(RANK, in_f, dtype=dtype) * in_f**-0.5

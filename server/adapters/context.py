@@ -19,37 +19,44 @@ from server.adapters.slots import ScaleTable, SlotTable
 class BatchContext:
     """Routes every linear layer and block output of one forward pass through the adapters in use."""
 
-    def __init__(self, slots: SlotTable | None = None, token_slots: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, slots: SlotTable | None = None, token_slots: torch.Tensor | list[int] | None = None
+    ) -> None:
+        """token_slots: (N,) slot of every token, -1 for none, on the host (a list or a CPU tensor).
+
+        Everything per step is built here on the host and copied to the slots' device once.
+        """
         self.slots = slots
-        used = set() if token_slots is None else set(token_slots.unique().tolist()) - {-1}
+        slot_of = token_slots.tolist() if isinstance(token_slots, torch.Tensor) else list(token_slots or [])
+        used = set(slot_of) - {-1}
         self.active = bool(used)
         if not self.active:
             return
         self.used = used
+        device = slots.device
         # index into scale tables: slot, or the table's last row (ones) for the base model
-        self.scale_index = torch.where(token_slots >= 0, token_slots, slots.num_slots).long()
-        self.delta_groups = self._groups(
-            token_slots, {s for s in used if Hook.LINEAR_DELTA in slots.methods[s].hooks}
-        )
+        scale_index = torch.tensor([s if s >= 0 else slots.num_slots for s in slot_of], dtype=torch.int64)
+        self.scale_index = scale_index.to(device, non_blocking=True)
+        delta = {s for s in used if Hook.LINEAR_DELTA in slots.methods[s].hooks}
+        self.delta_groups = self._groups(slot_of, delta, device)
         block = {s: slots.slot_data(s, Hook.BLOCK_OUTPUT) for s in used}
         block = {s: options for s, options in block.items() if options is not None}
         self.block_groups = {
-            act: self._groups(token_slots, {s for s, (a, _) in block.items() if a == act})
+            act: self._groups(slot_of, {s for s, (a, _) in block.items() if a == act}, device)
             for act in {a for a, _ in block.values()}
         }
-        readers = [s for s, (_, reads_residual) in block.items() if reads_residual]
+        readers = {s for s, (_, reads_residual) in block.items() if reads_residual}
         self.residual_mask = (
-            torch.isin(token_slots, torch.tensor(readers, device=token_slots.device)).unsqueeze(1)
+            torch.tensor([s in readers for s in slot_of], dtype=slots.dtype).unsqueeze(1).to(device)
             if readers
             else None
-        )
+        )  # (N, 1)
 
     @staticmethod
-    def _groups(token_slots: torch.Tensor, keep: set[int]) -> RowGroups | None:
+    def _groups(slot_of: list[int], keep: set[int], device: torch.device) -> RowGroups | None:
         if not keep:
             return None
-        mask = torch.isin(token_slots, torch.tensor(sorted(keep), device=token_slots.device))
-        return RowGroups.build(torch.where(mask, token_slots, -1))
+        return RowGroups.build([s if s in keep else -1 for s in slot_of], device=device)
 
     def _scales(self, hook: Hook, site: tuple[int, str]) -> torch.Tensor | None:
         """(N, dim) per-token scales, or None when no token here uses the table."""

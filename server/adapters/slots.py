@@ -2,8 +2,10 @@
 
 Slot indices run 0 .. num_slots - 1; slot -1 means "base model only". A slot holds one adapter
 of any method. The method's `install` places its tensors through the setters here: low-rank
-tables (one per linear or block site), per-channel scale tables, and per-slot data (soft
-prompts, KV prefixes, a block adapter's options). `clear` removes whatever was placed.
+tables (one per linear or block site, every slot stacked, ranks padded to max_rank),
+per-channel scale tables (every slot stacked), and per-slot data (soft prompts, KV prefixes, a
+block adapter's options). Everything lives on the base's device, in its dtype. `clear`
+removes whatever was placed.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class SlotTable:
     shape: ModelShape
     dtype: torch.dtype
     device: torch.device
+    max_rank: int
+    """Every low-rank table pads ranks to this (--max-lora-rank)."""
     lowrank: dict[tuple[Hook, Site], LowRankTable] = field(default_factory=dict)
     scales: dict[tuple[Hook, Site], ScaleTable] = field(default_factory=dict)
     methods: list[Method | None] = field(init=False)
@@ -80,7 +84,8 @@ class SlotTable:
         """a (r, in), b (r, out) and optional biases of `slot` at a (in, out) site."""
         table = self.lowrank.get((hook, site))
         if table is None:
-            table = self.lowrank[(hook, site)] = LowRankTable(self.num_slots, *dims, self.dtype, self.device)
+            table = LowRankTable(self.num_slots, *dims, self.dtype, self.device, max_rank=self.max_rank)
+            self.lowrank[(hook, site)] = table
         table.set(slot, *(None if t is None else self.put(t) for t in (a, b, a_bias, b_bias)))
         self._tables_of[slot].append(table)
 

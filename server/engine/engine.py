@@ -150,7 +150,13 @@ class Engine:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._stalled_since: float | None = None
-        self.slots = SlotTable(self.adapter_settings.max_active_adapters, shape, model.dtype, model.device)
+        self.slots = SlotTable(
+            self.adapter_settings.max_active_adapters,
+            shape,
+            model.dtype,
+            model.device,
+            max_rank=self.adapter_settings.max_lora_rank,
+        )
         load = folder_loader(model, self.adapter_settings.max_lora_rank)
         self.tiers = AdapterTiers(
             self.slots,
@@ -502,7 +508,7 @@ class Engine:
                 embeds[i, : prompt_virtual[i]] = prompts[i]
             if prefixes[i] is not None:
                 self.cache.write_prefix(first_row + i, *prefixes[i])
-        token_slots = torch.tensor([s.slot for s in chunk], device=device).repeat_interleave(width)
+        token_slots = [s.slot for s in chunk for _ in range(width)]  # (B * T,) on the host
         step = StepInputs(
             first_row=first_row,
             positions=(torch.tensor(starts).unsqueeze(1) + torch.arange(width)).to(device),
@@ -523,7 +529,7 @@ class Engine:
             first_row=0,
             positions=torch.tensor([[s.cached] for s in batch], device=device),
             lengths=torch.ones(len(batch), dtype=torch.long, device=device),
-            adapters=BatchContext(self.slots, torch.tensor([s.slot for s in batch], device=device)),
+            adapters=BatchContext(self.slots, [s.slot for s in batch]),
         )
         logits = self.decoder.forward(self.decoder.embed(tokens), step, self.cache)
         self.metrics.batch_size.observe(len(batch))
