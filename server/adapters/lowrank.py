@@ -265,8 +265,9 @@ class LowRankTable:
         if stale > rank:  # set twice without a clear: the larger adapter's rows must become padding
             self.a[i, rank:stale].zero_()
             self.b[i, rank:stale].zero_()
-        self.a_bias[i].zero_()
-        self.b_bias[i].zero_()
+        if any(self._biased[slot]) or a_bias is not None or b_bias is not None:
+            self.a_bias[i].zero_()
+            self.b_bias[i].zero_()
         if a_bias is not None:
             self.a_bias[i, :rank].copy_(a_bias)
         if b_bias is not None:
@@ -274,14 +275,17 @@ class LowRankTable:
         self._ranks[slot], self._written[slot] = rank, max(rank, stale)
         self._biased[slot] = (a_bias is not None, b_bias is not None)
         self.has_bias = self.has_bias or a_bias is not None or b_bias is not None
-        pointers = (
-            self.a[i],
-            self.b[i],
-            self.a_bias[i] if a_bias is not None else None,
-            self.b_bias[i] if b_bias is not None else None,
-        )
-        for k, t in enumerate(pointers):
-            self._words[4 + k * self.num_slots + slot] = 0 if t is None else t.data_ptr()
+        # Pointers to slot i's rows by arithmetic: a view per stack would cost more than the copy.
+        for k, (stack, present) in enumerate(
+            (
+                (self.a, True),
+                (self.b, True),
+                (self.a_bias, a_bias is not None),
+                (self.b_bias, b_bias is not None),
+            )
+        ):
+            row = stack.data_ptr() + i * stack.stride(0) * stack.element_size()
+            self._words[4 + k * self.num_slots + slot] = row if present else 0
         self._words[4 + 4 * self.num_slots + slot] = rank
 
     def clear(self, slot: int) -> None:
