@@ -170,7 +170,7 @@ def peft_mixed_batches(model, prompts, adapters, pad, new_tokens, batch: int) ->
 
 def adapter_load_median(model: LoadedModel, store: Path, names: list[str]) -> float:
     """Seconds from an adapter folder on disk to weights in a device slot."""
-    table = SlotTable(1, model.shape, model.dtype, model.device)
+    table = SlotTable(1, model.shape, model.dtype, model.device, max_rank=64)
     load = folder_loader(model, 64)
     times = []
     for name in names:

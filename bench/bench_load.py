@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="model dtype (auto: as the server)")
     args = parser.parse_args()
     model = load_base_model(Settings.load({"dtype": args.dtype}).model)
-    table = SlotTable(1, model.shape, model.dtype, model.device)
+    table = SlotTable(1, model.shape, model.dtype, model.device, max_rank=64)
     with tempfile.TemporaryDirectory(prefix="peftserve-bench-load-") as tmp:
         root = Path(tmp)
         folders = [write_lora(root / f"lora-{k}", model.shape, args.rank, k) for k in range(args.adapters)]

@@ -7,7 +7,6 @@ cached as a plain safetensors folder under ``<cache>/models/`` and later starts 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -20,6 +19,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from peftserve_formats.gguf_cache import gguf_cache_folder
 from server.config import ModelSettings
 
 log = logging.getLogger("peftserve.model")
@@ -147,17 +147,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
-def _gguf_cache_dir(gguf: Path, cache: Path) -> Path:
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache / "models" / f"{gguf.stem}-{key}"
-
-
 def materialize_gguf(gguf: Path, cache: Path) -> Path:
     """Dequantize a GGUF file once into a safetensors folder under the cache; return that folder."""
     from safetensors.torch import save_model
 
-    target = _gguf_cache_dir(gguf, cache)
+    target = gguf_cache_folder(gguf, cache)
     if (target / "config.json").is_file():
         return target
     log.info("dequantizing %s (first start only; cached in %s)", gguf.name, target)

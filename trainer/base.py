@@ -6,7 +6,6 @@ can be quantized to 4-bit nf4 for QLoRA (transformers cannot quantize while read
 folder is named as the server names it, so trainer and server share one dequantized copy.
 """
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from peftserve_formats.gguf_cache import gguf_cache_folder as shared_gguf_cache_folder
 from trainer.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,7 @@ def cache_dir() -> Path:
 
 def gguf_cache_folder(gguf: Path) -> Path:
     """The cached copy of a GGUF file: models/<stem>-<hash of path, size, mtime>, named as by the server."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+    return shared_gguf_cache_folder(gguf, cache_dir())
 
 
 def base_name(base: str) -> str:

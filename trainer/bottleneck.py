@@ -1,10 +1,10 @@
 """Bottleneck adapters (Houlsby / Pfeiffer) in peftserve's format, on HF Llama-family models.
 
-The format is docs/adapter-format.md: an `adapter_config.json` with `peft_type: "BOTTLENECK"`
-and an `adapter_model.safetensors` with `layers.{i}.{site}.{down,up}.{weight,bias}` for every
-decoder layer `i` and every site (`attn`, `mlp`) the placement names. At a site, the block's
-output `o` (of `self_attn.o_proj` or `mlp.down_proj`) becomes
-`o + scaling * up(act(down(o)))` before the residual add.
+The format is defined once in peftserve_formats/bottleneck.py (docs/adapter-format.md), which
+the server reads with the same checks. At a site, the block's output `o` (of `self_attn.o_proj`
+or `mlp.down_proj`) becomes `o + scaling * up(act(down(o)))` before the residual add. The
+trainer trains and applies `adapter_input: "block_output"` adapters only; it refuses to load a
+"residual_stream" one (the server serves both).
 
 `apply_bottleneck` wraps those projections of a model in place (for training, with `up` at
 zero so the adapter starts as the identity); `load_bottleneck` applies a saved folder, which is
@@ -21,14 +21,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from peftserve_formats import bottleneck as fmt
 from trainer.errors import AdapterFormatError
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = fmt.CONFIG_FILE
+WEIGHTS_FILE = fmt.WEIGHTS_FILE
 
 # site name -> (block attribute, projection attribute) inside a decoder layer
 SITES: dict[str, tuple[str, str]] = {"attn": ("self_attn", "o_proj"), "mlp": ("mlp", "down_proj")}
-PLACEMENT_SITES: dict[str, tuple[str, ...]] = {"houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",)}
+PLACEMENT_SITES = fmt.PLACEMENTS
 ACTIVATIONS = {
     "relu": F.relu,
     "gelu": F.gelu,  # exact erf form
@@ -48,6 +49,7 @@ class BottleneckConfig(BaseModel):
     placement: Literal["houlsby", "pfeiffer"] = "houlsby"
     non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
     scaling: float = 1.0
+    adapter_input: Literal["block_output", "residual_stream"] = "block_output"
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -130,13 +132,15 @@ def save_bottleneck(folder: Path, config: BottleneckConfig, adapters: dict[str, 
 
 
 def read_config(folder: Path) -> BottleneckConfig:
-    """Parse and check a bottleneck adapter_config.json."""
+    """Parse and check a bottleneck adapter_config.json (the shared checks, then the trainer's own)."""
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise AdapterFormatError(f"{folder}: no {CONFIG_FILE}")
     try:
-        return BottleneckConfig.model_validate_json(path.read_text())
-    except ValidationError as exc:
+        raw = json.loads(path.read_text())
+        fmt.check_config(raw if isinstance(raw, dict) else {})
+        return BottleneckConfig.model_validate(raw)
+    except (json.JSONDecodeError, fmt.FormatError, ValidationError) as exc:
         raise AdapterFormatError(f"{path}: not a bottleneck adapter config: {exc}") from None
 
 
@@ -145,20 +149,15 @@ def load_bottleneck(model: nn.Module, folder: Path) -> dict[str, Bottleneck]:
     config = read_config(folder)
     if not (folder / WEIGHTS_FILE).is_file():
         raise AdapterFormatError(f"{folder}: no {WEIGHTS_FILE}")
+    if config.adapter_input != "block_output":
+        raise AdapterFormatError(
+            f"{folder}: adapter_input {config.adapter_input!r}: "
+            "the trainer applies block_output adapters only"
+        )
     tensors = load_file(folder / WEIGHTS_FILE)
     n_layers = len(decoder_layers(model))
-    hidden, m = model.config.hidden_size, config.bottleneck_size
-    expected = {
-        f"layers.{i}.{site}.{name}": shape
-        for i in range(n_layers)
-        for site in config.sites
-        for name, shape in (
-            ("down.weight", (m, hidden)),
-            ("down.bias", (m,)),
-            ("up.weight", (hidden, m)),
-            ("up.bias", (hidden,)),
-        )
-    }
+    options = fmt.check_config(config.model_dump())
+    expected = fmt.expected_shapes(options, n_layers, model.config.hidden_size)
     missing, extra = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
     if missing or extra:
         raise AdapterFormatError(f"{folder}: tensors missing {missing[:4]}, unexpected {extra[:4]}")

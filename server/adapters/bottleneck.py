@@ -1,9 +1,10 @@
 """Bottleneck adapters (Houlsby, Pfeiffer): o' = o + s * (up(act(down(x) + bd)) + bu) after a block.
 
 `x` is the block's output `o`, or `o + h` (the residual stream) when the config says
-`"adapter_input": "residual_stream"`. Our format is in docs/adapter-format.md; AdapterHub's
-saved bottleneck adapters are read too when their options map onto it. The batched math is
-the shared low-rank apply; `BottleneckReference` is the plain, unbatched reference.
+`"adapter_input": "residual_stream"`. Our format is defined once in peftserve_formats/bottleneck.py
+(docs/adapter-format.md), shared with the trainer; AdapterHub's saved bottleneck adapters are
+read too when their options map onto it. The batched math is the shared low-rank apply;
+`BottleneckReference` is the plain, unbatched reference.
 """
 
 from __future__ import annotations
@@ -12,19 +13,21 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.adapters.common import AdapterError, AdapterWeights, expect_shape, finite_number, positive_int
+from peftserve_formats import bottleneck as fmt
+from server.adapters.common import AdapterError, AdapterWeights, expect_shape
+from server.adapters.method import AdapterInfo, Hook, Method, ParseContext
 from server.base_model import ModelShape
 
-PLACEMENTS = {"houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",)}
-ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
-INPUTS = ("block_output", "residual_stream")
-_OURS = re.compile(r"^layers\.(\d+)\.(attn|mlp)\.(down|up)\.(weight|bias)$")
+if TYPE_CHECKING:
+    from server.adapters.slots import SlotTable
+
+ADAPTERHUB_WEIGHTS = "adapter.safetensors"
 _HUB = re.compile(
     r"(?:^|\.)layers\.(\d+)\.(attention|output)_adapters\.adapters\.[^.]+\.adapter_(down\.0|up)\.(weight|bias)$"
 )
@@ -68,7 +71,7 @@ class BottleneckWeights(AdapterWeights):
 
 
 def _site(parts: dict[str, torch.Tensor], where: str, hidden: int, scaling: float) -> BottleneckSite:
-    for key in ("down.weight", "down.bias", "up.weight", "up.bias"):
+    for key in fmt.PARTS:
         if key not in parts:
             raise AdapterError(f"{where}.{key} is missing", f"{where}.{key}")
     m = parts["down.weight"].shape[0]
@@ -85,28 +88,17 @@ def _site(parts: dict[str, torch.Tensor], where: str, hidden: int, scaling: floa
 
 
 def parse(config: dict[str, Any], tensors: dict[str, torch.Tensor], shape: ModelShape) -> BottleneckWeights:
-    """Our format (docs/adapter-format.md)."""
-    size = positive_int(config, "bottleneck_size")
-    placement = config.get("placement")
-    if placement not in PLACEMENTS:
-        raise AdapterError(
-            f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}", "placement"
-        )
-    activation = config.get("non_linearity", "relu")
-    if activation not in ACTIVATIONS:
-        raise AdapterError(
-            f"non_linearity must be one of {', '.join(ACTIVATIONS)}, got {activation!r}", "non_linearity"
-        )
-    adapter_input = config.get("adapter_input", "block_output")
-    if adapter_input not in INPUTS:
-        raise AdapterError(
-            f"adapter_input must be one of {', '.join(INPUTS)}, got {adapter_input!r}", "adapter_input"
-        )
-    scaling = finite_number(config, "scaling", 1.0)
+    """Our format (peftserve_formats.bottleneck)."""
+    try:
+        options = fmt.check_config(config)
+    except fmt.FormatError as exc:
+        raise AdapterError(str(exc), exc.field) from exc
+    size, placement, activation = options.bottleneck_size, options.placement, options.non_linearity
+    scaling = options.scaling
     grouped: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
-        match = _OURS.match(name)
-        if match is None or match.group(2) not in PLACEMENTS[placement]:
+        match = fmt.TENSOR.match(name)
+        if match is None or match.group(2) not in options.sites:
             raise AdapterError(f"unexpected tensor {name} for a {placement} bottleneck adapter", name)
         grouped.setdefault((int(match.group(1)), match.group(2)), {})[
             f"{match.group(3)}.{match.group(4)}"
@@ -115,10 +107,10 @@ def parse(config: dict[str, Any], tensors: dict[str, torch.Tensor], shape: Model
         peft_type="BOTTLENECK",
         config=config,
         activation=activation,
-        reads_residual=adapter_input == "residual_stream",
+        reads_residual=options.reads_residual,
     )
     for layer in range(shape.num_layers):
-        for block in PLACEMENTS[placement]:
+        for block in options.sites:
             where = f"layers.{layer}.{block}"
             site = _site(grouped.pop((layer, block), {}), where, shape.hidden_size, scaling)
             if site.down.shape[0] != size:
@@ -244,3 +236,51 @@ class BottleneckReference:
             return (adapted, *output[1:]) if isinstance(output, tuple) else adapted
 
         return hook
+
+
+class Bottleneck(Method):
+    """Bottleneck adapters: a stacked low-rank non-linear delta on a block's output."""
+
+    name = "bottleneck"
+    peft_types = (fmt.PEFT_TYPE,)
+    hooks = frozenset({Hook.BLOCK_OUTPUT})
+    merge_refusal = (
+        "it adds a non-linear block after attention or the MLP; it cannot be folded into linear weights"
+    )
+
+    def claims(self, config: dict[str, Any]) -> bool:
+        return is_adapterhub(config)
+
+    def weights_file(self, config: dict[str, Any]) -> str:
+        return ADAPTERHUB_WEIGHTS if is_adapterhub(config) else fmt.WEIGHTS_FILE
+
+    def parse(
+        self, config: dict[str, Any], tensors: dict[str, torch.Tensor], ctx: ParseContext
+    ) -> BottleneckWeights:
+        hub = is_adapterhub(config)
+        weights = parse_adapterhub(config, tensors, ctx.shape) if hub else parse(config, tensors, ctx.shape)
+        if weights.rank > ctx.max_rank:
+            raise AdapterError(
+                f"bottleneck size {weights.rank} is above --max-lora-rank {ctx.max_rank}", "bottleneck_size"
+            )
+        return weights
+
+    def describe(self, config: dict[str, Any]) -> AdapterInfo:
+        if is_adapterhub(config):
+            return AdapterInfo(fmt.PEFT_TYPE)
+        rank = config.get("bottleneck_size")
+        return AdapterInfo(fmt.PEFT_TYPE, rank=rank if isinstance(rank, int) else None)
+
+    def install(self, slots: SlotTable, slot: int, weights: BottleneckWeights) -> None:
+        hidden = slots.shape.hidden_size
+        for site, w in weights.sites.items():
+            slots.set_lowrank(
+                slot, Hook.BLOCK_OUTPUT, site, (hidden, hidden), w.down, w.up, w.down_bias, w.up_bias
+            )
+        slots.set_data(slot, Hook.BLOCK_OUTPUT, (weights.activation, weights.reads_residual))
+
+    def reference(self, model: nn.Module, weights: BottleneckWeights):
+        return BottleneckReference(model, weights).applied()
+
+
+METHOD = Bottleneck()

@@ -1,4 +1,4 @@
-"""What every adapter kind shares: reading a checkpoint folder, errors, and the parsed result's base."""
+"""What every adapter method shares: reading a checkpoint folder, errors, and the parsed result's base."""
 
 from __future__ import annotations
 
@@ -17,8 +17,6 @@ from safetensors.torch import load_file
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-SUPPORTED_TYPES = ("LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "BOTTLENECK")
-SUPPORTED_TEXT = "LORA (with rsLoRA and DoRA), IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, BOTTLENECK"
 # PEFT names decoder linears `...layers.<i>.<self_attn|mlp>.<name>...`.
 LAYER_MODULE = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.")
 
@@ -37,10 +35,6 @@ class AdapterWeights:
 
     peft_type: str
     config: dict[str, Any]
-
-    @property
-    def kind(self) -> str:
-        return self.peft_type.lower()
 
     @property
     def virtual_tokens(self) -> int:
@@ -110,17 +104,6 @@ def read_config(folder: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise AdapterError(f"{CONFIG_FILE} must hold a JSON object", CONFIG_FILE)
     return config
-
-
-def peft_type_of(config: dict[str, Any]) -> str:
-    peft_type = config.get("peft_type")
-    if not isinstance(peft_type, str):
-        raise AdapterError("adapter_config.json has no peft_type", "peft_type")
-    if peft_type.upper() not in SUPPORTED_TYPES:
-        raise AdapterError(
-            f"peft_type {peft_type!r} is not supported; supported: {SUPPORTED_TEXT}", "peft_type"
-        )
-    return peft_type.upper()
 
 
 # safetensors dtype names -> torch dtypes (the ones torch can view bytes as).

@@ -2,7 +2,8 @@
 
 Built once per forward pass from the slot table and the (N,) slot of every token (-1 = base
 model only). Everything that depends only on those slots (groups of rows per slot, gather
-indices) is computed here once and shared by all layers.
+indices) is computed here once and shared by all layers. It applies the slot table's hooks
+(method.Hook) and never asks which method put a tensor there.
 """
 
 from __future__ import annotations
@@ -11,44 +12,55 @@ import torch
 from torch import nn
 
 from server.adapters.lowrank import RowGroups, low_rank_apply
+from server.adapters.method import Hook
 from server.adapters.slots import ScaleTable, SlotTable
 
 
 class BatchContext:
     """Routes every linear layer and block output of one forward pass through the adapters in use."""
 
-    def __init__(self, slots: SlotTable | None = None, token_slots: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, slots: SlotTable | None = None, token_slots: torch.Tensor | list[int] | None = None
+    ) -> None:
+        """token_slots: (N,) slot of every token, -1 for none, on the host (a list or a CPU tensor).
+
+        Everything per step is built here on the host and copied to the slots' device once.
+        """
         self.slots = slots
-        used = set() if token_slots is None else set(token_slots.unique().tolist()) - {-1}
+        slot_of = token_slots.tolist() if isinstance(token_slots, torch.Tensor) else list(token_slots or [])
+        used = set(slot_of) - {-1}
         self.active = bool(used)
         if not self.active:
             return
         self.used = used
-        kinds = slots.kinds
+        device = slots.device
         # index into scale tables: slot, or the table's last row (ones) for the base model
-        self.scale_index = torch.where(token_slots >= 0, token_slots, slots.num_slots).long()
-        self.lora_groups = self._groups(token_slots, {s for s in used if kinds[s] == "lora"})
-        bottleneck = {s for s in used if kinds[s] == "bottleneck"}
-        self.bottleneck_groups = {
-            act: self._groups(token_slots, {s for s in bottleneck if slots.activation[s] == act})
-            for act in {slots.activation[s] for s in bottleneck}
+        scale_index = torch.tensor([s if s >= 0 else slots.num_slots for s in slot_of], dtype=torch.int64)
+        self.scale_index = scale_index.to(device, non_blocking=True)
+        delta = {s for s in used if Hook.LINEAR_DELTA in slots.methods[s].hooks}
+        self.delta_groups = self._groups(slot_of, delta, device)
+        block = {s: slots.slot_data(s, Hook.BLOCK_OUTPUT) for s in used}
+        block = {s: options for s, options in block.items() if options is not None}
+        self.block_groups = {
+            act: self._groups(slot_of, {s for s, (a, _) in block.items() if a == act}, device)
+            for act in {a for a, _ in block.values()}
         }
-        readers = [s for s in bottleneck if slots.reads_residual[s]]
+        readers = {s for s, (_, reads_residual) in block.items() if reads_residual}
         self.residual_mask = (
-            torch.isin(token_slots, torch.tensor(readers, device=token_slots.device)).unsqueeze(1)
+            torch.tensor([s in readers for s in slot_of], dtype=slots.dtype).unsqueeze(1).to(device)
             if readers
             else None
-        )
+        )  # (N, 1)
 
     @staticmethod
-    def _groups(token_slots: torch.Tensor, keep: set[int]) -> RowGroups | None:
+    def _groups(slot_of: list[int], keep: set[int], device: torch.device) -> RowGroups | None:
         if not keep:
             return None
-        mask = torch.isin(token_slots, torch.tensor(sorted(keep), device=token_slots.device))
-        return RowGroups.build(torch.where(mask, token_slots, -1))
+        return RowGroups.build([s if s in keep else -1 for s in slot_of], device=device)
 
-    def _scales(self, table: ScaleTable | None) -> torch.Tensor | None:
+    def _scales(self, hook: Hook, site: tuple[int, str]) -> torch.Tensor | None:
         """(N, dim) per-token scales, or None when no token here uses the table."""
+        table: ScaleTable | None = self.slots.scales.get((hook, site))
         if table is None or not (table.slots & self.used):
             return None
         return table.rows(self.scale_index)
@@ -57,31 +69,31 @@ class BatchContext:
         """(N, in) -> (N, out): the base linear layer plus each token's adapter."""
         if not self.active:
             return module(x)
-        site, slots = (layer, name), self.slots
-        in_scale = self._scales(slots.ia3_in.get(site))
+        site = (layer, name)
+        in_scale = self._scales(Hook.INPUT_SCALE, site)
         if in_scale is not None:
             x = x * in_scale
         y = module(x)
-        table = slots.lora.get(site)
-        if table is not None and self.lora_groups is not None:
-            low_rank_apply(x, y, table, self.lora_groups)
-        dora = self._scales(slots.dora.get(site))
-        if dora is not None:
-            # DoRA rescales W x + s B A x but not the bias: g * y + (1 - g) * bias.
-            y = y * dora if module.bias is None else y * dora + module.bias * (1 - dora)
-        out_scale = self._scales(slots.ia3_out.get(site))
+        table = self.slots.lowrank.get((Hook.LINEAR_DELTA, site))
+        if table is not None and self.delta_groups is not None:
+            low_rank_apply(x, y, table, self.delta_groups)
+        rescale = self._scales(Hook.OUTPUT_RESCALE, site)
+        if rescale is not None:
+            # g * y + (1 - g) * bias: the weight is rescaled, the bias is not.
+            y = y * rescale if module.bias is None else y * rescale + module.bias * (1 - rescale)
+        out_scale = self._scales(Hook.OUTPUT_SCALE, site)
         if out_scale is not None:
             y = y * out_scale
         return y
 
     def block_output(self, layer: int, block: str, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """(N, hidden) output of a block ("attn" or "mlp") before the residual add; residual (N, hidden)."""
-        if not self.active or not self.bottleneck_groups:
+        if not self.active or not self.block_groups:
             return out
-        table = self.slots.bottleneck.get((layer, block))
+        table = self.slots.lowrank.get((Hook.BLOCK_OUTPUT, (layer, block)))
         if table is None:
             return out
         x = out if self.residual_mask is None else out + residual * self.residual_mask
-        for act, groups in self.bottleneck_groups.items():
+        for act, groups in self.block_groups.items():
             low_rank_apply(x, out, table, groups, act=act)
         return out

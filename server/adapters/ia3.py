@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from server.adapters.common import AdapterError, AdapterWeights, expect_shape, layer_module, module_path
+from server.adapters.common import (
+    AdapterError,
+    AdapterWeights,
+    expect_shape,
+    layer_module,
+    module_path,
+    target_list,
+)
+from server.adapters.method import AdapterInfo, Hook, Method, ParseContext, Site
 from server.base_model import ModelShape
+
+if TYPE_CHECKING:
+    from server.adapters.slots import SlotTable
 
 _TENSOR = re.compile(r"\.ia3_l$")
 
@@ -65,3 +76,37 @@ def parse(config: dict[str, Any], tensors: dict[str, torch.Tensor], shape: Model
     if not weights.sites:
         raise AdapterError("adapter_model.safetensors holds no IA3 scales", "adapter_model.safetensors")
     return weights
+
+
+class IA3(Method):
+    """IA3: per-channel scales, of a linear's input (feed-forward targets) or its output."""
+
+    name = "ia3"
+    peft_types = ("IA3",)
+    hooks = frozenset({Hook.INPUT_SCALE, Hook.OUTPUT_SCALE})
+
+    def parse(
+        self, config: dict[str, Any], tensors: dict[str, torch.Tensor], ctx: ParseContext
+    ) -> IA3Weights:
+        return parse(config, tensors, ctx.shape)
+
+    def describe(self, config: dict[str, Any]) -> AdapterInfo:
+        return AdapterInfo("IA3", target_modules=target_list(config))
+
+    def install(self, slots: SlotTable, slot: int, weights: IA3Weights) -> None:
+        for site, w in weights.sites.items():
+            slots.set_scale(slot, Hook.INPUT_SCALE if w.on_input else Hook.OUTPUT_SCALE, site, w.scale)
+
+    def fold(
+        self, weights: IA3Weights, site: Site, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ia3 = weights.sites.get(site)
+        if ia3 is None:
+            return weight, bias
+        scale = ia3.scale.to(weight)
+        if ia3.on_input:
+            return weight * scale.unsqueeze(0), bias
+        return weight * scale.unsqueeze(1), None if bias is None else bias * scale
+
+
+METHOD = IA3()

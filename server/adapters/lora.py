@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,11 +24,13 @@ from server.adapters.common import (
     layer_module,
     module_path,
     positive_int,
+    target_list,
 )
+from server.adapters.method import AdapterInfo, BaseWeight, Hook, Method, ParseContext, Site
 from server.base_model import ModelShape
 
-# (layer, module name) -> the base linear's dense float32 weight, (out, in).
-BaseWeight = Callable[[int, str], torch.Tensor]
+if TYPE_CHECKING:
+    from server.adapters.slots import SlotTable
 
 _TENSOR = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
 _NAME = re.compile(
@@ -68,6 +69,13 @@ class LoraWeights(AdapterWeights):
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for s in self.sites.values() for t in (s.a, s.b, s.dora_scale) if t is not None]
+
+    def own(self, dtype: torch.dtype) -> None:
+        """Nothing to do: `parse` packed every tensor, in `dtype`, into a buffer of the adapter's own."""
+        if self.sites and next(iter(self.sites.values())).a.dtype != dtype:
+            raise AdapterError(
+                f"this LoRA was packed in {next(iter(self.sites.values())).a.dtype}, not {dtype}"
+            )
 
 
 def _pattern_value(patterns: Any, field: str, module_path: str, default: Any) -> Any:
@@ -194,9 +202,11 @@ def parse(
         # (out, r) -> (r, out), scaled; computed in float32 whatever the file's dtype.
         torch.mul(b.t() if b.dtype == torch.float32 else b.t().float(), scale, out=site.b)
         if magnitude is not None:
-            exact = LoraSite(a=a.float(), b=(b.float() * scale).t().contiguous())
+            base = base_weight(layer, module)  # on the base's device: compute there, keep the result here
+            f32 = dict(device=base.device, dtype=torch.float32)
+            exact = LoraSite(a=a.to(**f32), b=(b.to(**f32) * scale).t().contiguous())
             site.dora_scale = buffer.as_strided((out_features,), (1,), offset)
-            site.dora_scale.copy_(dora_scale(base_weight(layer, module), exact, magnitude.float()))
+            site.dora_scale.copy_(dora_scale(base, exact, magnitude.to(**f32)))
             offset += out_features
         weights.sites[(layer, module)] = site
     return weights
@@ -206,3 +216,43 @@ def dora_scale(weight: torch.Tensor, site: LoraSite, magnitude: torch.Tensor) ->
     """m / ||W + s B A|| per output channel; weight (out, in) float32."""
     merged = weight + site.b.t() @ site.a  # (out, in); b already carries s
     return magnitude / merged.norm(dim=1)
+
+
+class Lora(Method):
+    """LoRA, rsLoRA, DoRA: a stacked low-rank delta per linear; DoRA adds a per-channel rescale."""
+
+    name = "lora"
+    peft_types = ("LORA",)
+    hooks = frozenset({Hook.LINEAR_DELTA, Hook.OUTPUT_RESCALE})
+
+    def parse(
+        self, config: dict[str, Any], tensors: dict[str, torch.Tensor], ctx: ParseContext
+    ) -> LoraWeights:
+        return parse(config, tensors, ctx.shape, ctx.max_rank, ctx.base_weight, ctx.dtype)
+
+    def describe(self, config: dict[str, Any]) -> AdapterInfo:
+        rank = config.get("r")
+        return AdapterInfo(
+            "LORA", rank=rank if isinstance(rank, int) else None, target_modules=target_list(config)
+        )
+
+    def install(self, slots: SlotTable, slot: int, weights: LoraWeights) -> None:
+        dims = slots.shape.linear_dims()
+        for site, w in weights.sites.items():
+            slots.set_lowrank(slot, Hook.LINEAR_DELTA, site, dims[site[1]], w.a, w.b)
+            if w.dora_scale is not None:
+                slots.set_scale(slot, Hook.OUTPUT_RESCALE, site, w.dora_scale)
+
+    def fold(
+        self, weights: LoraWeights, site: Site, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        lora = weights.sites.get(site)
+        if lora is None:
+            return weight, bias
+        weight = weight + lora.b.to(weight).t() @ lora.a.to(weight)  # b carries the scaling
+        if lora.dora_scale is not None:
+            weight = lora.dora_scale.to(weight).unsqueeze(1) * weight  # DoRA rescales rows, not the bias
+        return weight, bias
+
+
+METHOD = Lora()

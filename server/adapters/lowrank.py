@@ -4,12 +4,19 @@ LoRA and bottleneck adapters both reduce to, for every row n whose slot s is set
 
     y[n] += b_s^T @ act(a_s @ x[n] + a_bias_s) + b_bias_s
 
-with a_s of shape (r_s, in) and b_s of shape (r_s, out). `low_rank_apply` does this for a
-whole batch: the rows are grouped by slot once per step (`RowGroups`), groups go to a native
-C kernel (lowrank_kernel.c) that reads each adapter's weights once per step, and only groups
-of at least BIG_GROUP_ROWS rows go to torch matmuls. Without a C compiler, off the CPU, or
-in float16 everything takes the torch path. `low_rank_apply_reference` is the plain per-row
-loop the tests hold both to.
+with a_s of shape (r_s, in) and b_s of shape (r_s, out). A `LowRankTable` keeps every slot's
+weights stacked and preallocated, ranks padded with zeros to --max-lora-rank (the layout of
+vLLM's punica ops). `low_rank_apply` has two paths behind one interface:
+
+- the torch path (BGMV semantics): each row gathers its slot's stacked A and B and two batched
+  matmuls apply any mix of adapters at once, no Python loop over adapters, no host sync. It
+  is the reference for every fast path and the path on every device but the CPU.
+- on the CPU, the rows grouped by slot once per step (`RowGroups`) go to a native C kernel
+  (lowrank_kernel.c) that reads each adapter's weights once per step; only groups of at least
+  BIG_GROUP_ROWS rows go to per-group torch matmuls. `set_native(False)` switches the kernel
+  off, so the CPU runs exactly the code a GPU runs.
+
+`low_rank_apply_reference` is the plain per-row loop the tests hold both to.
 
 `LowRankTable.set`/`clear` must not run while a call on the same table is in flight: the
 kernel reads the table's pointers without a lock.
@@ -22,6 +29,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import mmap
 import os
 import platform
 import shutil
@@ -83,17 +91,30 @@ class RowGroups:
     spans: tuple[tuple[int, int, int], ...]  # (slot, lo, hi) per group, lo/hi into order
     big_spans: tuple[tuple[int, int, int], ...]  # the spans of groups for the torch path
     kernel_groups: torch.Tensor | None  # the other groups packed for the kernel, None if none
-    device: torch.device  # where row_slots was, and so where the torch path's index lives
+    device: torch.device  # where the torch path's indices live
+    slot_of: tuple[int, ...]  # (N,) the slot of every row, -1 for none
 
     @classmethod
-    def build(cls, row_slots: torch.Tensor, big_group_rows: int = BIG_GROUP_ROWS) -> RowGroups:
-        """Group rows by slot; `row_slots` is (N,) int, -1 meaning no adapter."""
-        if row_slots.dim() != 1 or row_slots.is_floating_point() or row_slots.is_complex():
-            raise LowRankError(
-                f"row_slots must be a 1-D integer tensor, got {tuple(row_slots.shape)} {row_slots.dtype}"
-            )
+    def build(
+        cls,
+        row_slots: torch.Tensor | list[int],
+        big_group_rows: int = BIG_GROUP_ROWS,
+        device: torch.device | str | None = None,
+    ) -> RowGroups:
+        """Group rows by slot; `row_slots` is (N,) int, -1 meaning no adapter, best on the host.
+
+        `device` is where the torch path's indices go (default: row_slots' device); they are
+        built here on the host and copied there once, when first used.
+        """
+        if isinstance(row_slots, torch.Tensor):
+            if row_slots.dim() != 1 or row_slots.is_floating_point() or row_slots.is_complex():
+                raise LowRankError(
+                    f"row_slots must be a 1-D integer tensor, got {tuple(row_slots.shape)} {row_slots.dtype}"
+                )
+            device = row_slots.device if device is None else device
+            row_slots = row_slots.tolist()  # a host sync only when the caller left the slots on a device
         # Plain Python: for a decode batch this is several times faster than torch's sort.
-        slot_of = row_slots.tolist()
+        slot_of = row_slots
         order = sorted((n for n, s in enumerate(slot_of) if s >= 0), key=slot_of.__getitem__)
         spans, lo = [], 0
         while lo < len(order):
@@ -114,13 +135,20 @@ class RowGroups:
             spans=tuple(spans),
             big_spans=tuple(sp for sp in spans if sp[2] - sp[1] >= big_group_rows),
             kernel_groups=None if not small else packed if len(small) == g else _pack_groups(order, small),
-            device=row_slots.device,
+            device=torch.device("cpu" if device is None else device),
+            slot_of=tuple(slot_of),
         )
 
     @functools.cached_property
     def index(self) -> torch.Tensor:
-        """(M,) `order` as int64 on row_slots' device, for the torch path."""
+        """(M,) `order` as int64 on the device, for the per-group torch path."""
         return self.order.to(self.device, torch.int64)
+
+    @functools.cached_property
+    def stack_index(self) -> torch.Tensor:
+        """(N,) each row's index into the stacked tables (slot + 1; 0, all zeros, for none), on the device."""
+        index = torch.tensor([s + 1 for s in self.slot_of], dtype=torch.int64)
+        return index.to(self.device, non_blocking=True) if self.device.type != "cpu" else index
 
 
 def _pack_groups(order: list[int], spans: list[tuple[int, int, int]]) -> torch.Tensor:
@@ -143,11 +171,23 @@ class LowRankWeights(NamedTuple):
     b_bias: torch.Tensor | None  # (out,)
 
 
-class LowRankTable:
-    """The adapters of one site (e.g. layer 3 q_proj), one per slot, ranks free per slot.
+def stacked_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros of `shape`; on the CPU in anonymous memory, so pages no slot ever writes cost nothing."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = max(1, dtype.itemsize * int(torch.Size(shape).numel()))
+    buffer = mmap.mmap(-1, nbytes)  # zero-filled, committed page by page on first write
+    return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(shape)
 
-    The table keeps references to the tensors it is given (no copy when they are already
-    contiguous) and keeps the kernel's per-slot pointer arrays in step on every set/clear.
+
+class LowRankTable:
+    """The adapters of one site (e.g. layer 3 q_proj), one per slot, stacked and preallocated.
+
+    Layout (index 0 is all zeros and stands for "no adapter", slot s lives at s + 1):
+    a (slots + 1, max_rank, in), b (slots + 1, max_rank, out) (B transposed, scaling folded
+    in), a_bias (slots + 1, max_rank), b_bias (slots + 1, out). A slot of rank r fills rows
+    :r; rows r: stay zero, so padded ranks add nothing. The kernel's per-slot pointers point
+    into these stacks.
     """
 
     def __init__(
@@ -157,18 +197,29 @@ class LowRankTable:
         out_features: int,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
+        *,
+        max_rank: int,
     ) -> None:
-        if num_slots < 1 or in_features < 1 or out_features < 1:
+        if min(num_slots, in_features, out_features, max_rank) < 1:
             raise LowRankError(
-                f"num_slots, in_features and out_features must be >= 1, "
-                f"got {num_slots}, {in_features}, {out_features}"
+                f"num_slots, in_features, out_features and max_rank must be >= 1, "
+                f"got {num_slots}, {in_features}, {out_features}, {max_rank}"
             )
         self.num_slots = num_slots
         self.in_features = in_features
         self.out_features = out_features
+        self.max_rank = max_rank
         self.dtype = dtype
         self.device = torch.device(device)
-        self._weights: list[LowRankWeights | None] = [None] * num_slots
+        stacks = num_slots + 1
+        self.a = stacked_zeros((stacks, max_rank, in_features), dtype, self.device)
+        self.b = stacked_zeros((stacks, max_rank, out_features), dtype, self.device)
+        self.a_bias = stacked_zeros((stacks, max_rank), dtype, self.device)
+        self.b_bias = stacked_zeros((stacks, out_features), dtype, self.device)
+        self._ranks = [0] * num_slots
+        self._written = [0] * num_slots  # rows of a slot that may hold old values (zeroed on reuse)
+        self._biased: list[tuple[bool, bool]] = [(False, False)] * num_slots
+        self.has_bias = False  # whether any slot has a bias: the torch path then adds them
         # The kernel's view of the table (lowrank_kernel.c): in, out, dtype code, slots, then
         # per slot the data pointers of a, b, a_bias, b_bias (0 = absent), then the ranks.
         self._meta = torch.zeros(4 + 5 * num_slots, dtype=torch.int64)
@@ -186,11 +237,13 @@ class LowRankTable:
         a_bias: torch.Tensor | None = None,
         b_bias: torch.Tensor | None = None,
     ) -> None:
-        """Put an adapter in `slot`: a (r, in), b (r, out), a_bias (r,), b_bias (out,)."""
+        """Copy an adapter into `slot`: a (r, in), b (r, out), a_bias (r,), b_bias (out,)."""
         self._check_slot(slot)
         if a.dim() != 2 or a.shape[1] != self.in_features or a.shape[0] < 1:
             raise LowRankError(f"a must be (rank, {self.in_features}), got {tuple(a.shape)}")
         rank = a.shape[0]
+        if rank > self.max_rank:
+            raise LowRankError(f"rank {rank} is above the table's max_rank {self.max_rank} (--max-lora-rank)")
         if tuple(b.shape) != (rank, self.out_features):
             raise LowRankError(
                 f"b must be (rank={rank}, {self.out_features}) (transposed from nn.Linear), "
@@ -206,42 +259,81 @@ class LowRankTable:
                     f"{name} is {t.dtype} on {t.device}, the table holds {self.dtype} on {self.device}: "
                     f"cast it with .to({self.dtype}, device='{self.device}') first"
                 )
-        w = LowRankWeights(*(_kept(t) for t in (a, b, a_bias, b_bias)))
-        self._weights[slot] = w
-        for i, t in enumerate(w):
-            self._words[4 + i * self.num_slots + slot] = 0 if t is None else t.data_ptr()
+        i, stale = slot + 1, self._written[slot]
+        self.a[i, :rank].copy_(a)
+        self.b[i, :rank].copy_(b)
+        if stale > rank:  # set twice without a clear: the larger adapter's rows must become padding
+            self.a[i, rank:stale].zero_()
+            self.b[i, rank:stale].zero_()
+        if any(self._biased[slot]) or a_bias is not None or b_bias is not None:
+            self.a_bias[i].zero_()
+            self.b_bias[i].zero_()
+        if a_bias is not None:
+            self.a_bias[i, :rank].copy_(a_bias)
+        if b_bias is not None:
+            self.b_bias[i].copy_(b_bias)
+        self._ranks[slot], self._written[slot] = rank, max(rank, stale)
+        self._biased[slot] = (a_bias is not None, b_bias is not None)
+        self.has_bias = self.has_bias or a_bias is not None or b_bias is not None
+        # Pointers to slot i's rows by arithmetic: a view per stack would cost more than the copy.
+        for k, (stack, present) in enumerate(
+            (
+                (self.a, True),
+                (self.b, True),
+                (self.a_bias, a_bias is not None),
+                (self.b_bias, b_bias is not None),
+            )
+        ):
+            row = stack.data_ptr() + i * stack.stride(0) * stack.element_size()
+            self._words[4 + k * self.num_slots + slot] = row if present else 0
         self._words[4 + 4 * self.num_slots + slot] = rank
 
     def clear(self, slot: int) -> None:
-        """Empty `slot`: its rows then get no adapter."""
+        """Empty `slot`: its rows then get no adapter, on every path."""
         self._check_slot(slot)
-        self._weights[slot] = None
-        for i in range(5):  # the four pointers, then the rank
-            self._words[4 + i * self.num_slots + slot] = 0
+        i, written = slot + 1, self._written[slot]
+        self.a[i, :written].zero_()  # the gather path reads every row: a later occupant that
+        self.b[i, :written].zero_()  # skips this site must find zeros here
+        if any(self._biased[slot]):
+            self.a_bias[i].zero_()
+            self.b_bias[i].zero_()
+        self._ranks[slot], self._written[slot], self._biased[slot] = 0, 0, (False, False)
+        for k in range(5):  # the four pointers, then the rank
+            self._words[4 + k * self.num_slots + slot] = 0
 
     def get(self, slot: int) -> LowRankWeights | None:
+        """Views of `slot`'s weights in the stacks, None when empty."""
         self._check_slot(slot)
-        return self._weights[slot]
+        rank = self._ranks[slot]
+        if rank == 0:
+            return None
+        i, (has_a_bias, has_b_bias) = slot + 1, self._biased[slot]
+        return LowRankWeights(
+            self.a[i, :rank],
+            self.b[i, :rank],
+            self.a_bias[i, :rank] if has_a_bias else None,
+            self.b_bias[i] if has_b_bias else None,
+        )
 
     def rank(self, slot: int) -> int:
-        w = self.get(slot)
-        return 0 if w is None else w.a.shape[0]
+        self._check_slot(slot)
+        return self._ranks[slot]
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
             raise LowRankError(f"slot {slot} is outside this table's 0..{self.num_slots - 1}")
 
 
-def _kept(t: torch.Tensor | None) -> torch.Tensor | None:
-    """`t` as a table keeps it: detached and contiguous, without a new view where it already is."""
-    if t is None:
-        return None
-    if t.requires_grad:
-        t = t.detach()
-    return t if t.is_contiguous() else t.contiguous()
-
-
 # ---------------------------------------------------------------------------- applying
+
+
+_native_enabled = True
+
+
+def set_native(enabled: bool) -> None:
+    """Switch the CPU's native kernel on or off; off, every device runs the torch gather path."""
+    global _native_enabled
+    _native_enabled = enabled
 
 
 def low_rank_apply(
@@ -255,20 +347,48 @@ def low_rank_apply(
     """y[n] += b_s^T act(a_s x[n] + a_bias_s) + b_bias_s for every row n with a slot, in place.
 
     x: (N, in), y: (N, out), both of the table's dtype; `x is y` is allowed. `use_native=False`
-    runs every group through torch (for tests and comparisons).
+    runs the torch gather path (for tests and comparisons).
     """
     _check_call(x, y, table, groups, act)
     if not groups.spans:
         return
-    kernel = _native_for(x, y, table) if use_native else None
+    kernel = _native_for(x, y, table) if use_native and _native_enabled else None
     if kernel is None:
-        _torch_groups(x, y, table, groups, groups.spans, act)
+        gather_apply(x, y, table, groups.stack_index, act)
         return
     # Big and small groups own disjoint rows, so their order does not matter, even in place.
     if groups.big_spans:
         _torch_groups(x, y, table, groups, groups.big_spans, act)
     if groups.kernel_groups is not None:
         kernel.apply(x, y, table, groups.kernel_groups, act)
+
+
+GATHER_CHUNK_BYTES = 64 * 1024 * 1024
+"""Rows are gathered in chunks whose gathered weights stay under this many bytes."""
+
+
+def gather_apply(
+    x: torch.Tensor, y: torch.Tensor, table: LowRankTable, index: torch.Tensor, act: Activation = None
+) -> None:
+    """The torch path, BGMV semantics: every row gathers its slot's stacked weights, two bmm.
+
+    index: (N,) int64 on the table's device, a row's slot + 1, 0 (all-zero weights) for none.
+    The matmuls run in the table's dtype, so the rank-r intermediate is rounded to that dtype
+    between them, as PEFT's own layers do. Rows without an adapter get exactly + 0.
+    """
+    n = x.shape[0]
+    per_row = table.max_rank * (table.in_features + table.out_features) * table.a.element_size()
+    chunk = max(1, GATHER_CHUNK_BYTES // per_row)
+    for lo in range(0, n, chunk):  # a fixed bound on memory, not a loop over adapters
+        idx = index[lo : lo + chunk]  # (m,)
+        h = torch.bmm(table.a.index_select(0, idx), x[lo : lo + chunk].unsqueeze(2)).squeeze(2)  # (m, r_max)
+        if table.has_bias:
+            h = h + table.a_bias.index_select(0, idx)
+        h = _act_torch(h, act)
+        d = torch.bmm(h.unsqueeze(1), table.b.index_select(0, idx)).squeeze(1)  # (m, out)
+        if table.has_bias:
+            d = d + table.b_bias.index_select(0, idx)
+        y[lo : lo + chunk] += d
 
 
 def low_rank_apply_reference(

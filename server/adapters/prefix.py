@@ -7,12 +7,16 @@ and its values slice 2l + 1 of the (layers * 2) axis. The prompt then starts at 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from server.adapters.common import AdapterWeights, expect_shape, prompt_embeddings
+from server.adapters.common import AdapterWeights, expect_shape, positive_int, prompt_embeddings
+from server.adapters.method import AdapterInfo, Hook, Method, ParseContext
 from server.base_model import ModelShape
+
+if TYPE_CHECKING:
+    from server.adapters.slots import SlotTable
 
 
 @dataclass
@@ -40,3 +44,26 @@ def parse(config: dict[str, Any], tensors: dict[str, torch.Tensor], shape: Model
         keys=stacked[0::2].contiguous(),
         values=stacked[1::2].contiguous(),
     )
+
+
+class PrefixTuning(Method):
+    """Prefix tuning: per-slot keys and values written at the start of every layer's cache."""
+
+    name = "prefix_tuning"
+    peft_types = ("PREFIX_TUNING",)
+    hooks = frozenset({Hook.KV_PREFIX})
+    merge_refusal = "it adds keys and values to the attention cache; no weight can hold them"
+
+    def parse(
+        self, config: dict[str, Any], tensors: dict[str, torch.Tensor], ctx: ParseContext
+    ) -> PrefixWeights:
+        return parse(config, tensors, ctx.shape)
+
+    def describe(self, config: dict[str, Any]) -> AdapterInfo:
+        return AdapterInfo("PREFIX_TUNING", virtual_tokens=positive_int(config, "num_virtual_tokens"))
+
+    def install(self, slots: SlotTable, slot: int, weights: PrefixWeights) -> None:
+        slots.set_data(slot, Hook.KV_PREFIX, (slots.put(weights.keys), slots.put(weights.values)))
+
+
+METHOD = PrefixTuning()

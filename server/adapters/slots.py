@@ -1,28 +1,26 @@
-"""Device slots: every resident adapter's weights, organised per site so layers find them by slot.
+"""Device slots: every resident adapter's weights, organised per hook and site so layers find them by slot.
 
 Slot indices run 0 .. num_slots - 1; slot -1 means "base model only". A slot holds one adapter
-of any kind; installing scatters its tensors into per-site tables (one low-rank table per
-linear layer for LoRA, one per block for bottleneck adapters, scale tables for IA3 and DoRA)
-and clearing removes them again.
+of any method. The method's `install` places its tensors through the setters here: low-rank
+tables (one per linear or block site, every slot stacked, ranks padded to max_rank),
+per-channel scale tables (every slot stacked), and per-slot data (soft prompts, KV prefixes, a
+block adapter's options). Everything lives on the base's device, in its dtype. `clear`
+removes whatever was placed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from server.adapters import lowrank
-from server.adapters.bottleneck import BottleneckWeights
 from server.adapters.common import AdapterWeights
-from server.adapters.ia3 import IA3Weights
-from server.adapters.lora import LoraWeights
 from server.adapters.lowrank import LowRankTable
-from server.adapters.prefix import PrefixWeights
-from server.adapters.prompt import PromptWeights
+from server.adapters.method import Hook, Method, Site
+from server.adapters.methods import method_of
 from server.base_model import ModelShape
-
-Site = tuple[int, str]
 
 
 class ScaleTable:
@@ -51,82 +49,75 @@ class SlotTable:
     shape: ModelShape
     dtype: torch.dtype
     device: torch.device
-    kinds: list[str | None] = field(init=False)
-    lora: dict[Site, LowRankTable] = field(default_factory=dict)
-    dora: dict[Site, ScaleTable] = field(default_factory=dict)
-    ia3_in: dict[Site, ScaleTable] = field(default_factory=dict)
-    ia3_out: dict[Site, ScaleTable] = field(default_factory=dict)
-    bottleneck: dict[Site, LowRankTable] = field(default_factory=dict)
-    activation: list[str | None] = field(init=False)
-    reads_residual: list[bool] = field(init=False)
-    prompts: list[torch.Tensor | None] = field(init=False)
-    prefixes: list[tuple[torch.Tensor, torch.Tensor] | None] = field(init=False)
+    max_rank: int
+    """Every low-rank table pads ranks to this (--max-lora-rank)."""
+    lowrank: dict[tuple[Hook, Site], LowRankTable] = field(default_factory=dict)
+    scales: dict[tuple[Hook, Site], ScaleTable] = field(default_factory=dict)
+    methods: list[Method | None] = field(init=False)
+    data: list[dict[Hook, Any]] = field(init=False)
+    """Per slot: what a hook needs beyond site tables (soft prompt, KV prefix, block options)."""
     _tables_of: list[list[LowRankTable | ScaleTable]] = field(init=False)
 
     def __post_init__(self) -> None:
         lowrank.prepare_for(self.dtype, self.device)  # compile at start-up, not on the first LoRA step
         n = self.num_slots
-        self.kinds, self.activation, self.reads_residual = [None] * n, [None] * n, [False] * n
-        self.prompts, self.prefixes = [None] * n, [None] * n
+        self.methods, self.data = [None] * n, [{} for _ in range(n)]
         self._tables_of = [[] for _ in range(n)]
 
-    def _lowrank(self, tables: dict[Site, LowRankTable], site: Site, dims: tuple[int, int]) -> LowRankTable:
-        if site not in tables:
-            tables[site] = LowRankTable(self.num_slots, dims[0], dims[1], self.dtype, self.device)
-        return tables[site]
-
-    def _scale(self, tables: dict[Site, ScaleTable], site: Site, dim: int) -> ScaleTable:
-        if site not in tables:
-            tables[site] = ScaleTable(self.num_slots, dim, self.dtype, self.device)
-        return tables[site]
-
-    def _put(self, x: torch.Tensor) -> torch.Tensor:
-        # Parsed adapters already are in the table's dtype (on the CPU): no call into torch then.
+    def put(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` in the table's dtype and on its device (parsed adapters usually already are: no call)."""
         if x.dtype == self.dtype and x.device == self.device:
             return x
         return x.to(dtype=self.dtype, device=self.device)
 
+    def set_lowrank(
+        self,
+        slot: int,
+        hook: Hook,
+        site: Site,
+        dims: tuple[int, int],
+        a: torch.Tensor,
+        b: torch.Tensor,
+        a_bias: torch.Tensor | None = None,
+        b_bias: torch.Tensor | None = None,
+    ) -> None:
+        """a (r, in), b (r, out) and optional biases of `slot` at a (in, out) site."""
+        table = self.lowrank.get((hook, site))
+        if table is None:
+            table = LowRankTable(self.num_slots, *dims, self.dtype, self.device, max_rank=self.max_rank)
+            self.lowrank[(hook, site)] = table
+        table.set(slot, *(None if t is None else self.put(t) for t in (a, b, a_bias, b_bias)))
+        self._tables_of[slot].append(table)
+
+    def set_scale(self, slot: int, hook: Hook, site: Site, vector: torch.Tensor) -> None:
+        table = self.scales.get((hook, site))
+        if table is None:
+            table = self.scales[(hook, site)] = ScaleTable(
+                self.num_slots, vector.shape[0], self.dtype, self.device
+            )
+        table.set(slot, self.put(vector))
+        self._tables_of[slot].append(table)
+
+    def set_data(self, slot: int, hook: Hook, value: Any) -> None:
+        self.data[slot][hook] = value
+
+    def slot_data(self, slot: int, hook: Hook) -> Any:
+        """What `slot` placed for `hook` (None when nothing, or for slot -1)."""
+        return None if slot < 0 else self.data[slot].get(hook)
+
     def install(self, slot: int, weights: AdapterWeights) -> None:
         """Place an adapter's weights into a free slot."""
-        if self.kinds[slot] is not None:
-            raise RuntimeError(f"slot {slot} holds a {self.kinds[slot]} adapter; clear it before installing")
-        dims = self.shape.linear_dims()
-        touched = self._tables_of[slot]
-        if isinstance(weights, LoraWeights):
-            for site, w in weights.sites.items():
-                table = self._lowrank(self.lora, site, dims[site[1]])
-                table.set(slot, self._put(w.a), self._put(w.b))
-                touched.append(table)
-                if w.dora_scale is not None:
-                    scale = self._scale(self.dora, site, dims[site[1]][1])
-                    scale.set(slot, self._put(w.dora_scale))
-                    touched.append(scale)
-        elif isinstance(weights, IA3Weights):
-            for site, w in weights.sites.items():
-                tables, dim = (
-                    (self.ia3_in, dims[site[1]][0]) if w.on_input else (self.ia3_out, dims[site[1]][1])
-                )
-                scale = self._scale(tables, site, dim)
-                scale.set(slot, self._put(w.scale))
-                touched.append(scale)
-        elif isinstance(weights, BottleneckWeights):
-            hidden = self.shape.hidden_size
-            for site, w in weights.sites.items():
-                table = self._lowrank(self.bottleneck, site, (hidden, hidden))
-                table.set(slot, *(self._put(t) for t in (w.down, w.up, w.down_bias, w.up_bias)))
-                touched.append(table)
-            self.activation[slot], self.reads_residual[slot] = weights.activation, weights.reads_residual
-        elif isinstance(weights, PromptWeights):
-            self.prompts[slot] = self._put(weights.embeddings)
-        elif isinstance(weights, PrefixWeights):
-            self.prefixes[slot] = (self._put(weights.keys), self._put(weights.values))
-        else:
-            raise TypeError(f"no slot layout for {type(weights).__name__}")
-        self.kinds[slot] = weights.kind
+        if self.methods[slot] is not None:
+            raise RuntimeError(
+                f"slot {slot} holds a {self.methods[slot].name} adapter; clear it before installing"
+            )
+        method = method_of(weights)
+        method.install(self, slot, weights)
+        self.methods[slot] = method
 
     def clear(self, slot: int) -> None:
         for table in self._tables_of[slot]:
             table.clear(slot)
         self._tables_of[slot] = []
-        self.kinds[slot] = self.activation[slot] = self.prompts[slot] = self.prefixes[slot] = None
-        self.reads_residual[slot] = False
+        self.methods[slot] = None
+        self.data[slot] = {}

@@ -38,6 +38,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from server.adapters.common import AdapterRef
 from server.adapters.context import BatchContext
 from server.adapters.loader import folder_loader
+from server.adapters.method import Hook
 from server.adapters.slots import SlotTable
 from server.base_model import LoadedModel
 from server.config import AdapterSettings, EngineSettings
@@ -176,7 +177,13 @@ class Engine:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._stalled_since: float | None = None
-        self.slots = SlotTable(self.adapter_settings.max_active_adapters, shape, model.dtype, model.device)
+        self.slots = SlotTable(
+            self.adapter_settings.max_active_adapters,
+            shape,
+            model.dtype,
+            model.device,
+            max_rank=self.adapter_settings.max_lora_rank,
+        )
         load = folder_loader(model, self.adapter_settings.max_lora_rank)
         self.tiers = AdapterTiers(
             self.slots,
@@ -594,11 +601,13 @@ class Engine:
             return []
         chunk = placed
         all_tokens = [s.tokens() for s in chunk]
+        prompts = [slots.slot_data(s.slot, Hook.INPUT_EMBEDDINGS) for s in chunk]  # (n, hidden) or None
         starts = []
         for seq in chunk:
             start = seq.cached
-            if seq.slot >= 0 and slots.kinds[seq.slot] == "prefix_tuning" and start < seq.virtual_tokens:
-                keys, values = slots.prefixes[seq.slot]  # (layers, kv_heads, n, head_dim)
+            prefix = slots.slot_data(seq.slot, Hook.KV_PREFIX)  # (keys, values) or None
+            if prefix is not None and start < seq.virtual_tokens:
+                keys, values = prefix  # (layers, kv_heads, n, head_dim)
                 where = self._slots_of(seq, range(start, seq.virtual_tokens))
                 self.cache.write_prefix(where, keys[:, :, start:], values[:, :, start:])
                 start = seq.virtual_tokens
@@ -610,8 +619,8 @@ class Engine:
             ids[i, : lengths[i]] = torch.tensor(tokens[start:]).clamp(min=0)
         embeds = self.decoder.embed(ids.to(device))  # (B, T, hidden)
         for i, (seq, start) in enumerate(zip(chunk, starts, strict=True)):
-            if start < seq.virtual_tokens:  # prompt or P-tuning: its soft prompt from `start` on
-                embeds[i, : seq.virtual_tokens - start] = slots.prompts[seq.slot][start:]
+            if prompts[i] is not None and start < seq.virtual_tokens:  # its soft prompt from `start` on
+                embeds[i, : seq.virtual_tokens - start] = prompts[i][start:]
         positions = torch.tensor(starts).unsqueeze(1) + torch.arange(width)  # (B, T)
         table = self._block_table(chunk, -(-(max(starts) + width) // size))
         real = torch.arange(width) < torch.tensor(lengths).unsqueeze(1)
@@ -621,9 +630,7 @@ class Engine:
             lengths=torch.tensor(lengths, device=device),
             block_table=table.to(device),
             slots=torch.where(real, where, NULL_BLOCK * size).to(device),
-            adapters=BatchContext(
-                slots, torch.tensor([s.slot for s in chunk], device=device).repeat_interleave(width)
-            ),
+            adapters=BatchContext(slots, [s.slot for s in chunk for _ in range(width)]),  # (B * T,) host
         )
         logits = self.decoder.forward(embeds, step, self.cache)
         for seq, tokens in zip(chunk, all_tokens, strict=True):
@@ -709,7 +716,7 @@ class Engine:
             lengths=torch.ones(len(batch), dtype=torch.long, device=device),
             block_table=table.to(device),
             slots=(table.gather(1, positions // size) * size + positions % size).to(device),
-            adapters=BatchContext(self.slots, torch.tensor([s.slot for s in batch], device=device)),
+            adapters=BatchContext(self.slots, [s.slot for s in batch]),
         )
         tokens = torch.tensor([[s.last_token()] for s in batch], device=device)
         logits = self.decoder.forward(self.decoder.embed(tokens), step, self.cache)

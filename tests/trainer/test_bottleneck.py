@@ -91,6 +91,7 @@ def test_saved_files_follow_the_format(model, tmp_path, placement, sites):
         "placement": placement,
         "non_linearity": "relu",
         "scaling": 1.0,
+        "adapter_input": "block_output",
     }
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     h = model.config.hidden_size
@@ -157,3 +158,22 @@ def test_applying_twice_is_refused(model):
     apply_bottleneck(model, BottleneckConfig(bottleneck_size=4))
     with pytest.raises(AdapterFormatError, match="already has a bottleneck adapter"):
         apply_bottleneck(model, BottleneckConfig(bottleneck_size=4))
+
+
+def test_trainer_and_server_read_the_same_config_checks(model, tmp_path):
+    """One format, checked in one place: a config the shared checks refuse, the trainer refuses too,
+    and a residual_stream adapter (served, not trainable here) is refused by the trainer's loader."""
+    from peftserve_formats import bottleneck as fmt
+    from trainer.bottleneck import load_bottleneck
+    from trainer.errors import AdapterFormatError
+
+    config = BottleneckConfig(bottleneck_size=4, placement="pfeiffer")
+    save_bottleneck(tmp_path, config, apply_bottleneck(model, config))
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert fmt.check_config(raw).reads_residual is False
+    (tmp_path / "adapter_config.json").write_text(json.dumps(raw | {"adapter_input": "residual_stream"}))
+    with pytest.raises(AdapterFormatError, match="block_output adapters only"):
+        load_bottleneck(model, tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(raw | {"adapter_input": "sideways"}))
+    with pytest.raises(AdapterFormatError, match="adapter_input must be one of"):
+        load_bottleneck(model, tmp_path)

@@ -1,6 +1,9 @@
 """Correctness by reference: every adapter kind, served concurrently in one mixed batch with
 base-only requests, gives the greedy tokens PEFT (or our bottleneck reference) gives alone, over full
-forwards without a KV cache."""
+forwards without a KV cache.
+
+Every test runs twice: with the CPU's native low-rank kernel, and with it switched off, so the
+torch gather path (the code every other device runs) is held to the same references."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+from server.adapters import lowrank
 from server.config import AdapterSettings, EngineSettings
 from server.engine.engine import Engine
 from server.engine.sampler import SamplingParams
@@ -28,6 +32,13 @@ BOTTLENECKS = {
     "houlsby": dict(placement="houlsby", activation="gelu"),
     "pfeiffer": dict(placement="pfeiffer", activation="relu", adapter_input="residual_stream"),
 }
+
+
+@pytest.fixture(autouse=True, params=["native kernel", "torch gather path"])
+def low_rank_path(request):
+    lowrank.set_native(request.param == "native kernel")
+    yield request.param
+    lowrank.set_native(True)
 
 
 def build_store(root: Path, base_dir: Path, shape) -> Path:

@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from server.adapters.common import (
-    SUPPORTED_TEXT,
     AdapterError,
     module_path,
     read_tensors,
     read_tensors_reference,
 )
 from server.adapters.loader import describe, folder_loader, load_adapter, reference_folder_loader
+from server.adapters.methods import SUPPORTED_TEXT
 from server.base_model import ModelShape
 from tests.adapter_factory import PEFT_KINDS, make_bottleneck_adapter, make_peft_adapter
 

@@ -37,7 +37,7 @@ def make_table(
 ) -> LowRankTable:
     """One slot per rank; rank 0 leaves the slot empty."""
     gen = torch.Generator().manual_seed(seed)
-    table = LowRankTable(len(ranks), in_f, out_f, dtype)
+    table = LowRankTable(len(ranks), in_f, out_f, dtype, max_rank=max(ranks))
     for slot, r in enumerate(ranks):
         if r == 0:
             continue
@@ -246,7 +246,7 @@ def test_no_compiler_falls_back_to_torch_with_one_warning(monkeypatch, caplog):
 
 
 def test_table_rejects_bad_tensors():
-    table = LowRankTable(2, 8, 6, torch.float32)
+    table = LowRankTable(2, 8, 6, torch.float32, max_rank=4)
     with pytest.raises(LowRankError, match="a must be"):
         table.set(0, torch.zeros(4, 7), torch.zeros(4, 6))
     with pytest.raises(LowRankError, match="transposed"):
@@ -294,3 +294,36 @@ def test_the_engine_builds_the_kernel_at_start_up_and_logs_it(tiny_model, monkey
         Engine(tiny_model, EngineSettings())
     assert lowrank._kernel_tried and lowrank._kernel is not None  # the first LoRA step finds it ready
     assert any("low-rank kernel ready" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_a_slot_reused_with_a_smaller_rank_or_cleared_keeps_no_old_weights(use_native):
+    """The stacks are read in full by the gather path: padding and cleared rows must be zeros."""
+    table = make_table(40, 24, [8, 8], torch.float32, biases=True)
+    gen = torch.Generator().manual_seed(5)
+    table.set(0, torch.randn(2, 40, generator=gen), torch.randn(2, 24, generator=gen))  # smaller, no bias
+    assert table.rank(0) == 2 and table.get(0).a_bias is None
+    assert not table.a[1, 2:].any() and not table.b[1, 2:].any() and not table.b_bias[1].any()
+    check(table, [0, 1, -1, 0], use_native=use_native)
+    table.clear(1)
+    assert not table.a[2].any() and not table.b[2].any() and not table.b_bias[2].any()
+    check(table, [1, 0, 1], use_native=use_native)
+
+
+def test_rank_above_the_tables_max_rank_is_refused():
+    table = LowRankTable(1, 8, 6, torch.float32, max_rank=4)
+    with pytest.raises(LowRankError, match="max_rank 4"):
+        table.set(0, torch.zeros(5, 8), torch.zeros(5, 6))
+
+
+def test_switched_off_kernel_takes_the_gather_path(monkeypatch):
+    calls = []
+    monkeypatch.setattr(lowrank, "gather_apply", lambda *args, **kw: calls.append(args))
+    table = make_table(16, 8, [2], torch.float32)
+    groups = RowGroups.build([0, -1])
+    lowrank.set_native(False)
+    try:
+        low_rank_apply(torch.zeros(2, 16), torch.zeros(2, 8), table, groups)
+    finally:
+        lowrank.set_native(True)
+    assert len(calls) == 1 and calls[0][3].tolist() == [1, 0], "row slot + 1, 0 for none"

@@ -16,7 +16,7 @@ from tests.adapter_factory import make_peft_adapter
 def make_tiers(model, cpu_bytes: int) -> tuple[AdapterTiers, Metrics]:
     load = folder_loader(model, 64)
     metrics = Metrics()
-    table = SlotTable(1, model.shape, model.dtype, model.device)
+    table = SlotTable(1, model.shape, model.dtype, model.device, max_rank=64)
     return AdapterTiers(table, cpu_bytes, lambda ref: load(ref.path), lambda: None, metrics), metrics
 
 

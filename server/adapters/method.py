@@ -1,0 +1,110 @@
+"""The interface every adapter method implements, and the hooks of the forward pass it can use.
+
+One module per method (lora.py, ia3.py, prompt.py, prefix.py, bottleneck.py) defines a
+`Method` subclass and its `METHOD` instance; methods.py lists them. The loader, the slot table,
+the batch context, the engine and merge go through this interface and never name a method, so
+adding one touches only its module and the list. See docs/methods.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from server.adapters.common import WEIGHTS_FILE, AdapterWeights
+from server.base_model import ModelShape
+
+if TYPE_CHECKING:
+    from server.adapters.slots import SlotTable
+
+Site = tuple[int, str]
+"""(decoder layer, linear module name such as "q_proj", or block "attn" / "mlp")."""
+BaseWeight = Callable[[int, str], torch.Tensor]
+"""(layer, module name) -> the base linear's dense float32 weight (out, in), on the base's device."""
+
+
+class Hook(Enum):
+    """Where in the forward pass a method's slot tensors act, in the order they apply."""
+
+    INPUT_EMBEDDINGS = "input_embeddings"
+    """Per-slot soft prompt placed before the prompt's embeddings at prefill."""
+    KV_PREFIX = "kv_prefix"
+    """Per-slot keys and values written at cache positions 0..n-1 of every layer at prefill."""
+    INPUT_SCALE = "input_scale"
+    """Per-channel scale of a linear's input: x * s."""
+    LINEAR_DELTA = "linear_delta"
+    """Low-rank delta on a linear's output: y += B A x (stacked per site)."""
+    OUTPUT_RESCALE = "output_rescale"
+    """Per-channel rescale of a linear's weight, not its bias: y = g * (y - bias) + bias."""
+    OUTPUT_SCALE = "output_scale"
+    """Per-channel scale of a linear's output, bias included: y * s."""
+    BLOCK_OUTPUT = "block_output"
+    """Low-rank non-linear delta on a block's output before the residual add."""
+
+
+@dataclass(frozen=True)
+class ParseContext:
+    """What parsing needs to know about the served base."""
+
+    shape: ModelShape
+    max_rank: int
+    dtype: torch.dtype
+    base_weight: BaseWeight
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What an adapter's config says, read without its weights."""
+
+    peft_type: str
+    virtual_tokens: int = 0
+    rank: int | None = None
+    target_modules: tuple[str, ...] = ()
+
+
+class Method:
+    """One adapter method. Subclasses set the class attributes and implement what they use."""
+
+    name: str
+    peft_types: tuple[str, ...] = ()
+    """`peft_type` values of adapter_config.json this method reads (upper case)."""
+    hooks: frozenset[Hook] = frozenset()
+    merge_refusal: str | None = None
+    """Why the method cannot be folded into the base weights; None when `fold` can."""
+
+    def claims(self, config: dict[str, Any]) -> bool:
+        """Whether a config without a peft_type of ours is this method's (foreign formats)."""
+        return False
+
+    def weights_file(self, config: dict[str, Any]) -> str:
+        return WEIGHTS_FILE
+
+    def parse(
+        self, config: dict[str, Any], tensors: dict[str, torch.Tensor], ctx: ParseContext
+    ) -> AdapterWeights:
+        """Check the checkpoint against the base; raise AdapterError naming the field at fault."""
+        raise NotImplementedError
+
+    def describe(self, config: dict[str, Any]) -> AdapterInfo:
+        """Kind, virtual tokens, rank and targets from the config alone; raises AdapterError."""
+        raise NotImplementedError
+
+    def install(self, slots: SlotTable, slot: int, weights: AdapterWeights) -> None:
+        """Place the parsed weights into `slot` through the slot table's per-hook setters."""
+        raise NotImplementedError
+
+    def fold(
+        self, weights: AdapterWeights, site: Site, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One linear's float32 (out, in) weight and bias with the adapter folded in (merge)."""
+        raise NotImplementedError
+
+    def reference(self, model: nn.Module, weights: AdapterWeights) -> AbstractContextManager[None] | None:
+        """Our plain unbatched reference applied to an HF model, or None when PEFT itself is it."""
+        return None
