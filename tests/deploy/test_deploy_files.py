@@ -17,6 +17,8 @@ import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.config import ServerSettings
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEPLOY = ROOT / "deploy"
 COMPOSE = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
@@ -32,6 +34,12 @@ def test_compose_runs_the_server_prometheus_and_grafana():
     build = SERVICES["peftserve"]["build"]
     assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
     assert "127.0.0.1:8000:8000" in SERVICES["peftserve"]["ports"]
+
+
+def test_docker_waits_out_the_servers_drain():
+    """`docker stop` kills after stop_grace_period (10 s by default); the drain must fit in it."""
+    grace = re.fullmatch(r"(\d+)s", SERVICES["peftserve"]["stop_grace_period"])
+    assert grace and int(grace.group(1)) > ServerSettings.model_fields["drain_timeout"].default
 
 
 def test_every_file_compose_mounts_exists():

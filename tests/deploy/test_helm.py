@@ -88,6 +88,16 @@ def test_defaults_serve_on_the_service_port_with_health_probes_and_the_store_vol
     assert (settings.server.host, settings.server.port) == ("0.0.0.0", 8000)
 
 
+def test_the_pod_outlives_the_servers_drain():
+    """Kubernetes kills a pod terminationGracePeriodSeconds after SIGTERM; the drain must fit in it."""
+    manifests = render()
+    grace = manifests["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > served_settings(manifests).server.drain_timeout
+    longer = render({"settings": {"drain-timeout": 90}, "terminationGracePeriodSeconds": 100})
+    assert longer["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 100
+    assert served_settings(longer).server.drain_timeout == 90
+
+
 def test_settings_values_become_flags_the_server_accepts():
     values = {
         "settings": {
