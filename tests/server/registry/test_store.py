@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -80,7 +81,8 @@ def publish_copy(store: Store, name: str, source: Path):
 
 
 def leftovers(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    """What the store holds besides its publish lock file."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name != store_module.PUBLISH_LOCK)
 
 
 def test_publish_versions_and_index_rebuild(validated, lora):
@@ -151,7 +153,8 @@ def test_a_corrupt_version_fails_its_request_not_the_server(validated, lora, tin
         restarted.resolve("bot")
 
 
-def test_version_numbers_are_never_reused(validated, lora, tmp_path):
+def test_version_numbers_are_never_reused(validated, lora, tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "DELETED_GRACE", 0)  # deleted files go at the next start
     assert [publish_copy(validated, "bot", lora).version for _ in range(2)] == [1, 2]
     validated.delete("bot")
     restarted = Store(validated.root, validate=validated.validate)  # deleted files go now
@@ -243,6 +246,10 @@ def test_deleted_versions_go_at_the_next_start(validated, lora):
     assert path.exists(), "files stay while requests may still load them"
     with pytest.raises(KeyError):
         validated.resolve("bot")
+    Store(validated.root)
+    assert path.exists(), "another replica may still be loading it: it stays for DELETED_GRACE"
+    aged = time.time() - store_module.DELETED_GRACE - 1
+    os.utime(path / store_module.DELETED_MARK, (aged, aged))
     Store(validated.root)
     assert not path.exists()
 
