@@ -301,27 +301,33 @@ class Store:
             self._refresher.join(timeout=10)
 
     def _look_up(self, name: str) -> Entry | None:
-        """A name's versions as they are on disk now (an upload by another replica), into the index."""
-        if not NAME.match(name) or name in self.extra:
-            return None
+        """A name's versions as on disk now (other replicas' uploads and deletes), into the index."""
+        if not NAME.match(name) or name in self.extra or name in self._found:
+            with self._lock:
+                return self._index.get(name)
         versions = self._scan_name(self.root / name) if (self.root / name).is_dir() else []
         if not versions and self.lookup is not None and (self.lookup / name / CONFIG_FILE).is_file():
             found = _plain_version(name, self.lookup / name)
             if found is not None:
                 self._found[name] = self.lookup / name
                 versions = [found]
-        if not versions:
-            return None
         with self._lock:
             self._changes += 1
             old = self._index.get(name)
+            if not versions:
+                if old is not None:  # deleted by another replica since the last refresh
+                    del self._index[name]
+                    self._names.remove(name)
+                    self._entry_bytes.pop(name, None)
+                return None
             known = {v.ref.key: v for v in old.versions} if old else {}
             entry = Entry(tuple(known.get(v.ref.key, v) for v in versions))
             self._index[name] = entry
             if old is None:
                 bisect.insort(self._names, name)
             self._entry_bytes[name] = _entry_size(name, entry)
-        log.info("found adapter %s on disk (%d versions)", name, len(versions))
+        if old is None or old != entry:
+            log.info("found adapter %s on disk (%d versions)", name, len(versions))
         return entry
 
     # ---- reading ----
@@ -420,8 +426,8 @@ class Store:
         index update holds the index lock.
         """
         check_name(name)
-        if name in self.extra:
-            raise StoreError(f"{name} is served from --adapter; it cannot take uploads")
+        if name in self.extra or name in self._found:
+            raise StoreError(f"{name} is served from --adapter or --adapter-dir; it cannot take uploads")
         if self.validate is None:
             raise StoreError("this store has no validator; it cannot take uploads")
         weights = self.validate(folder)  # AdapterError for anything that cannot be served
@@ -456,10 +462,7 @@ class Store:
 
     def delete(self, name: str) -> None:
         """Hide every version of `name` now; their files go at a later start (see DELETED_GRACE)."""
-        with self._lock:
-            present = name in self._index
-        if not present:
-            self._look_up(name)  # uploaded by another replica since the last refresh
+        self._look_up(name)  # as on disk now: other replicas may have published or deleted since
         with self._lock:
             entry = self._index.pop(name, None)
             self._changes += 1

@@ -335,3 +335,36 @@ def test_resolving_never_waits_for_an_upload(validated, lora, monkeypatch):
         release.set()
         uploader.join()
     assert [r.name for r in validated.names()] == ["live", "new"]
+
+
+PUBLISHER = """
+import shutil, sys, types
+from pathlib import Path
+from server.registry.store import Store
+
+root, source, count = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+# Numbering is under test, not validation: a stand-in validator keeps the processes light.
+weights = types.SimpleNamespace(peft_type="LORA", rank=8, target_modules=[])
+store = Store(root, validate=lambda folder: weights)
+for _ in range(count):
+    with store.staging() as folder:
+        for path in source.glob("adapter*"):
+            shutil.copy(path, folder / path.name)
+        print(store.publish("same", folder).version, flush=True)
+"""
+
+
+def test_two_processes_publishing_one_name_get_distinct_versions(tmp_path, lora):
+    root, count = tmp_path / "store", 12
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", PUBLISHER, str(root), str(lora), str(count)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    numbers = [[int(line) for line in w.communicate(timeout=300)[0].split()] for w in writers]
+    assert all(w.returncode == 0 for w in writers)
+    assert sorted(numbers[0] + numbers[1]) == list(range(1, 2 * count + 1))
+    assert [v.ref.version for v in Store(root).versions("same")] == list(range(1, 2 * count + 1))
