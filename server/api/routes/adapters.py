@@ -291,7 +291,6 @@ TEXT = {"content": {"text/plain": {"schema": {"type": "string"}}}}
 @router.post(
     "/v1/load_lora_adapter",
     dependencies=[Depends(require_admin)],
-    response_class=PlainTextResponse,
     responses={200: TEXT, **documented(400, 401, 403, 404, 413)},
 )
 async def load_lora_adapter(body: LoadLoRAAdapter, request: Request) -> PlainTextResponse:
@@ -316,7 +315,6 @@ async def load_lora_adapter(body: LoadLoRAAdapter, request: Request) -> PlainTex
 @router.post(
     "/v1/unload_lora_adapter",
     dependencies=[Depends(require_admin)],
-    response_class=PlainTextResponse,
     responses={200: TEXT, **documented(400, 401, 403, 404)},
 )
 async def unload_lora_adapter(body: UnloadLoRAAdapter, request: Request) -> PlainTextResponse:
