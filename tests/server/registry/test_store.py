@@ -338,14 +338,17 @@ def test_resolving_never_waits_for_an_upload(validated, lora, monkeypatch):
 
 
 PUBLISHER = """
-import shutil, sys, types
+import shutil, sys, time, types
 from pathlib import Path
 from server.registry.store import Store
 
-root, source, count = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+root, source, count, go = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
 # Numbering is under test, not validation: a stand-in validator keeps the processes light.
 weights = types.SimpleNamespace(peft_type="LORA", rank=8, target_modules=[])
 store = Store(root, validate=lambda folder: weights)
+print("ready", flush=True)
+while not go.exists():  # both start publishing together, so their numbering races
+    time.sleep(0.001)
 for _ in range(count):
     with store.staging() as folder:
         for path in source.glob("adapter*"):
@@ -355,15 +358,17 @@ for _ in range(count):
 
 
 def test_two_processes_publishing_one_name_get_distinct_versions(tmp_path, lora):
-    root, count = tmp_path / "store", 12
+    root, count, go = tmp_path / "store", 40, tmp_path / "go"
     writers = [
         subprocess.Popen(
-            [sys.executable, "-c", PUBLISHER, str(root), str(lora), str(count)],
+            [sys.executable, "-c", PUBLISHER, str(root), str(lora), str(count), str(go)],
             stdout=subprocess.PIPE,
             text=True,
         )
         for _ in range(2)
     ]
+    assert all(w.stdout.readline().strip() == "ready" for w in writers)
+    go.touch()
     numbers = [[int(line) for line in w.communicate(timeout=300)[0].split()] for w in writers]
     assert all(w.returncode == 0 for w in writers)
     assert sorted(numbers[0] + numbers[1]) == list(range(1, 2 * count + 1))
