@@ -182,6 +182,7 @@ class Store:
         self._names: list[str] = []  # sorted, for pagination
         self._entry_bytes: dict[str, int] = {}
         self._bad: set[str] = set()  # keys of versions dropped for bad checksums: never found again
+        self._seen: dict[str, tuple] = {}  # per name folder, the stats it had at the last rebuild
         self._changes = 0  # index updates made here, so a refresh never undoes one it did not see
         self._stop_refresh = threading.Event()
         self._refresher: threading.Thread | None = None
@@ -218,13 +219,21 @@ class Store:
     def rebuild(self, quiet: bool = False) -> None:
         """Scan the store folder (and the --adapter folders) into a fresh index.
 
-        Versions already in the index keep their entry (and so their verified checksums).
+        Versions already in the index keep their entry (and so their verified checksums). A
+        `quiet` rebuild (the periodic refresh) reads again only the names whose folders changed.
         """
         started = time.perf_counter()
         changes = self._changes
+        with self._lock:
+            current = dict(self._index)
         index: dict[str, Entry] = {}
+        seen: dict[str, tuple] = {}
         if self.root.is_dir():
             for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                seen[folder.name] = mark = _signature(folder)
+                if quiet and self._seen.get(folder.name) == mark and folder.name in current:
+                    index[folder.name] = current[folder.name]
+                    continue
                 versions = self._scan_name(folder)
                 if versions:
                     index[folder.name] = Entry(tuple(versions))
@@ -246,6 +255,7 @@ class Store:
         with self._lock:
             if quiet and self._changes != changes:
                 return  # an upload or delete here since the scan began: the next refresh sees it
+            self._seen = seen
             self._index = index
             self._names = sorted(index)
             self._entry_bytes = sizes
@@ -531,6 +541,15 @@ def _pick(entry: Entry, wanted: str) -> Version | None:
     if not wanted:
         return entry.latest
     return next((v for v in entry.versions if str(v.ref.version) == wanted), None)
+
+
+def _signature(folder: Path) -> tuple:
+    """What changes when a version is published, deleted or replaced in a name's folder."""
+    try:
+        subfolders = tuple(sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_dir()))
+        return folder.stat().st_mtime_ns, subfolders
+    except OSError:
+        return (time.monotonic_ns(),)  # changing under us: never equal, so read it again next time
 
 
 def _mtime(path: Path) -> float:
