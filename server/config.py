@@ -89,6 +89,12 @@ class AdapterSettings(_Section):
     store: Path = Path("adapters_store")
     """Adapter store folder; every subfolder holding an adapter_config.json is an adapter named after it."""
 
+    store_refresh: float = Field(default=5.0, ge=0)
+    """Seconds between re-reads of the store folder, to see other replicas' uploads and deletes (0: never)."""
+
+    adapter_dir: Path | None = None
+    """vLLM resolver layout: a name not in the store is served from DIR/<name>/ on its first request."""
+
     max_active_adapters: int = Field(default=32, ge=1)
     """Device slots: adapters resident for batching at once."""
 

@@ -4,7 +4,11 @@ Counters and histograms are updated as things happen (mostly on the engine threa
 that describe the engine's state are read from a snapshot at scrape time, so they cost
 nothing between scrapes. Names use base units; counters end in `_total`. The `vllm:` gauges
 follow the model-server protocol of the Kubernetes Gateway API Inference Extension, so its
-endpoint picker can route by adapter affinity.
+endpoint picker can route by adapter affinity. Adapter residency (which adapters are warm in a
+device slot, which only in the CPU cache) is exposed twice: as `peftserve_adapter_resident`,
+and under the names of vLLM's open proposal for loaded-adapter metrics
+(vllm-project/vllm#45411, #54830; asked for by llm-d-router#1500), `vllm:lora_adapter_loaded`
+with `level` "gpu" (a device slot, whatever the device) or "cpu".
 """
 
 from __future__ import annotations
@@ -44,6 +48,11 @@ class EngineSnapshot:
     waiting_adapters: tuple[str, ...]
     taken_at: float
     """Unix time the snapshot was taken."""
+    resident: tuple[tuple[str, int, str], ...] = ()
+    """(name, version, tier) of every adapter held: tier "device" (a ready slot) or "cpu" (cache only)."""
+
+
+VLLM_LEVEL = {"device": "gpu", "cpu": "cpu"}
 
 
 class _SnapshotCollector(Collector):
@@ -73,10 +82,41 @@ class _SnapshotCollector(Collector):
             "Adapters in device slots and adapters waiting for one; value: Unix time of the reading.",
             labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
         )
-        info.add_metric(
-            [str(s.slots), ",".join(s.running_adapters), ",".join(s.waiting_adapters)], s.taken_at
-        )
+        # Separate sets: a name whose one version is in a slot while another waits counts as running.
+        waiting = [name for name in s.waiting_adapters if name not in s.running_adapters]
+        info.add_metric([str(s.slots), ",".join(s.running_adapters), ",".join(waiting)], s.taken_at)
         yield info
+        yield from _residency(s.resident)
+
+
+def _residency(resident: tuple[tuple[str, int, str], ...]) -> Iterator[Metric]:
+    ours = GaugeMetricFamily(
+        "peftserve_adapter_resident",
+        "1 per adapter version held: tier device (in a slot, warm) or cpu (parsed in the CPU cache).",
+        labels=["adapter", "version", "tier"],
+    )
+    for name, version, tier in resident:
+        ours.add_metric([name, str(version), tier], 1)
+    yield ours
+    levels: dict[str, str] = {}  # by name, the warmest tier of any of its versions
+    for name, _, tier in resident:
+        if levels.get(name) != "gpu":
+            levels[name] = VLLM_LEVEL[tier]
+    loaded = GaugeMetricFamily(
+        "vllm:lora_adapter_loaded",
+        "1 per loaded adapter (vLLM's proposed name): level gpu = a device slot, cpu = the CPU cache.",
+        labels=["adapter_name", "level", "pinned"],
+    )
+    for name, level in levels.items():
+        loaded.add_metric([name, level, "false"], 1)
+    yield loaded
+    for level in ("gpu", "cpu"):
+        count = sum(value == level for value in levels.values())
+        yield GaugeMetricFamily(
+            f"vllm:num_{level}_loaded_lora_adapters",
+            f"Adapters loaded at level {level} (vLLM's proposed name; gpu = device slots).",
+            value=count,
+        )
 
 
 @dataclass(frozen=True)

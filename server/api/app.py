@@ -86,7 +86,9 @@ def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
             adapters.store,
             dict(parse_adapter_flag(a) for a in adapters.adapter),
             validate=folder_loader(loaded, adapters.max_lora_rank),
+            lookup=adapters.adapter_dir,
         )
+        store.watch(adapters.store_refresh)
         source: Store | None = store
         if adapters.merge_adapter:
             loaded = dedicate(loaded, store, adapters.merge_adapter, adapters.max_lora_rank)
@@ -107,6 +109,7 @@ def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
         finally:
             eng.stop()
             app.state.merges.stop()
+            store.close()
 
     app = FastAPI(title="peftserve", version=__version__, lifespan=lifespan)
     install_error_handlers(app)

@@ -466,7 +466,18 @@ class Engine:
             running_adapters=tuple(dict.fromkeys(resident.values())),
             waiting_adapters=tuple(dict.fromkeys(ref.name for ref in waiting)),
             taken_at=time.time(),
+            resident=self._residency(),
         )
+
+    def _residency(self) -> tuple[tuple[str, int, str], ...]:
+        """(name, version, tier) per adapter version held, for routers telling warm from cold."""
+        device = {s.ref.key: s.ref for s in self.tiers.slots if s.ref is not None and s.ready}
+        held = [(ref.name, ref.version, "device") for ref in device.values()]
+        for key in self.tiers.cpu:
+            if key not in device:
+                name, _, rest = key.partition("@")  # AdapterRef.key: name@version#digest
+                held.append((name, int(rest.partition("#")[0]), "cpu"))
+        return tuple(held)
 
     def _fail_loads(self) -> list[int]:
         """Requests waiting for an adapter that failed to load end with its error."""

@@ -130,6 +130,21 @@ def _extract_zip(archive: BinaryIO, dest: Path, budget: Budget) -> None:
                 save_file(source, dest / _member_path(info.filename), budget)
 
 
+def copy_folder(source: Path, dest: Path, budget: Budget) -> None:
+    """Stage the adapter files of a server-side folder (POST /v1/load_lora_adapter's `lora_path`).
+
+    Only adapter_config.json and .safetensors files are taken; anything else a training run
+    leaves beside them (README, tokenizer, pickled .bin) is ignored, never read.
+    """
+    if not source.is_dir():
+        raise UploadError(f"no adapter folder at {source}", status=404, param="lora_path")
+    for path in sorted(source.iterdir()):
+        if path.is_file() and (path.name == CONFIG_FILE or path.name.endswith(".safetensors")):
+            budget.expect(path.stat().st_size)
+            with path.open("rb") as f:
+                save_file(f, dest / path.name, budget)
+
+
 def check_complete(folder: Path) -> None:
     if not (folder / CONFIG_FILE).is_file():
         raise UploadError("the upload has no adapter_config.json", param=CONFIG_FILE)

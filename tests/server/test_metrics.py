@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server.config import AdapterSettings, EngineSettings
 from server.engine.engine import Engine
 from server.engine.sampler import SamplingParams
-from server.metrics import Metrics
+from server.metrics import EngineSnapshot, Metrics
 from server.registry.store import Store
 from tests.adapter_factory import make_peft_adapter
 from tests.helpers import run_until_done
@@ -198,3 +198,30 @@ def test_a_repeated_prompt_over_http_hits_the_prefix_cache_and_answers_the_same(
     prompt_tokens = len(tiny_model.tokenizer(body["prompt"]).input_ids)
     assert value(samples, "vllm:prefix_cache_queries_total") == 2 * prompt_tokens
     assert value(samples, "vllm:prefix_cache_hits_total") == (prompt_tokens - 1) // 16 * 16
+
+
+def test_lora_info_sets_are_separate_and_residency_takes_the_warmest_tier():
+    metrics = Metrics()
+    snapshot = EngineSnapshot(
+        running=1,
+        waiting=2,
+        kv_cache_usage=0.1,
+        slots=4,
+        slots_used=1,
+        cached_adapters=2,
+        running_adapters=("a",),
+        waiting_adapters=("a", "b"),  # a@2 waits while a@1 is in a slot
+        taken_at=1.0,
+        resident=(("a", 1, "device"), ("a", 2, "cpu"), ("c", 1, "cpu")),
+    )
+    metrics.watch(lambda: snapshot)
+    s = scrape(metrics)
+    (labels,) = [dict(k[1]) for k in s if k[0] == "vllm:lora_requests_info"]
+    assert labels == {"max_lora": "4", "running_lora_adapters": "a", "waiting_lora_adapters": "b"}
+    assert value(s, "peftserve_adapter_resident", adapter="a", version="2", tier="cpu") == 1
+    assert value(s, "vllm:lora_adapter_loaded", adapter_name="a", level="gpu", pinned="false") == 1
+    assert value(s, "vllm:lora_adapter_loaded", adapter_name="c", level="cpu", pinned="false") == 1
+    levels = [dict(k[1])["level"] for k in s if k[0] == "vllm:lora_adapter_loaded"]
+    assert sorted(levels) == ["cpu", "gpu"], "one series per name, at its warmest tier"
+    assert value(s, "vllm:num_gpu_loaded_lora_adapters") == 1
+    assert value(s, "vllm:num_cpu_loaded_lora_adapters") == 1

@@ -1,4 +1,10 @@
-"""The adapter registry over HTTP: upload, list, show, delete, and merge exports as background jobs."""
+"""The adapter registry over HTTP: upload, list, show, delete, and merge exports as background jobs.
+
+Also vLLM's runtime adapter endpoints, so vLLM tooling drives peftserve unchanged:
+`POST /v1/load_lora_adapter` publishes a server-side folder into the store (any adapter kind,
+validated like an upload) and `POST /v1/unload_lora_adapter` deletes the name from the store.
+The store is shared, so both take effect on every replica that reads it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -23,6 +30,7 @@ from server.registry.uploads import (
     UploadError,
     allowed_name,
     check_complete,
+    copy_folder,
     extract_archive,
     is_archive,
     save_file,
@@ -257,3 +265,82 @@ async def download_merged(name: str, request: Request) -> FileResponse:
             404, f"{name} has not been merged yet: POST /v1/adapters/{name}/merge first", param="name"
         )
     return FileResponse(archive, media_type="application/gzip", filename=f"{version.ref.name}-merged.tar.gz")
+
+
+class LoadLoRAAdapter(BaseModel):
+    """vLLM's load request; unknown fields are ignored, as vLLM does."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    lora_name: str = Field(pattern=NAME.pattern, description="the adapter's name in `model` fields")
+    lora_path: str = Field(min_length=1, description="a folder on the server with the adapter's files")
+    load_inplace: bool = Field(
+        default=False, description="publish a new version when the name is taken, instead of refusing"
+    )
+
+
+class UnloadLoRAAdapter(BaseModel):
+    """vLLM's unload request (`lora_int_id`, which names nothing here, is ignored)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    lora_name: str = Field(min_length=1)
+
+
+TEXT = {"content": {"text/plain": {"schema": {"type": "string"}}}}
+
+
+@router.post(
+    "/v1/load_lora_adapter",
+    dependencies=[Depends(require_admin)],
+    responses={200: TEXT, **documented(400, 401, 403, 404, 413)},
+)
+async def load_lora_adapter(body: LoadLoRAAdapter, request: Request) -> PlainTextResponse:
+    """vLLM-compatible: serve the adapter folder `lora_path` (on the server) as `lora_name`."""
+    reg = store(request)
+    limit = request.app.state.settings.adapters.max_adapter_bytes
+    try:
+        if not body.load_inplace and _known(reg, body.lora_name):
+            raise APIError(
+                400,
+                f"The lora adapter '{body.lora_name}' has already been loaded. "
+                "To publish a new version of it, set 'load_inplace' to true.",
+                param="lora_name",
+                code="adapter_exists",
+            )
+        await run_in_threadpool(_copy_and_publish, reg, body.lora_name, Path(body.lora_path), limit)
+    except (UploadError, AdapterError, StoreError) as exc:
+        raise registry_error(exc, reg.root) from exc
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@router.post(
+    "/v1/unload_lora_adapter",
+    dependencies=[Depends(require_admin)],
+    responses={200: TEXT, **documented(400, 401, 403, 404)},
+)
+async def unload_lora_adapter(body: UnloadLoRAAdapter, request: Request) -> PlainTextResponse:
+    """vLLM-compatible: stop serving `lora_name` (every version; on every replica of the store)."""
+    try:
+        await run_in_threadpool(store(request).delete, body.lora_name)
+    except UnknownAdapter as exc:
+        raise APIError(
+            404,
+            f"The lora adapter '{body.lora_name}' cannot be found.",
+            param="lora_name",
+            code="adapter_not_found",
+        ) from exc
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+def _known(reg: Store, name: str) -> bool:
+    try:
+        reg.version(name)
+    except UnknownAdapter:
+        return False
+    return True
+
+
+def _copy_and_publish(reg: Store, name: str, source: Path, limit: int):
+    with reg.staging() as folder:
+        copy_folder(source, folder, Budget(limit))
+        check_complete(folder)
+        return reg.publish(name, folder)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -80,7 +81,8 @@ def publish_copy(store: Store, name: str, source: Path):
 
 
 def leftovers(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    """What the store holds besides its publish lock file."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name != store_module.PUBLISH_LOCK)
 
 
 def test_publish_versions_and_index_rebuild(validated, lora):
@@ -151,7 +153,8 @@ def test_a_corrupt_version_fails_its_request_not_the_server(validated, lora, tin
         restarted.resolve("bot")
 
 
-def test_version_numbers_are_never_reused(validated, lora, tmp_path):
+def test_version_numbers_are_never_reused(validated, lora, tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "DELETED_GRACE", 0)  # deleted files go at the next start
     assert [publish_copy(validated, "bot", lora).version for _ in range(2)] == [1, 2]
     validated.delete("bot")
     restarted = Store(validated.root, validate=validated.validate)  # deleted files go now
@@ -244,6 +247,10 @@ def test_deleted_versions_go_at_the_next_start(validated, lora):
     with pytest.raises(KeyError):
         validated.resolve("bot")
     Store(validated.root)
+    assert path.exists(), "another replica may still be loading it: it stays for DELETED_GRACE"
+    aged = time.time() - store_module.DELETED_GRACE - 1
+    os.utime(path / store_module.DELETED_MARK, (aged, aged))
+    Store(validated.root)
     assert not path.exists()
 
 
@@ -328,3 +335,41 @@ def test_resolving_never_waits_for_an_upload(validated, lora, monkeypatch):
         release.set()
         uploader.join()
     assert [r.name for r in validated.names()] == ["live", "new"]
+
+
+PUBLISHER = """
+import shutil, sys, time, types
+from pathlib import Path
+from server.registry.store import Store
+
+root, source, count, go = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+# Numbering is under test, not validation: a stand-in validator keeps the processes light.
+weights = types.SimpleNamespace(peft_type="LORA", rank=8, target_modules=[])
+store = Store(root, validate=lambda folder: weights)
+print("ready", flush=True)
+while not go.exists():  # both start publishing together, so their numbering races
+    time.sleep(0.001)
+for _ in range(count):
+    with store.staging() as folder:
+        for path in source.glob("adapter*"):
+            shutil.copy(path, folder / path.name)
+        print(store.publish("same", folder).version, flush=True)
+"""
+
+
+def test_two_processes_publishing_one_name_get_distinct_versions(tmp_path, lora):
+    root, count, go = tmp_path / "store", 40, tmp_path / "go"
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", PUBLISHER, str(root), str(lora), str(count), str(go)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    assert all(w.stdout.readline().strip() == "ready" for w in writers)
+    go.touch()
+    numbers = [[int(line) for line in w.communicate(timeout=300)[0].split()] for w in writers]
+    assert all(w.returncode == 0 for w in writers)
+    assert sorted(numbers[0] + numbers[1]) == list(range(1, 2 * count + 1))
+    assert [v.ref.version for v in Store(root).versions("same")] == list(range(1, 2 * count + 1))
