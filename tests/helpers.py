@@ -5,6 +5,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,18 +17,13 @@ from server.engine.request import Delta, Event, Finished, RequestHandle
 
 def run_until_done(engine: Engine, handles: list[RequestHandle], timeout: float = 300.0) -> list[list[Event]]:
     """Drive an engine that has no thread by hand until every handle finishes; each handle's events."""
-    events: list[list[Event]] = [[] for _ in handles]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for i, handle in enumerate(handles):
-            events[i] += handle.drain()
-        if all(e and isinstance(e[-1], Finished) for e in events):
-            return events
+
+    def step() -> None:
         report = engine.step()
         if not (report.running or report.plan.admit):
             time.sleep(0.002)  # waiting for an adapter to load in the background
-    faulthandler.dump_traceback(all_threads=True)  # where every thread was, for the failure report
-    raise AssertionError("requests did not finish")
+
+    return _collect(handles, timeout, step)
 
 
 def token_ids(events: list[Event]) -> list[int]:
@@ -79,6 +75,11 @@ def wait_finished(handles: list[RequestHandle], timeout: float = 30.0) -> list[l
 
     A request that never finishes fails the test after `timeout` (a stall), with every thread's stack.
     """
+    return _collect(handles, timeout, lambda: time.sleep(0.005))
+
+
+def _collect(handles: list[RequestHandle], timeout: float, between: Callable[[], None]) -> list[list[Event]]:
+    """Drain every handle, calling `between` until all have finished; fail after `timeout`."""
     events: list[list[Event]] = [[] for _ in handles]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -86,8 +87,8 @@ def wait_finished(handles: list[RequestHandle], timeout: float = 30.0) -> list[l
             events[i] += handle.drain()
         if all(e and isinstance(e[-1], Finished) for e in events):
             return events
-        time.sleep(0.005)
-    faulthandler.dump_traceback(all_threads=True)
+        between()
+    faulthandler.dump_traceback(all_threads=True)  # where every thread was, for the failure report
     stuck = [
         h.request_id for h, e in zip(handles, events, strict=True) if not (e and isinstance(e[-1], Finished))
     ]

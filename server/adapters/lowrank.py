@@ -39,7 +39,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -474,18 +474,27 @@ _SOURCE = Path(__file__).with_name("lowrank_kernel.c")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 
 
+def load_kernel_function(path: Path, symbol: str, argtypes: list) -> tuple[ctypes.CDLL, Any]:
+    """The library at `path` and its C function `symbol`, typed, returning an int status.
+
+    Keep the library referenced as long as the function is called.
+    """
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise KernelBuildError(f"cannot load {path}: {e}") from e
+    fn = getattr(lib, symbol)
+    fn.argtypes = argtypes
+    fn.restype = ctypes.c_int
+    return lib, fn
+
+
 class NativeKernel:
     """The compiled lowrank_kernel.c, called through ctypes."""
 
     def __init__(self, path: Path) -> None:
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError as e:
-            raise KernelBuildError(f"cannot load {path}: {e}") from e
-        fn = lib.peftserve_lowrank_apply
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        fn.argtypes = [p, p, p, i64, p, i64, i32, i32]
-        fn.restype = i32
+        lib, fn = load_kernel_function(path, "peftserve_lowrank_apply", [p, p, p, i64, p, i64, i32, i32])
         self.path = path
         self._lib = lib  # keeps the library loaded as long as this object lives
         self._fn = fn

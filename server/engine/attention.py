@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from server.adapters.lowrank import CFLAGS, KernelBuildError, build_kernel
+from server.adapters.lowrank import CFLAGS, KernelBuildError, build_kernel, load_kernel_function
 
 log = logging.getLogger(__name__)
 
@@ -101,30 +101,9 @@ class PagedKernel:
     """The compiled paged_attention.c, called through ctypes."""
 
     def __init__(self, path: Path) -> None:
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError as e:
-            raise KernelBuildError(f"cannot load {path}: {e}") from e
-        fn = lib.peftserve_paged_decode
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [
-            p,
-            p,
-            p,
-            p,
-            p,
-            p,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            ctypes.c_float,
-            ctypes.c_int,
-            ctypes.c_int,
-        ]
-        fn.restype = ctypes.c_int
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, i32, i32]
+        lib, fn = load_kernel_function(path, "peftserve_paged_decode", argtypes)
         self._lib = lib  # keeps the library loaded as long as this object lives
         self._fn = fn
 
