@@ -69,6 +69,12 @@ def copy_all(copies: list[Copy]) -> None:
         raise ValueError("the pack kernel rejected its arguments")
 
 
+def prepare_for(device: torch.device) -> None:
+    """Build and load the kernel now if installs on this device will use it."""
+    if device.type == "cpu":
+        _kernel()
+
+
 def _native(c: Copy) -> bool:
     return (
         c.src.is_cpu

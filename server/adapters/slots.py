@@ -66,6 +66,7 @@ class SlotTable:
 
     def __post_init__(self) -> None:
         lowrank.prepare_for(self.dtype, self.device)  # compile at start-up, not on the first LoRA step
+        pack.prepare_for(self.device)
         n = self.num_slots
         self.methods, self.data = [None] * n, [{} for _ in range(n)]
         self._tables_of = [[] for _ in range(n)]
