@@ -1,13 +1,16 @@
 """Adapter load time: disk -> slot and CPU cache -> slot, for a rank-16 LoRA on every linear layer.
 
-Times what the server does for one adapter load, in one process, on the embedded default model
-(SmolLM2-135M: 30 layers x 7 linears, so 420 tensors): disk -> slot is parse (on the loader
-thread in the server) plus install (on the engine thread); CPU -> slot is install alone. The
-same loads run through the reference reader (safetensors' own `load_file`, the reader the
-fast path replaced) for a ratio. The files sit in the page cache, as on a server whose store was
-written or read recently. Reports median and p95 over --loads loads of --adapters different
-adapters, once with each parsed adapter freed after its install (memory reused) and once
-with them kept (fresh memory, as while the CPU cache fills up).
+Times what the server's loader thread does for one adapter load, in one process, on the
+embedded default model (SmolLM2-135M: 30 layers x 7 linears, so 420 tensors): disk -> slot is
+parse (read, check, no copy) plus install (each tensor copied once, straight from the file's
+mapping into the slot's rows); the slot is then ready. After that the loader packs a copy of
+its own for the CPU cache (cache copy: not part of the load's latency). CPU -> slot is the
+install of a cached copy. For comparison, the same loads through two copies (parse into
+memory of the adapter's own, then install: the path before) and through safetensors' own
+`load_file` (the reader the mmap reader replaced). The files sit in the page cache, as on a
+server whose store was written or read recently. Reports median and p95 over --loads loads of
+--adapters different adapters, once with each copy freed after its install (memory reused) and
+once with them kept (fresh memory, as while the CPU cache fills up).
 
     python -m bench.bench_load [--loads 60] [--adapters 8] [--rank 16] [--dtype auto]
 """
@@ -45,17 +48,24 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def time_loads(
-    table: SlotTable, load: Callable[[Path], AdapterWeights], folders: list[Path], loads: int, keep: bool
+    table: SlotTable,
+    load: Callable[[Path], AdapterWeights],
+    folders: list[Path],
+    loads: int,
+    keep: bool,
+    cache_copy: bool,
 ) -> dict[str, list[float]]:
-    """Seconds per load: parse, install, and both (disk -> slot); install of a parsed one (CPU -> slot).
+    """Seconds per load: parse, install, both (disk -> slot), the cache copy, and CPU -> slot.
 
-    keep=False frees each parsed adapter right after its install (what bench_adapters measured
-    before), so the allocator hands the next load the same memory. keep=True keeps one per
-    folder, as a CPU cache still filling up: each load then writes into memory the process has
-    not touched yet, and its first-touch page faults cost several microseconds per 4 KiB page
-    on this virtual machine (~10 ms for 19 MiB).
+    keep=False frees each copy right after its use, so the allocator hands the next load the
+    same memory. keep=True keeps one per folder, as a CPU cache still filling up: each copy then
+    writes into memory the process has not touched yet, and its first-touch page faults cost
+    several microseconds per 4 KiB page on this virtual machine (~10 ms for 19 MiB).
+    cache_copy: `load` leaves views of the file, packed into memory of their own after the install.
     """
-    times: dict[str, list[float]] = {"parse": [], "install": [], "disk": [], "disk_cpu_time": [], "cpu": []}
+    times: dict[str, list[float]] = {
+        k: [] for k in ("parse", "install", "disk", "disk_cpu_time", "cache_copy", "cpu")
+    }
     parsed = {}
     for i in range(loads):
         folder = folders[i % len(folders)]
@@ -70,12 +80,20 @@ def time_loads(
         times["parse"].append(parsed_at - started)
         times["install"].append(done - parsed_at)
         times["disk"].append(done - started)
+        if cache_copy:
+            weights.own(table.dtype)
+            times["cache_copy"].append(time.perf_counter() - done)
         if keep:
             parsed[folder] = weights
         del weights
     for i in range(loads):
         folder = folders[i % len(folders)]
-        weights = parsed[folder] if keep else load(folder)
+        if keep:
+            weights = parsed[folder]
+        else:
+            weights = load(folder)
+            if cache_copy:
+                weights.own(table.dtype)
         started = time.perf_counter()
         table.install(0, weights)
         times["cpu"].append(time.perf_counter() - started)
@@ -116,16 +134,21 @@ def main() -> None:
         root = Path(tmp)
         folders = [write_lora(root / f"lora-{k}", model.shape, args.rank, k) for k in range(args.adapters)]
         size = (folders[0] / "adapter_model.safetensors").stat().st_size
-        paths = {"server (mmap reader)": folder_loader(model, 64)}
+        paths = {  # name: (load, whether the cache copy is made after the install)
+            "server (file -> slot)": (folder_loader(model, 64, own=False), True),
+            "two copies (file -> own memory -> slot)": (folder_loader(model, 64), False),
+        }
         reference = reference_loader(model, 64)
         if reference is not None:
-            paths["reference (safetensors load_file)"] = reference
-        for load in paths.values():  # warm: page cache, allocator
-            time_loads(table, load, folders, len(folders), keep=False)
+            paths["reference (safetensors load_file)"] = (reference, False)
+        for load, copy in paths.values():  # warm: page cache, allocator
+            time_loads(table, load, folders, len(folders), keep=False, cache_copy=copy)
         results = {}
-        for name, load in paths.items():
-            results[f"{name}, memory reused"] = time_loads(table, load, folders, args.loads, keep=False)
-            results[f"{name}, fresh memory"] = time_loads(table, load, folders, args.loads, keep=True)
+        for name, (load, copy) in paths.items():
+            for state, keep in (("memory reused", False), ("fresh memory", True)):
+                results[f"{name}, {state}"] = time_loads(
+                    table, load, folders, args.loads, keep=keep, cache_copy=copy
+                )
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"\nrank-{args.rank} LoRA on every linear layer of {model.name} ({size / 2**20:.1f} MiB file), "
@@ -135,20 +158,27 @@ def main() -> None:
     )
     print(
         "| path | disk -> slot p50 | p95 | its CPU time p50 | parse p50 | install p50 "
-        "| CPU -> slot p50 | p95 |"
+        "| cache copy p50 (after) | CPU -> slot p50 | p95 |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, t in results.items():
-        ms = {k: (statistics.median(v) * 1e3, percentile(v, 0.95) * 1e3) for k, v in t.items()}
+        ms = {k: (statistics.median(v) * 1e3, percentile(v, 0.95) * 1e3) if v else None for k, v in t.items()}
+        copy = f"{ms['cache_copy'][0]:.1f} ms" if ms["cache_copy"] else "-"
         print(
             f"| {name} | {ms['disk'][0]:.1f} ms | {ms['disk'][1]:.1f} ms | {ms['disk_cpu_time'][0]:.1f} ms "
-            f"| {ms['parse'][0]:.1f} ms "
-            f"| {ms['install'][0]:.2f} ms | {ms['cpu'][0]:.2f} ms | {ms['cpu'][1]:.2f} ms |"
+            f"| {ms['parse'][0]:.1f} ms | {ms['install'][0]:.1f} ms | {copy} "
+            f"| {ms['cpu'][0]:.1f} ms | {ms['cpu'][1]:.1f} ms |"
         )
-    if len(results) == 4:
-        for state in ("memory reused", "fresh memory"):
-            fast, ref = (statistics.median(t["disk"]) for n, t in results.items() if n.endswith(state))
-            print(f"\ndisk -> slot, {state}: reference / server {ref / fast:.1f}x")
+    for state in ("memory reused", "fresh memory"):
+        disk = {
+            n.partition(" (")[0]: statistics.median(t["disk"])
+            for n, t in results.items()
+            if n.endswith(state)
+        }
+        ratios = ", ".join(
+            f"{n} / server {v / disk['server']:.2f}x" for n, v in disk.items() if n != "server"
+        )
+        print(f"\ndisk -> slot, {state}: {ratios}")
 
 
 if __name__ == "__main__":

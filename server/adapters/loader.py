@@ -39,23 +39,27 @@ def load_adapter(
     dtype: torch.dtype,
     base_weight: BaseWeight,
     read: Reader = read_tensors,
+    own: bool = True,
 ) -> AdapterWeights:
     """Parse and validate an adapter folder against the base model; raises AdapterError.
 
-    Runs on the loader thread: the result is in `dtype`, in memory of its own, ready for a slot.
+    Runs on the loader thread. With `own`, the result is in `dtype`, in memory of its own;
+    without, it may still view the file's mapping: the server installs it into a slot straight
+    from there, then calls `own` for its CPU cache.
     """
     config = read_config(folder)
     method = method_for(config)
     tensors = read(folder, method.weights_file(config))
     weights = method.parse(config, tensors, ParseContext(shape, max_rank, dtype, base_weight))
-    weights.own(dtype)
+    if own:
+        weights.own(dtype)
     return weights
 
 
 def folder_loader(
-    model: LoadedModel, max_rank: int, read: Reader = read_tensors
+    model: LoadedModel, max_rank: int, read: Reader = read_tensors, own: bool = True
 ) -> Callable[[Path], AdapterWeights]:
-    """Load (and so validate) adapter folders against this base model, in its dtype."""
+    """Load (and so validate) adapter folders against this base model, in its dtype (see `load_adapter`)."""
     hf = model.hf
 
     def load(folder: Path) -> AdapterWeights:
@@ -66,6 +70,7 @@ def folder_loader(
             dtype=model.dtype,
             base_weight=lambda layer, name: dense_weight(linear_module(hf, layer, name)),
             read=read,
+            own=own,
         )
 
     return load

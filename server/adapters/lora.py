@@ -47,7 +47,8 @@ _REFUSED = {
 @dataclass
 class LoraSite:
     a: torch.Tensor  # (r, in)
-    b: torch.Tensor  # (r, out), scaling folded in
+    b: torch.Tensor  # (r, out): B transposed; a strided view of the file until `own`
+    b_scale: float = 1.0  # LoRA's scaling, still to apply to b (1 once `own` folded it in)
     dora_scale: torch.Tensor | None = None  # (out,) DoRA's m / ||W + s B A||
 
 
@@ -71,11 +72,29 @@ class LoraWeights(AdapterWeights):
         return [t for s in self.sites.values() for t in (s.a, s.b, s.dora_scale) if t is not None]
 
     def own(self, dtype: torch.dtype) -> None:
-        """Nothing to do: `parse` packed every tensor, in `dtype`, into a buffer of the adapter's own."""
-        if self.sites and next(iter(self.sites.values())).a.dtype != dtype:
-            raise AdapterError(
-                f"this LoRA was packed in {next(iter(self.sites.values())).a.dtype}, not {dtype}"
-            )
+        """Pack every site's a, b (scaled) and DoRA scale, in `dtype`, into one buffer of its own.
+
+        One allocation for the whole adapter; every site's tensors become views into it.
+        """
+        sites = self.sites.values()
+        total = sum(
+            s.a.numel() + s.b.numel() + (0 if s.dora_scale is None else s.dora_scale.numel()) for s in sites
+        )
+        buffer = torch.empty(total, dtype=dtype)
+        offset = 0
+        for site in sites:
+            (rank, in_features), out_features = site.a.shape, site.b.shape[1]
+            a = buffer.as_strided((rank, in_features), (in_features, 1), offset)
+            b = buffer.as_strided((rank, out_features), (out_features, 1), offset + rank * in_features)
+            offset += rank * (in_features + out_features)
+            a.copy_(site.a)
+            # computed in float32 whatever the file's dtype, rounded once into `dtype`
+            torch.mul(site.b if site.b.dtype == torch.float32 else site.b.float(), site.b_scale, out=b)
+            site.a, site.b, site.b_scale = a, b, 1.0
+            if site.dora_scale is not None:
+                dora = buffer.as_strided((out_features,), (1,), offset)
+                site.dora_scale = dora.copy_(site.dora_scale)
+                offset += out_features
 
 
 def _pattern_value(patterns: Any, field: str, module_path: str, default: Any) -> Any:
@@ -136,12 +155,12 @@ def parse(
     base_weight: BaseWeight,
     dtype: torch.dtype = torch.float32,
 ) -> LoraWeights:
-    """Check the adapter against the base and pack it, in `dtype`, into one buffer of its own.
+    """Check the adapter against the base; its a and b stay views of `tensors`.
 
-    `tensors` may be views of the file (`read_tensors`): each is read once, straight into
-    its place in the buffer, converted and (for B) transposed and scaled on the way. Every
-    site's a, b and DoRA scale are views into that buffer, which the slot tables then use as
-    they are.
+    `tensors` may be views of the file (`read_tensors`). Nothing is copied here: a slot reads
+    each tensor once, straight into its rows, converted and (for B) scaled on the way, and
+    `own` packs them into memory of the adapter's own for the CPU cache. Only DoRA's scale,
+    which needs the base weight, is computed here, in `dtype`.
     """
     _check_config(config)
     alpha = finite_number(config, "lora_alpha", 8.0)
@@ -159,7 +178,7 @@ def parse(
         parts.setdefault(site, {})[kind] = (name, tensor)
     if not parts:
         raise AdapterError("adapter_model.safetensors holds no LoRA weights", "adapter_model.safetensors")
-    checked = []  # (site, a, b, scale, magnitude or None, rank, in, out)
+    checked = []  # (site, a, b, scale, magnitude or None)
     for (layer, module), found in sorted(parts.items()):
         path = module_path(layer, module)
         if "lora_A.weight" not in found or "lora_B.weight" not in found:
@@ -187,27 +206,15 @@ def parse(
             expect_shape(m_name, magnitude, (out_features,))
         elif config.get("use_dora"):
             raise AdapterError(f"use_dora is set but {path} has no lora_magnitude_vector", path)
-        checked.append(((layer, module), a, b, scale, magnitude, rank, in_features, out_features))
-    total = sum(r * (i + o) + (0 if m is None else o) for *_, m, r, i, o in checked)
-    buffer = torch.empty(total, dtype=dtype)  # every site's a, b and DoRA scale, back to back
+        checked.append(((layer, module), a, b, scale, magnitude))
     weights = LoraWeights(peft_type="LORA", config=config)
-    offset = 0
-    for (layer, module), a, b, scale, magnitude, rank, in_features, out_features in checked:
-        site = LoraSite(
-            a=buffer.as_strided((rank, in_features), (in_features, 1), offset),
-            b=buffer.as_strided((rank, out_features), (out_features, 1), offset + rank * in_features),
-        )
-        offset += rank * (in_features + out_features)
-        site.a.copy_(a)
-        # (out, r) -> (r, out), scaled; computed in float32 whatever the file's dtype.
-        torch.mul(b.t() if b.dtype == torch.float32 else b.t().float(), scale, out=site.b)
+    for (layer, module), a, b, scale, magnitude in checked:
+        site = LoraSite(a=a, b=b.t(), b_scale=scale)  # views of the file: `own` or a slot copies them
         if magnitude is not None:
             base = base_weight(layer, module)  # on the base's device: compute there, keep the result here
             f32 = dict(device=base.device, dtype=torch.float32)
             exact = LoraSite(a=a.to(**f32), b=(b.to(**f32) * scale).t().contiguous())
-            site.dora_scale = buffer.as_strided((out_features,), (1,), offset)
-            site.dora_scale.copy_(dora_scale(base, exact, magnitude.to(**f32)))
-            offset += out_features
+            site.dora_scale = dora_scale(base, exact, magnitude.to(**f32)).to(device="cpu", dtype=dtype)
         weights.sites[(layer, module)] = site
     return weights
 
@@ -239,7 +246,7 @@ class Lora(Method):
     def install(self, slots: SlotTable, slot: int, weights: LoraWeights) -> None:
         dims = slots.shape.linear_dims()
         for site, w in weights.sites.items():
-            slots.set_lowrank(slot, Hook.LINEAR_DELTA, site, dims[site[1]], w.a, w.b)
+            slots.set_lowrank(slot, Hook.LINEAR_DELTA, site, dims[site[1]], w.a, w.b, b_scale=w.b_scale)
             if w.dora_scale is not None:
                 slots.set_scale(slot, Hook.OUTPUT_RESCALE, site, w.dora_scale)
 
@@ -249,7 +256,7 @@ class Lora(Method):
         lora = weights.sites.get(site)
         if lora is None:
             return weight, bias
-        weight = weight + lora.b.to(weight).t() @ lora.a.to(weight)  # b carries the scaling
+        weight = weight + (lora.b.to(weight) * lora.b_scale).t() @ lora.a.to(weight)
         if lora.dora_scale is not None:
             weight = lora.dora_scale.to(weight).unsqueeze(1) * weight  # DoRA rescales rows, not the bias
         return weight, bias

@@ -44,6 +44,8 @@ from typing import Any, Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from server.adapters import pack
+
 log = logging.getLogger(__name__)
 
 Activation = Literal["relu", "gelu", "silu", "tanh"] | None
@@ -236,8 +238,27 @@ class LowRankTable:
         b: torch.Tensor,
         a_bias: torch.Tensor | None = None,
         b_bias: torch.Tensor | None = None,
+        *,
+        b_scale: float = 1.0,
     ) -> None:
-        """Copy an adapter into `slot`: a (r, in), b (r, out), a_bias (r,), b_bias (out,)."""
+        """Copy an adapter into `slot`: a (r, in), b (r, out) times b_scale, a_bias (r,), b_bias (out,)."""
+        pack.copy_all(self.prepare(slot, a, b, a_bias, b_bias, b_scale=b_scale))
+
+    def prepare(
+        self,
+        slot: int,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        a_bias: torch.Tensor | None = None,
+        b_bias: torch.Tensor | None = None,
+        *,
+        b_scale: float = 1.0,
+    ) -> list[pack.Copy]:
+        """Check an adapter for `slot` and take its rows; the copies that fill them (`set` runs them).
+
+        Sources may be in any float dtype, on any device, with any strides (b a transposed view
+        of the file): the copies convert and move them, b scaled in float32 and rounded once.
+        """
         self._check_slot(slot)
         if a.dim() != 2 or a.shape[1] != self.in_features or a.shape[0] < 1:
             raise LowRankError(f"a must be (rank, {self.in_features}), got {tuple(a.shape)}")
@@ -254,24 +275,20 @@ class LowRankTable:
         if b_bias is not None and tuple(b_bias.shape) != (self.out_features,):
             raise LowRankError(f"b_bias must be ({self.out_features},), got {tuple(b_bias.shape)}")
         for name, t in (("a", a), ("b", b), ("a_bias", a_bias), ("b_bias", b_bias)):
-            if t is not None and (t.dtype != self.dtype or t.device != self.device):
-                raise LowRankError(
-                    f"{name} is {t.dtype} on {t.device}, the table holds {self.dtype} on {self.device}: "
-                    f"cast it with .to({self.dtype}, device='{self.device}') first"
-                )
+            if t is not None and not t.is_floating_point():
+                raise LowRankError(f"{name} is {t.dtype}; adapter weights are float tensors")
         i, stale = slot + 1, self._written[slot]
-        self.a[i, :rank].copy_(a)
-        self.b[i, :rank].copy_(b)
         if stale > rank:  # set twice without a clear: the larger adapter's rows must become padding
             self.a[i, rank:stale].zero_()
             self.b[i, rank:stale].zero_()
         if any(self._biased[slot]) or a_bias is not None or b_bias is not None:
             self.a_bias[i].zero_()
             self.b_bias[i].zero_()
+        copies = [pack.Copy(a, self.a, i), pack.Copy(b, self.b, i, b_scale)]
         if a_bias is not None:
-            self.a_bias[i, :rank].copy_(a_bias)
+            copies.append(pack.Copy(a_bias, self.a_bias, i))
         if b_bias is not None:
-            self.b_bias[i].copy_(b_bias)
+            copies.append(pack.Copy(b_bias, self.b_bias, i))
         self._ranks[slot], self._written[slot] = rank, max(rank, stale)
         self._biased[slot] = (a_bias is not None, b_bias is not None)
         self.has_bias = self.has_bias or a_bias is not None or b_bias is not None
@@ -287,19 +304,29 @@ class LowRankTable:
             row = stack.data_ptr() + i * stack.stride(0) * stack.element_size()
             self._words[4 + k * self.num_slots + slot] = row if present else 0
         self._words[4 + 4 * self.num_slots + slot] = rank
+        return copies
 
     def clear(self, slot: int) -> None:
-        """Empty `slot`: its rows then get no adapter, on every path."""
+        """Empty `slot`: its rows then get no adapter, on every path.
+
+        The rows keep their values until the slot's next occupant: no path reads the rows of a
+        slot no row uses, `prepare` zeroes what the next adapter leaves over, and `wipe` zeroes
+        them where the next occupant does not use this site. So an eviction costs no copy.
+        """
         self._check_slot(slot)
+        self._ranks[slot] = 0
+        for k in range(5):  # the four pointers, then the rank
+            self._words[4 + k * self.num_slots + slot] = 0
+
+    def wipe(self, slot: int) -> None:
+        """Zero an empty slot's old rows: the gather path reads every row of a slot in use."""
         i, written = slot + 1, self._written[slot]
-        self.a[i, :written].zero_()  # the gather path reads every row: a later occupant that
-        self.b[i, :written].zero_()  # skips this site must find zeros here
+        self.a[i, :written].zero_()
+        self.b[i, :written].zero_()
         if any(self._biased[slot]):
             self.a_bias[i].zero_()
             self.b_bias[i].zero_()
-        self._ranks[slot], self._written[slot], self._biased[slot] = 0, 0, (False, False)
-        for k in range(5):  # the four pointers, then the rank
-            self._words[4 + k * self.num_slots + slot] = 0
+        self._written[slot], self._biased[slot] = 0, (False, False)
 
     def get(self, slot: int) -> LowRankWeights | None:
         """Views of `slot`'s weights in the stacks, None when empty."""

@@ -63,7 +63,7 @@ class PrefixTuning(Method):
         return AdapterInfo("PREFIX_TUNING", virtual_tokens=positive_int(config, "num_virtual_tokens"))
 
     def install(self, slots: SlotTable, slot: int, weights: PrefixWeights) -> None:
-        slots.set_data(slot, Hook.KV_PREFIX, (slots.put(weights.keys), slots.put(weights.values)))
+        slots.set_data(slot, Hook.KV_PREFIX, (slots.keep(weights.keys), slots.keep(weights.values)))
 
 
 METHOD = PrefixTuning()

@@ -57,7 +57,7 @@ class PromptTuning(Method):
         return AdapterInfo(peft_type, virtual_tokens=positive_int(config, "num_virtual_tokens"))
 
     def install(self, slots: SlotTable, slot: int, weights: PromptWeights) -> None:
-        slots.set_data(slot, Hook.INPUT_EMBEDDINGS, slots.put(weights.embeddings))
+        slots.set_data(slot, Hook.INPUT_EMBEDDINGS, slots.keep(weights.embeddings))
 
 
 METHOD = PromptTuning()

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from server.adapters import lowrank
+from server.adapters import lowrank, pack
 from server.adapters.common import AdapterWeights
 from server.adapters.lowrank import LowRankTable
 from server.adapters.method import Hook, Method, Site
@@ -35,8 +35,11 @@ class ScaleTable:
         self.slots.add(slot)
 
     def clear(self, slot: int) -> None:
-        self.data[slot] = 1
+        """No row reads `slot` any more; its old values stay until `wipe` (see LowRankTable.clear)."""
         self.slots.discard(slot)
+
+    def wipe(self, slot: int) -> None:
+        self.data[slot] = 1
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """(N,) slot index with -1 mapped to num_slots -> (N, dim) scales."""
@@ -57,18 +60,29 @@ class SlotTable:
     data: list[dict[Hook, Any]] = field(init=False)
     """Per slot: what a hook needs beyond site tables (soft prompt, KV prefix, block options)."""
     _tables_of: list[list[LowRankTable | ScaleTable]] = field(init=False)
+    _stale: list[list[LowRankTable | ScaleTable]] = field(init=False)
+    """Per slot: tables holding a former occupant's values, until the next install wipes them."""
+    _pending: list[pack.Copy] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         lowrank.prepare_for(self.dtype, self.device)  # compile at start-up, not on the first LoRA step
+        pack.prepare_for(self.device)
         n = self.num_slots
         self.methods, self.data = [None] * n, [{} for _ in range(n)]
         self._tables_of = [[] for _ in range(n)]
+        self._stale = [[] for _ in range(n)]
 
     def put(self, x: torch.Tensor) -> torch.Tensor:
         """`x` in the table's dtype and on its device (parsed adapters usually already are: no call)."""
         if x.dtype == self.dtype and x.device == self.device:
             return x
         return x.to(dtype=self.dtype, device=self.device)
+
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` copied into memory of the table's own, in its dtype and on its device.
+
+        For slot data kept by reference: a parsed adapter may still view its file."""
+        return x.to(dtype=self.dtype, device=self.device, copy=True, memory_format=torch.contiguous_format)
 
     def set_lowrank(
         self,
@@ -80,13 +94,19 @@ class SlotTable:
         b: torch.Tensor,
         a_bias: torch.Tensor | None = None,
         b_bias: torch.Tensor | None = None,
+        *,
+        b_scale: float = 1.0,
     ) -> None:
-        """a (r, in), b (r, out) and optional biases of `slot` at a (in, out) site."""
+        """a (r, in), b (r, out) times b_scale and optional biases of `slot` at a (in, out) site."""
         table = self.lowrank.get((hook, site))
         if table is None:
             table = LowRankTable(self.num_slots, *dims, self.dtype, self.device, max_rank=self.max_rank)
             self.lowrank[(hook, site)] = table
-        table.set(slot, *(None if t is None else self.put(t) for t in (a, b, a_bias, b_bias)))
+        copies = table.prepare(slot, a, b, a_bias, b_bias, b_scale=b_scale)
+        if self._pending is None:
+            pack.copy_all(copies)
+        else:
+            self._pending += copies
         self._tables_of[slot].append(table)
 
     def set_scale(self, slot: int, hook: Hook, site: Site, vector: torch.Tensor) -> None:
@@ -112,12 +132,24 @@ class SlotTable:
                 f"slot {slot} holds a {self.methods[slot].name} adapter; clear it before installing"
             )
         method = method_of(weights)
-        method.install(self, slot, weights)
+        self._pending = []  # the low-rank copies of the whole adapter, run in one call
+        try:
+            method.install(self, slot, weights)
+            pack.copy_all(self._pending)
+        finally:
+            self._pending = None
+        written = {id(table) for table in self._tables_of[slot]}
+        for table in self._stale[slot]:
+            if id(table) not in written:  # what the former occupant had where this one has nothing
+                table.wipe(slot)
+        self._stale[slot] = []
         self.methods[slot] = method
 
     def clear(self, slot: int) -> None:
+        """Empty `slot` at once (no copy: its rows are wiped by the next install)."""
         for table in self._tables_of[slot]:
             table.clear(slot)
+        self._stale[slot] += self._tables_of[slot]
         self._tables_of[slot] = []
         self.methods[slot] = None
         self.data[slot] = {}

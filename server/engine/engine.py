@@ -184,7 +184,7 @@ class Engine:
             model.device,
             max_rank=self.adapter_settings.max_lora_rank,
         )
-        load = folder_loader(model, self.adapter_settings.max_lora_rank)
+        load = folder_loader(model, self.adapter_settings.max_lora_rank, own=False)
         self.tiers = AdapterTiers(
             self.slots,
             self.adapter_settings.cpu_adapter_memory,
@@ -462,7 +462,7 @@ class Engine:
             kv_cache_usage=self.blocks.used / self.blocks.capacity,
             slots=len(slots),
             slots_used=sum(s.ref is not None for s in slots),
-            cached_adapters=len(self.tiers.cpu),
+            cached_adapters=len(self.tiers.cached()),
             running_adapters=tuple(dict.fromkeys(resident.values())),
             waiting_adapters=tuple(dict.fromkeys(ref.name for ref in waiting)),
             taken_at=time.time(),
@@ -473,7 +473,7 @@ class Engine:
         """(name, version, tier) per adapter version held, for routers telling warm from cold."""
         device = {s.ref.key: s.ref for s in self.tiers.slots if s.ref is not None and s.ready}
         held = [(ref.name, ref.version, "device") for ref in device.values()]
-        for key in self.tiers.cpu:
+        for key in self.tiers.cached():
             if key not in device:
                 name, _, rest = key.partition("@")  # AdapterRef.key: name@version#digest
                 held.append((name, int(rest.partition("#")[0]), "cpu"))

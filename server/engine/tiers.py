@@ -1,15 +1,20 @@
 """Adapter memory tiers: disk store -> CPU cache (LRU, sized in bytes) -> device slots.
 
-The engine thread owns the slots; reading and parsing an adapter from disk happens on a
-background thread so running requests keep decoding while it loads. A slot is only ever
-given to a new adapter when no running sequence uses the old one (the scheduler decides
-which; this class carries the plan out).
+The engine thread decides which adapter goes into which slot (the scheduler's plan; this class
+carries it out) and evicts; everything else of a load happens on one background loader thread,
+so running requests keep decoding meanwhile: reading and checking the file, copying it straight
+into the slot's rows (from the file's mapping, no copy in between), and only then, once the
+engine has been told the slot is ready, packing a copy of its own for the CPU cache. An adapter
+already in the CPU cache is copied into the slot from there. While it loads, a slot is used by
+no sequence and never evicted (the scheduler's invariants), so the loader writes its rows while
+the engine runs forward passes over the other slots.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -56,7 +61,10 @@ class AdapterTiers:
         self.metrics = metrics
         self.slots = [SlotState() for _ in range(table.num_slots)]
         self.cpu: OrderedDict[str, AdapterWeights] = OrderedDict()
-        self._done: queue.SimpleQueue[tuple[int, AdapterRef, AdapterWeights | Exception, float]] = (
+        """Parsed adapters in memory of their own, least recently used first; guarded by _lock."""
+        self._lock = threading.Lock()
+        # (slot, adapter, error or None, "disk" or "cpu", seconds) per finished load
+        self._done: queue.SimpleQueue[tuple[int, AdapterRef, Exception | None, str, float]] = (
             queue.SimpleQueue()
         )
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peftserve-adapter-loader")
@@ -78,84 +86,83 @@ class AdapterTiers:
         state = self.slots[slot]
         if state.users:
             raise RuntimeError(f"slot {slot}: evicting {state.ref.key if state.ref else None} while in use")
-        if state.ref is not None:
+        if state.ready and state.ref is not None:
             log.info("evicting %s from slot %d", state.ref.key, slot)
-            self.table.clear(slot)
             self.metrics.adapter_evictions.inc()
+        if state.ref is not None and not state.ready:
+            raise RuntimeError(f"slot {slot}: evicting {state.ref.key} while it loads")
+        self.table.clear(slot)
         self.slots[slot] = SlotState(ref=ref)
-        cached = self.cpu.get(ref.key)
-        if cached is not None:
-            self.cpu.move_to_end(ref.key)
-            try:
-                self._install(slot, ref, cached, source="cpu", read_seconds=0.0)
-            except Exception:
-                self._free(slot)  # the slot stays usable; the caller ends the requests
-                raise
-        else:
-            self._loader.submit(self._read, slot, ref)
+        self._loader.submit(self._bring, slot, ref)
 
-    def _read(self, slot: int, ref: AdapterRef) -> None:
+    def _bring(self, slot: int, ref: AdapterRef) -> None:
+        """On the loader thread: fill `slot` with `ref`, tell the engine, then cache a copy."""
         started = time.perf_counter()
+        with self._lock:
+            cached = self.cpu.get(ref.key)
+            if cached is not None:
+                self.cpu.move_to_end(ref.key)
+        result: Exception | None = None
         try:
-            result: AdapterWeights | Exception = self._load(ref)
-        except Exception as exc:  # reported to the requests waiting for it
+            weights = cached if cached is not None else self._load(ref)
+            self.table.install(slot, weights)
+        except Exception as exc:  # reported to the requests waiting for it; the slot is free again
+            self.table.clear(slot)
             result = exc
-        self._done.put((slot, ref, result, time.perf_counter() - started))
+        source = "cpu" if cached is not None else "disk"
+        self._done.put((slot, ref, result, source, time.perf_counter() - started))
         self._wake()
+        if result is None and cached is None:
+            try:
+                weights.own(self.table.dtype)
+            except Exception:  # the slot is fine; only the CPU cache goes without it
+                log.exception("adapter %s could not be copied into the CPU cache", ref.key)
+                return
+            self._remember(ref.key, weights)
 
     def poll(self) -> list[LoadFailure]:
-        """Install the loads that finished; the ones that failed."""
+        """Mark the slots whose loads finished ready; the loads that failed."""
         failures = []
         while True:
             try:
-                slot, ref, result, seconds = self._done.get_nowait()
+                slot, ref, error, source, seconds = self._done.get_nowait()
             except queue.Empty:
                 return failures
             if self.slots[slot].ref != ref:
-                continue  # the slot was given to another adapter meanwhile
-            if isinstance(result, Exception):
-                log.error("adapter %s failed to load: %s", ref.key, result)
+                raise RuntimeError(f"slot {slot} was given to another adapter while {ref.key} loaded")
+            if error is not None:
+                log.error("adapter %s failed to load: %s", ref.key, error)
                 self.slots[slot] = SlotState()
-                failures.append(LoadFailure(ref, result))
+                failures.append(LoadFailure(ref, error))
                 continue
-            try:
-                self._install(slot, ref, result, source="disk", read_seconds=seconds)
-            except Exception as exc:
-                log.exception("adapter %s failed to install", ref.key)
-                self._free(slot)
-                failures.append(LoadFailure(ref, exc))
-                continue
-            self._remember(ref.key, result)
+            self.slots[slot].ready = True
+            self.metrics.adapter_loads.labels(source=source).inc()
+            self.metrics.adapter_load_time.observe(seconds)
+            log.info("loaded %s into slot %d from %s in %.3f s", ref.key, slot, source, seconds)
 
-    def _free(self, slot: int) -> None:
-        """Undo a failed install: whatever it wrote goes, the slot is free again."""
-        self.table.clear(slot)
-        self.slots[slot] = SlotState()
+    def cached(self) -> list[str]:
+        """Keys of the adapter versions in the CPU cache, least recently used first."""
+        with self._lock:
+            return list(self.cpu)
+
+    def settle(self) -> None:
+        """Wait until the loader thread has done everything asked of it so far."""
+        self._loader.submit(lambda: None).result()
 
     def _remember(self, key: str, weights: AdapterWeights) -> None:
         """Keep a parsed adapter within the byte budget; one larger than all of it is not kept."""
         size = weights.nbytes
-        if key in self.cpu:
-            self.cpu.move_to_end(key)
-            return
         if size > self.max_cpu_bytes:
             return
-        self.cpu[key] = weights
-        self.cpu_bytes += size
-        while self.cpu_bytes > self.max_cpu_bytes:
-            _, oldest = self.cpu.popitem(last=False)
-            self.cpu_bytes -= oldest.nbytes
-
-    def _install(
-        self, slot: int, ref: AdapterRef, weights: AdapterWeights, source: str, read_seconds: float
-    ) -> None:
-        started = time.perf_counter()
-        self.table.install(slot, weights)
-        self.slots[slot].ready = True
-        seconds = read_seconds + time.perf_counter() - started
-        self.metrics.adapter_loads.labels(source=source).inc()
-        self.metrics.adapter_load_time.observe(seconds)
-        log.info("loaded %s into slot %d from %s in %.3f s", ref.key, slot, source, seconds)
+        with self._lock:
+            if key in self.cpu:
+                self.cpu.move_to_end(key)
+                return
+            self.cpu[key] = weights
+            self.cpu_bytes += size
+            while self.cpu_bytes > self.max_cpu_bytes:
+                _, oldest = self.cpu.popitem(last=False)
+                self.cpu_bytes -= oldest.nbytes
 
     def acquire(self, slot: int) -> None:
         self.slots[slot].users += 1

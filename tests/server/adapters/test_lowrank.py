@@ -189,9 +189,10 @@ def test_float16_uses_the_torch_path():
     check(make_table(48, 40, [4, 2], torch.float16, biases=True), [0, 1, -1, 0], act="gelu")
 
 
-def test_cleared_slot_is_no_adapter():
+def test_cleared_and_wiped_slot_is_no_adapter():
     table = make_table(32, 32, [4, 4], torch.float32)
     table.clear(1)
+    table.wipe(1)
     assert table.rank(1) == 0 and table.get(1) is None
     check(table, [0, 1, 1, 0])
 
@@ -251,8 +252,8 @@ def test_table_rejects_bad_tensors():
         table.set(0, torch.zeros(4, 7), torch.zeros(4, 6))
     with pytest.raises(LowRankError, match="transposed"):
         table.set(0, torch.zeros(4, 8), torch.zeros(6, 4))
-    with pytest.raises(LowRankError, match="bfloat16"):
-        table.set(0, torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(4, 6, dtype=torch.bfloat16))
+    with pytest.raises(LowRankError, match="float tensors"):
+        table.set(0, torch.zeros(4, 8, dtype=torch.int32), torch.zeros(4, 6))
     with pytest.raises(LowRankError, match="a_bias"):
         table.set(0, torch.zeros(4, 8), torch.zeros(4, 6), a_bias=torch.zeros(3))
     with pytest.raises(LowRankError, match="outside"):
@@ -305,9 +306,18 @@ def test_a_slot_reused_with_a_smaller_rank_or_cleared_keeps_no_old_weights(use_n
     assert table.rank(0) == 2 and table.get(0).a_bias is None
     assert not table.a[1, 2:].any() and not table.b[1, 2:].any() and not table.b_bias[1].any()
     check(table, [0, 1, -1, 0], use_native=use_native)
-    table.clear(1)
+    table.clear(1)  # at once, no copy: the old rows stay until the slot's next occupant
+    assert table.rank(1) == 0 and table.get(1) is None and table.a[2].any()
+    table.wipe(1)  # what the next install does where its adapter has nothing
     assert not table.a[2].any() and not table.b[2].any() and not table.b_bias[2].any()
     check(table, [1, 0, 1], use_native=use_native)
+
+
+def test_weights_of_another_dtype_are_converted_on_the_way_in():
+    table = LowRankTable(1, 8, 6, torch.float32, max_rank=4)
+    a, b = torch.randn(4, 8).to(torch.bfloat16), torch.randn(4, 6).to(torch.bfloat16)
+    table.set(0, a, b, b_scale=0.5)
+    assert torch.equal(table.a[1], a.float()) and torch.equal(table.b[1], b.float() * 0.5)
 
 
 def test_rank_above_the_tables_max_rank_is_refused():
