@@ -39,6 +39,9 @@ def load_adapter(
     dtype: torch.dtype,
     base_weight: BaseWeight,
     read: Reader = read_tensors,
+    base_tensor: Callable[[str], torch.Tensor] | None = None,
+    tied_embeddings: bool = False,
+    max_copy_bytes: int = 0,
 ) -> AdapterWeights:
     """Parse and validate an adapter folder against the base model; raises AdapterError.
 
@@ -47,16 +50,21 @@ def load_adapter(
     config = read_config(folder)
     method = method_for(config)
     tensors = read(folder, method.weights_file(config))
-    weights = method.parse(config, tensors, ParseContext(shape, max_rank, dtype, base_weight))
+    ctx = ParseContext(shape, max_rank, dtype, base_weight, base_tensor, tied_embeddings, max_copy_bytes)
+    weights = method.parse(config, tensors, ctx)
     weights.own(dtype)
     return weights
 
 
 def folder_loader(
-    model: LoadedModel, max_rank: int, read: Reader = read_tensors
+    model: LoadedModel, max_rank: int, read: Reader = read_tensors, *, max_copy_bytes: int = 0
 ) -> Callable[[Path], AdapterWeights]:
-    """Load (and so validate) adapter folders against this base model, in its dtype."""
+    """Load (and so validate) adapter folders against this base model, in its dtype.
+
+    max_copy_bytes: --max-module-copy-bytes (0 refuses whole copies of embed_tokens or lm_head).
+    """
     hf = model.hf
+    tied = hf.get_output_embeddings().weight is hf.get_input_embeddings().weight
 
     def load(folder: Path) -> AdapterWeights:
         return load_adapter(
@@ -66,6 +74,9 @@ def folder_loader(
             dtype=model.dtype,
             base_weight=lambda layer, name: dense_weight(linear_module(hf, layer, name)),
             read=read,
+            base_tensor=lambda name: hf.get_parameter(name).detach().float(),
+            tied_embeddings=tied,
+            max_copy_bytes=max_copy_bytes,
         )
 
     return load
