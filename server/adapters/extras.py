@@ -205,8 +205,13 @@ def parse_extras(
             site = (layer, module)
             expect_shape(name, tensor, (dims[module][1],))
             base = _base_or_none(ctx, linear_param(site))
-            value = tensor.float() if base is None else tensor.float() - base.to(tensor.device)
-            extras.biases[site] = _owned(value, ctx.dtype)
+            if base is None:
+                raise AdapterError(
+                    f"tensor {name} is a trained bias, but the base's {linear_param(site)} does not exist; "
+                    "was this adapter trained for another base model?",
+                    name,
+                )
+            extras.biases[site] = _owned(tensor.float() - base.to(tensor.device), ctx.dtype)
         elif norm is not None:
             site = _norm_site(name, norm, shape.num_layers)
             expect_shape(name, tensor, (shape.hidden_size,))
