@@ -153,7 +153,12 @@ class BatchContext:
         """The context of each sequence's last token, when every sequence holds `tokens` tokens in a row."""
         if tokens == 1 or not self.active:
             return self
-        return BatchContext(self.slots, self.slot_of[::tokens])
+        slots = self.slots
+        head = any(site[0] == MODEL_LEVEL for _, site in (*slots.lowrank, *slots.scales)) or any(
+            slots.slot_data(s, Hook.LOGITS) is not None for s in self.used
+        )
+        # the final norm and lm_head read no adapter here: skip building the per-row groups
+        return BatchContext(slots, self.slot_of[::tokens]) if head else BatchContext()
 
     def logits(self, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
         """(B, hidden) normed last hidden states -> (B, vocab): lm_head with each row's adapter."""

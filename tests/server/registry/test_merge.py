@@ -19,7 +19,7 @@ from server.cli import main
 from server.config import AdapterSettings, EngineSettings, Settings
 from server.engine.engine import Engine
 from server.engine.sampler import SamplingParams
-from server.registry.merge import MergeError, export_merged
+from server.registry.merge import MergeError, export_merged, fold_into
 from server.registry.store import Store
 from tests.adapter_factory import (
     COPY_BYTES,
@@ -114,6 +114,28 @@ def test_merged_extras_equal_the_served_adapter(
     served = served_tokens(model, tmp_path / "store", kind, prompt)
     assert served != reference_greedy(model.hf, prompt, TOKENS), "the adapter should change the output"
     assert merged_tokens(out, prompt) == served
+
+
+@pytest.mark.parametrize(
+    "base, kind",
+    [
+        ("tiny", "bitfit"),
+        ("tiny", "modules_to_save"),
+        ("biased-tied", "lora_embed_head"),
+        ("biased-tied", "ln_tuning"),
+    ],
+)
+def test_extras_folded_in_place_equal_the_served_adapter(
+    base, kind, tiny_model, tiny_model_dir, biased_tied_model, tmp_path
+):
+    """`serve --merge-adapter`: biases the base lacks become parameters, a tied lm_head is untied."""
+    model, base_dir = (tiny_model, tiny_model_dir) if base == "tiny" else biased_tied_model
+    folder = make_kind(base_dir, model.shape, kind, tmp_path / "store" / kind, seed=11)
+    prompt = model.tokenizer("Hello there, the cat sat on").input_ids
+    served = served_tokens(model, tmp_path / "store", kind, prompt)
+    own = load_base_model(tiny_settings(base_dir).model)
+    fold_into(own, folder_loader(own, 64, max_copy_bytes=COPY_BYTES)(folder))
+    assert reference_greedy(own.hf, prompt, TOKENS) == served
 
 
 @pytest.mark.parametrize("kind, reason", [("prompt", "virtual tokens"), ("prefix", "attention cache")])
