@@ -119,7 +119,9 @@ def _merge(args: argparse.Namespace) -> int:
     )
     model = load_base_model(settings.model)
     try:
-        weights = folder_loader(model, settings.adapters.max_lora_rank)(args.adapter_path)
+        adapters = settings.adapters
+        load = folder_loader(model, adapters.max_lora_rank, max_copy_bytes=adapters.max_module_copy_bytes)
+        weights = load(args.adapter_path)
         export_merged(model, weights, args.out)
     except AdapterError as exc:
         print(f"peftserve merge: {args.adapter_path}: {exc}", file=sys.stderr)

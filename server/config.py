@@ -104,6 +104,9 @@ class AdapterSettings(_Section):
     max_lora_rank: int = Field(default=64, ge=1)
     """Highest LoRA rank accepted; higher ones are refused at load."""
 
+    max_module_copy_bytes: ByteSize = Field(default=0, ge=0)
+    """Largest copy of embed_tokens or lm_head (modules_to_save) one adapter may hold, e.g. 200MB; 0: none."""
+
     max_adapter_bytes: int = Field(default=1024**3, ge=1024)
     """Largest adapter upload (files, or an archive's contents) in bytes; larger ones answer 413."""
 

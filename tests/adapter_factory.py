@@ -8,16 +8,19 @@ from pathlib import Path
 import torch
 from peft import (
     IA3Config,
+    LNTuningConfig,
     LoraConfig,
     PeftModel,
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
+    TrainableTokensConfig,
     get_peft_model,
 )
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from peftserve_formats import bitfit
 from server.adapters.bottleneck import BottleneckReference, parse
 from server.base_model import ModelShape
 from tests.helpers import reference_greedy
@@ -47,6 +50,73 @@ PEFT_KINDS = {
 }
 
 
+TOKEN_TEXT = "Hello there The cat sat on the 1 2 3 Once upon a time"
+"""Trainable-token kinds train the ids of these words (the suites' prompts use them)."""
+
+EXTRA_KINDS = {
+    "lora_embed_head": lambda tokens: LoraConfig(
+        r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"], init_lora_weights=False
+    ),
+    "lora_bias": lambda tokens: LoraConfig(
+        r=4, lora_alpha=8, target_modules=["k_proj", "down_proj"], lora_bias=True, init_lora_weights=False
+    ),
+    "lora_tokens": lambda tokens: LoraConfig(
+        r=4, lora_alpha=8, target_modules=["v_proj"], trainable_token_indices=tokens, init_lora_weights=False
+    ),
+    "trainable_tokens": lambda tokens: TrainableTokensConfig(token_indices=tokens, init_weights=False),
+    "ln_tuning": lambda tokens: LNTuningConfig(),
+    "modules_to_save": lambda tokens: LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["o_proj"],
+        modules_to_save=["norm", "lm_head", "embed_tokens"],
+        init_lora_weights=False,
+    ),
+}
+"""The kinds of LoRA's extras, LN tuning and trainable tokens; modules_to_save needs
+--max-module-copy-bytes of at least COPY_BYTES."""
+BIAS_KINDS = {
+    "lora_bias_all": lambda tokens: LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], bias="all", init_lora_weights=False
+    ),
+    "lora_bias_lora_only": lambda tokens: LoraConfig(
+        r=4, lora_alpha=8, target_modules=["v_proj", "o_proj"], bias="lora_only", init_lora_weights=False
+    ),
+}
+"""LoRA kinds that train the base's biases: for a base with biases (make_biased_tied_model)."""
+COPY_BYTES = 256 * 1024**2
+"""Above the default model's embedding matrix in float32 (49152 x 576 x 4 bytes)."""
+
+
+def make_biased_tied_model(out: Path, tokenizer_dir: Path) -> Path:
+    """The tiny model's shape with random biases on every linear and lm_head tied to the embeddings."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.copy_(torch.randn(param.shape) * 0.02)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def load_base(base_dir: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
 
@@ -61,14 +131,29 @@ def _randomize(peft_model: PeftModel, kind: str, seed: int) -> None:
             noise = torch.randn(param.shape, generator=generator)
             if "magnitude" in name:
                 param.mul_(1 + 0.3 * noise)  # DoRA: move m away from ||W + sBA|| so the rescale matters
-            elif kind == "ia3":
+            elif kind == "ia3" or "norm" in name:  # scales and norm weights: around one
                 param.copy_(1 + 0.5 * noise)
+            elif name.endswith("bias"):
+                param.copy_(0.05 * noise)
+            elif "trainable_tokens" in name:  # embedding rows: at the base embeddings' scale
+                param.copy_(noise * 0.03)
+            elif "lm_head" in name or "embedding" in name:  # small: a large delta on logits drowns the prompt
+                param.copy_(noise * 0.1 * param.std().clamp(min=0.05))
             else:
                 param.copy_(noise * param.std().clamp(min=0.05))
 
 
+def trained_tokens(base_dir: Path) -> list[int]:
+    """The ids trainable-token kinds train: the distinct tokens of TOKEN_TEXT."""
+    ids = AutoTokenizer.from_pretrained(base_dir)(TOKEN_TEXT).input_ids
+    return sorted(set(ids))
+
+
 def make_peft_adapter(base_dir: Path, kind: str, out: Path, seed: int = 0) -> Path:
-    config = PEFT_KINDS[kind]()
+    if kind in PEFT_KINDS:
+        config = PEFT_KINDS[kind]()
+    else:
+        config = {**EXTRA_KINDS, **BIAS_KINDS}[kind](trained_tokens(base_dir))
     config.task_type = "CAUSAL_LM"
     torch.manual_seed(seed)
     model = get_peft_model(load_base(base_dir), config)
@@ -114,6 +199,35 @@ def make_bottleneck_adapter(
     return out
 
 
+def make_bitfit_adapter(
+    shape: ModelShape, out: Path, seed: int = 0, targets: tuple[str, ...] = ("q_proj", "o_proj", "down_proj")
+) -> Path:
+    """A BitFit adapter in our format with random biases (added on a base without them)."""
+    generator = torch.Generator().manual_seed(seed)
+    dims = shape.linear_dims()
+    tensors = {
+        bitfit.tensor_name(layer, module): torch.randn(dims[module][1], generator=generator) * 0.05
+        for layer in range(shape.num_layers)
+        for module in targets
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapter_config.json").write_text(json.dumps(bitfit.to_config(targets)))
+    save_file(tensors, out / "adapter_model.safetensors")
+    return out
+
+
+def apply_bitfit(model: torch.nn.Module, adapter_dir: Path) -> None:
+    """Our plain BitFit reference: set (or add) each saved bias on the HF model's linear."""
+    from safetensors.torch import load_file
+
+    for name, value in load_file(adapter_dir / "adapter_model.safetensors").items():
+        match = bitfit.TENSOR.match(name)
+        layer, module = model.model.layers[int(match.group(1))], match.group(2)
+        block = layer.mlp if module in ("gate_proj", "up_proj", "down_proj") else layer.self_attn
+        linear = getattr(block, module)
+        linear.bias = torch.nn.Parameter(value.clone())
+
+
 def reference_tokens(
     base_dir: Path, adapter_dir: Path, prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bool = True
 ) -> list[int]:
@@ -121,6 +235,9 @@ def reference_tokens(
     PEFT for PEFT kinds, our reference module for bottleneck ones."""
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     base = load_base(base_dir)
+    if config["peft_type"] == bitfit.PEFT_TYPE:
+        apply_bitfit(base, adapter_dir)
+        return reference_greedy(base, prompt_ids, max_new_tokens, stop_at_eos)
     if config["peft_type"] == "BOTTLENECK":
         from safetensors.torch import load_file
 

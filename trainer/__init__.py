@@ -1,4 +1,4 @@
-"""peftserve-train: make PEFT adapters (and our bottleneck adapters) from a JSONL file.
+"""peftserve-train: make PEFT adapters (and our bottleneck and BitFit adapters) from a JSONL file.
 
 This package never imports `server`: it writes the on-disk adapter format
 (docs/adapter-format.md) and talks to a running server only over HTTP.

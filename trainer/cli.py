@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one flag per TrainConfig field, grouped for --help."""
     parser = argparse.ArgumentParser(
         prog="peftserve-train",
-        description="Train a LoRA, QLoRA, DoRA, IA3, prompt, P-tuning, prefix or bottleneck adapter "
-        "from a JSONL file and write it in peftserve's on-disk adapter format.",
+        description="Train a LoRA, QLoRA, DoRA, IA3, prompt, P-tuning, prefix, bottleneck, BitFit or "
+        "LN-tuning adapter from a JSONL file and write it in peftserve's on-disk adapter format.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -7,7 +7,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from trainer.errors import UsageError
 
-Method = Literal["lora", "qlora", "dora", "ia3", "prompt", "ptuning", "prefix", "bottleneck"]
+Method = Literal[
+    "lora", "qlora", "dora", "ia3", "prompt", "ptuning", "prefix", "bottleneck", "bitfit", "ln-tuning"
+]
 METHODS: tuple[str, ...] = Method.__args__
 
 LORA_METHODS = frozenset({"lora", "qlora", "dora"})
@@ -24,6 +26,8 @@ DEFAULT_LR: dict[str, float] = {
     "ptuning": 3e-3,
     "prefix": 3e-2,
     "bottleneck": 1e-3,
+    "bitfit": 1e-2,  # not yet checked on the default model
+    "ln-tuning": 1e-2,  # not yet checked on the default model
 }
 
 # Flags that only mean something for some methods; setting one for another method is a usage error.
@@ -31,7 +35,7 @@ METHOD_ONLY_FIELDS: dict[str, frozenset[str]] = {
     "r": LORA_METHODS,
     "alpha": LORA_METHODS,
     "dropout": LORA_METHODS,
-    "target_modules": LORA_METHODS | {"ia3"},
+    "target_modules": LORA_METHODS | {"ia3", "bitfit", "ln-tuning"},
     "feedforward_modules": frozenset({"ia3"}),
     "num_virtual_tokens": PROMPT_METHODS,
     "encoder_hidden_size": frozenset({"ptuning"}),
@@ -94,8 +98,8 @@ class TrainConfig(BaseModel):
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA/QLoRA/DoRA dropout on the adapter input")
     target_modules: list[str] | None = Field(
         None,
-        description="comma-separated module names to adapt "
-        "(default: all linear layers for LoRA kinds, PEFT's choice for IA3)",
+        description="comma-separated module names to adapt; LoRA kinds may name embed_tokens and lm_head "
+        "(default: all linear layers for LoRA kinds and BitFit, PEFT's choice for IA3 and LN tuning)",
     )
     feedforward_modules: list[str] | None = Field(
         None, description="IA3: comma-separated target modules whose input (not output) is scaled"

@@ -1,6 +1,7 @@
 """Put a trainable adapter of the chosen method on a base model, and save it in the on-disk format.
 
-PEFT does the work for every kind it has; bottleneck adapters are ours (trainer.bottleneck).
+PEFT does the work for every kind it has; bottleneck and BitFit adapters are ours
+(trainer.bottleneck, trainer.bitfit).
 """
 
 from abc import ABC, abstractmethod
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 from peft import (
     IA3Config,
+    LNTuningConfig,
     LoraConfig,
     PeftConfig,
     PeftModel,
@@ -22,6 +24,8 @@ from peft import (
 from torch import nn
 from transformers import PreTrainedModel
 
+from peftserve_formats import bitfit as bitfit_format
+from trainer.bitfit import apply_bitfit, save_bitfit
 from trainer.bottleneck import Bottleneck, BottleneckConfig, apply_bottleneck, save_bottleneck
 from trainer.config import LORA_METHODS, TrainConfig
 from trainer.errors import UsageError
@@ -87,6 +91,19 @@ class BottleneckAdapter(Adapter):
         save_bottleneck(folder, self.config, self.adapters)
 
 
+class BitFitAdapter(Adapter):
+    """Our BitFit adapters (linear biases only); saved in docs/adapter-format.md's format."""
+
+    def __init__(self, model: nn.Module, targets: tuple[str, ...], base_name: str) -> None:
+        super().__init__(model)
+        self.targets = targets
+        self.base_name = base_name
+        self.biases = apply_bitfit(model, targets)
+
+    def save(self, folder: Path) -> None:
+        save_bitfit(folder, self.targets, self.biases, self.base_name)
+
+
 def peft_config(cfg: TrainConfig) -> PeftConfig:
     """The PEFT config for cfg.method, with cfg's hyperparameters."""
     common = {"task_type": "CAUSAL_LM"}
@@ -116,6 +133,8 @@ def peft_config(cfg: TrainConfig) -> PeftConfig:
         )
     if cfg.method == "prefix":
         return PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, **common)
+    if cfg.method == "ln-tuning":
+        return LNTuningConfig(target_modules=cfg.target_modules, **common)
     raise UsageError(f"--method {cfg.method} is not a PEFT method")
 
 
@@ -136,6 +155,13 @@ def attach_adapter(model: PreTrainedModel, cfg: TrainConfig, base_name: str) -> 
             non_linearity=cfg.non_linearity,
         )
         return BottleneckAdapter(model, config, apply_bottleneck(model, config))
+    if cfg.method == "bitfit":
+        targets = tuple(cfg.target_modules or bitfit_format.LINEARS)
+        try:
+            bitfit_format.check_config({"target_modules": list(targets)})
+        except bitfit_format.FormatError as exc:
+            raise UsageError(f"--target-modules: {exc}") from exc
+        return BitFitAdapter(model, targets, base_name)
     try:
         peft_model = get_peft_model(model, peft_config(cfg))
     except ValueError as exc:  # PEFT's message for e.g. target modules that the model does not have

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from server.adapters.lowrank import RowGroups, low_rank_apply
-from server.adapters.method import Hook
+from server.adapters.method import MODEL_LEVEL, EmbeddingEdit, HeadEdit, Hook
 from server.adapters.slots import ScaleTable, SlotTable
 
 
@@ -28,6 +28,8 @@ class BatchContext:
         """
         self.slots = slots
         slot_of = token_slots.tolist() if isinstance(token_slots, torch.Tensor) else list(token_slots or [])
+        self.slot_of = slot_of
+        self._rows: dict[int, torch.Tensor] = {}  # slot -> (n,) its tokens' indices, built on first use
         used = set(slot_of) - {-1}
         self.active = bool(used)
         if not self.active:
@@ -81,6 +83,9 @@ class BatchContext:
         if rescale is not None:
             # g * y + (1 - g) * bias: the weight is rescaled, the bias is not.
             y = y * rescale if module.bias is None else y * rescale + module.bias * (1 - rescale)
+        added_bias = self._scales(Hook.OUTPUT_BIAS, site)
+        if added_bias is not None:  # after the rescale: DoRA leaves biases alone
+            y = y + added_bias
         out_scale = self._scales(Hook.OUTPUT_SCALE, site)
         if out_scale is not None:
             y = y * out_scale
@@ -97,3 +102,80 @@ class BatchContext:
         for act, groups in self.block_groups.items():
             low_rank_apply(x, out, table, groups, act=act)
         return out
+
+    def _slot_rows(self, hook: Hook) -> list[tuple[object, torch.Tensor]]:
+        """(what the slot placed for `hook`, (n,) indices of its tokens) for every slot here that placed some.
+
+        For the per-slot hooks that replace or gather whole rows (embeddings, lm_head): a step
+        holds few slots, and these run once per step, not once per layer.
+        """
+        if not self.active:
+            return []
+        found = []
+        for slot in sorted(self.used):
+            data = self.slots.slot_data(slot, hook)
+            if data is None:
+                continue
+            if slot not in self._rows:
+                rows = [i for i, s in enumerate(self.slot_of) if s == slot]
+                self._rows[slot] = torch.tensor(rows, dtype=torch.int64).to(self.slots.device)
+            found.append((data, self._rows[slot]))
+        return found
+
+    def embed(self, module: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, hidden): the base's embeddings with each token's adapter edits
+        (whole copy, then replaced rows, then low-rank delta)."""
+        embeds = module(ids)
+        flat, flat_ids = embeds.view(-1, embeds.shape[-1]), ids.reshape(-1)  # (N, hidden), (N,)
+        edit: EmbeddingEdit
+        for edit, rows in self._slot_rows(Hook.EMBEDDING):
+            tokens = flat_ids[rows]  # (n,)
+            if edit.copy is not None:
+                flat[rows] = edit.copy[tokens]
+            if edit.rows is not None:
+                index, values = edit.rows  # (k,), (k, hidden)
+                match = tokens.unsqueeze(1) == index.unsqueeze(0)  # (n, k)
+                hit = match.any(dim=1)
+                flat[rows[hit]] = values[match[hit].int().argmax(dim=1)]
+            if edit.lora is not None:
+                a, b = edit.lora  # (vocab, r), (r, hidden)
+                flat[rows] += a[tokens] @ b
+        return embeds
+
+    def norm(self, layer: int, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) -> (N, hidden): an RMS norm whose weight is each token's adapter's, or the base's."""
+        weight = self._scales(Hook.NORM_WEIGHT, (layer, name)) if self.active else None
+        if weight is None:
+            return module(x)
+        return weight * rms_normalize(module, x)
+
+    def last_tokens(self, tokens: int) -> BatchContext:
+        """The context of each sequence's last token, when every sequence holds `tokens` tokens in a row."""
+        if tokens == 1 or not self.active:
+            return self
+        slots = self.slots
+        head = any(site[0] == MODEL_LEVEL for _, site in (*slots.lowrank, *slots.scales)) or any(
+            slots.slot_data(s, Hook.LOGITS) is not None for s in self.used
+        )
+        # the final norm and lm_head read no adapter here: skip building the per-row groups
+        return BatchContext(slots, self.slot_of[::tokens]) if head else BatchContext()
+
+    def logits(self, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """(B, hidden) normed last hidden states -> (B, vocab): lm_head with each row's adapter."""
+        y = self.linear(MODEL_LEVEL, "lm_head", module, h)
+        edit: HeadEdit
+        for edit, rows in self._slot_rows(Hook.LOGITS):
+            x = h[rows]  # (n, hidden)
+            if edit.copy is not None:
+                y[rows] = x @ edit.copy.t()
+            if edit.rows is not None:
+                index, values = edit.rows  # (k,), (k, hidden)
+                y[rows.unsqueeze(1), index.unsqueeze(0)] = x @ values.t()  # (n, k)
+        return y
+
+
+def rms_normalize(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """HF's Llama RMS norm without its weight: the same float32 steps, so w * this equals module(x)."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+    return h.to(x.dtype)

@@ -40,6 +40,9 @@ def load_adapter(
     base_weight: BaseWeight,
     read: Reader = read_tensors,
     own: bool = True,
+    base_tensor: Callable[[str], torch.Tensor] | None = None,
+    tied_embeddings: bool = False,
+    max_copy_bytes: int = 0,
 ) -> AdapterWeights:
     """Parse and validate an adapter folder against the base model; raises AdapterError.
 
@@ -50,17 +53,27 @@ def load_adapter(
     config = read_config(folder)
     method = method_for(config)
     tensors = read(folder, method.weights_file(config))
-    weights = method.parse(config, tensors, ParseContext(shape, max_rank, dtype, base_weight))
+    ctx = ParseContext(shape, max_rank, dtype, base_weight, base_tensor, tied_embeddings, max_copy_bytes)
+    weights = method.parse(config, tensors, ctx)
     if own:
         weights.own(dtype)
     return weights
 
 
 def folder_loader(
-    model: LoadedModel, max_rank: int, read: Reader = read_tensors, own: bool = True
+    model: LoadedModel,
+    max_rank: int,
+    read: Reader = read_tensors,
+    *,
+    own: bool = True,
+    max_copy_bytes: int = 0,
 ) -> Callable[[Path], AdapterWeights]:
-    """Load (and so validate) adapter folders against this base model, in its dtype (see `load_adapter`)."""
+    """Load (and so validate) adapter folders against this base model, in its dtype (see `load_adapter`).
+
+    max_copy_bytes: --max-module-copy-bytes (0 refuses whole copies of embed_tokens or lm_head).
+    """
     hf = model.hf
+    tied = hf.get_output_embeddings().weight is hf.get_input_embeddings().weight
 
     def load(folder: Path) -> AdapterWeights:
         return load_adapter(
@@ -71,6 +84,9 @@ def folder_loader(
             base_weight=lambda layer, name: dense_weight(linear_module(hf, layer, name)),
             read=read,
             own=own,
+            base_tensor=lambda name: hf.get_parameter(name).detach().float(),
+            tied_embeddings=tied,
+            max_copy_bytes=max_copy_bytes,
         )
 
     return load

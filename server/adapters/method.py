@@ -24,7 +24,10 @@ if TYPE_CHECKING:
     from server.adapters.slots import SlotTable
 
 Site = tuple[int, str]
-"""(decoder layer, linear module name such as "q_proj", or block "attn" / "mlp")."""
+"""(decoder layer, linear module name such as "q_proj", block "attn" / "mlp", or norm such as
+"input_layernorm"); the layer is MODEL_LEVEL for "embed_tokens", "norm" and "lm_head"."""
+MODEL_LEVEL = -1
+"""The layer index of sites outside the decoder layers: (MODEL_LEVEL, "embed_tokens" / "norm" / "lm_head")."""
 BaseWeight = Callable[[int, str], torch.Tensor]
 """(layer, module name) -> the base linear's dense float32 weight (out, in), on the base's device."""
 
@@ -46,6 +49,36 @@ class Hook(Enum):
     """Per-channel scale of a linear's output, bias included: y * s."""
     BLOCK_OUTPUT = "block_output"
     """Low-rank non-linear delta on a block's output before the residual add."""
+    EMBEDDING = "embedding"
+    """Per-slot edit of the token embeddings (EmbeddingEdit): low-rank delta, replaced rows, whole copy."""
+    OUTPUT_BIAS = "output_bias"
+    """Per-channel bias added to a linear's output: y + b (trained or added biases)."""
+    NORM_WEIGHT = "norm_weight"
+    """Per-channel weight of an RMS norm, replacing the base's: w_slot * normalize(x)."""
+    LOGITS = "logits"
+    """Per-slot edit of lm_head (HeadEdit): replaced rows (tied trainable tokens) or a whole copy."""
+
+
+@dataclass(frozen=True)
+class EmbeddingEdit:
+    """What one slot changes in the token embeddings; every part optional, applied in this order."""
+
+    copy: torch.Tensor | None = None
+    """(vocab, hidden) the adapter's own embedding matrix (modules_to_save)."""
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(k,) int64 token ids and (k, hidden) their replacing embeddings (trainable tokens)."""
+    lora: tuple[torch.Tensor, torch.Tensor] | None = None
+    """a (vocab, r) and b (r, hidden), scaling folded into b: e += b[:] . a[token] (embedding LoRA)."""
+
+
+@dataclass(frozen=True)
+class HeadEdit:
+    """What one slot changes in lm_head besides a low-rank delta (which is LINEAR_DELTA at its site)."""
+
+    copy: torch.Tensor | None = None
+    """(vocab, hidden) the adapter's own lm_head (modules_to_save)."""
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(k,) int64 token ids and (k, hidden) their replacing rows (trainable tokens on tied embeddings)."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +89,12 @@ class ParseContext:
     max_rank: int
     dtype: torch.dtype
     base_weight: BaseWeight
+    base_tensor: Callable[[str], torch.Tensor] | None = None
+    """HF parameter name (e.g. "model.norm.weight") -> the base's float32 tensor; None where unknown."""
+    tied_embeddings: bool = False
+    """Whether the base's lm_head shares the embedding matrix (trainable tokens then change logits too)."""
+    max_copy_bytes: int = 0
+    """--max-module-copy-bytes: the largest whole-matrix copy (embed_tokens, lm_head) an adapter may hold."""
 
 
 @dataclass(frozen=True)
@@ -102,8 +141,18 @@ class Method:
     def fold(
         self, weights: AdapterWeights, site: Site, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One linear's float32 (out, in) weight and bias with the adapter folded in (merge)."""
+        """One linear's float32 (out, in) weight and bias with the adapter folded in (merge).
+
+        A bias may come back where the base has none (trained or added biases): merge adds it.
+        """
         raise NotImplementedError
+
+    def fold_params(
+        self, weights: AdapterWeights, base: Callable[[str], torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Parameters outside the decoder linears (HF names: "model.embed_tokens.weight",
+        "lm_head.weight", norm weights) with the adapter folded in, float32; `base` gives the base's."""
+        return {}
 
     def reference(self, model: nn.Module, weights: AdapterWeights) -> AbstractContextManager[None] | None:
         """Our plain unbatched reference applied to an HF model, or None when PEFT itself is it."""

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.adapters import bottleneck, ia3, lora, prefix, prompt
+from server.adapters import bitfit, bottleneck, ia3, ln_tuning, lora, prefix, prompt, trainable_tokens
 from server.adapters.common import AdapterError, AdapterWeights
 from server.adapters.method import Method
 
-METHODS: tuple[Method, ...] = (lora.METHOD, ia3.METHOD, prompt.METHOD, prefix.METHOD, bottleneck.METHOD)
+METHODS: tuple[Method, ...] = (
+    lora.METHOD,
+    ia3.METHOD,
+    prompt.METHOD,
+    prefix.METHOD,
+    bottleneck.METHOD,
+    ln_tuning.METHOD,
+    bitfit.METHOD,
+    trainable_tokens.METHOD,
+)
 _BY_TYPE = {peft_type: m for m in METHODS for peft_type in m.peft_types}
-SUPPORTED_TEXT = "LORA (with rsLoRA and DoRA), IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, BOTTLENECK"
+SUPPORTED_TEXT = (
+    "LORA (with rsLoRA, DoRA and their extras), IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, BOTTLENECK, "
+    "LN_TUNING, BITFIT, TRAINABLE_TOKENS"
+)
 
 
 def method_for(config: dict[str, Any]) -> Method:

@@ -24,10 +24,14 @@ from server.base_model import ModelShape
 
 
 class ScaleTable:
-    """Per-slot scale vectors of one site; rows without an adapter here get ones."""
+    """Per-slot vectors of one site; rows without an adapter here get `default` (ones for scales,
+    zeros for biases, the base's weight for norms)."""
 
-    def __init__(self, num_slots: int, dim: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.data = torch.ones(num_slots + 1, dim, dtype=dtype, device=device)  # last row: no adapter
+    def __init__(
+        self, num_slots: int, default: torch.Tensor, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.default = default.to(dtype=dtype, device=device)  # (dim,)
+        self.data = self.default.repeat(num_slots + 1, 1)  # last row: no adapter
         self.slots: set[int] = set()
 
     def set(self, slot: int, vector: torch.Tensor) -> None:
@@ -39,7 +43,7 @@ class ScaleTable:
         self.slots.discard(slot)
 
     def wipe(self, slot: int) -> None:
-        self.data[slot] = 1
+        self.data[slot] = self.default
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """(N,) slot index with -1 mapped to num_slots -> (N, dim) scales."""
@@ -109,12 +113,14 @@ class SlotTable:
             self._pending += copies
         self._tables_of[slot].append(table)
 
-    def set_scale(self, slot: int, hook: Hook, site: Site, vector: torch.Tensor) -> None:
+    def set_scale(
+        self, slot: int, hook: Hook, site: Site, vector: torch.Tensor, default: torch.Tensor | None = None
+    ) -> None:
+        """`vector` (dim,) of `slot`; rows of other slots read `default` (ones when None)."""
         table = self.scales.get((hook, site))
         if table is None:
-            table = self.scales[(hook, site)] = ScaleTable(
-                self.num_slots, vector.shape[0], self.dtype, self.device
-            )
+            default = torch.ones(vector.shape[0]) if default is None else default
+            table = self.scales[(hook, site)] = ScaleTable(self.num_slots, default, self.dtype, self.device)
         table.set(slot, self.put(vector))
         self._tables_of[slot].append(table)
 

@@ -85,7 +85,9 @@ def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
         store = Store(
             adapters.store,
             dict(parse_adapter_flag(a) for a in adapters.adapter),
-            validate=folder_loader(loaded, adapters.max_lora_rank),
+            validate=folder_loader(
+                loaded, adapters.max_lora_rank, max_copy_bytes=adapters.max_module_copy_bytes
+            ),
             lookup=adapters.adapter_dir,
         )
         store.watch(adapters.store_refresh)

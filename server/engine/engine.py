@@ -184,7 +184,12 @@ class Engine:
             model.device,
             max_rank=self.adapter_settings.max_lora_rank,
         )
-        load = folder_loader(model, self.adapter_settings.max_lora_rank, own=False)
+        load = folder_loader(
+            model,
+            self.adapter_settings.max_lora_rank,
+            own=False,
+            max_copy_bytes=self.adapter_settings.max_module_copy_bytes,
+        )
         self.tiers = AdapterTiers(
             self.slots,
             self.adapter_settings.cpu_adapter_memory,
@@ -628,7 +633,8 @@ class Engine:
         ids = torch.zeros(len(chunk), width, dtype=torch.long)
         for i, (tokens, start) in enumerate(zip(all_tokens, starts, strict=True)):
             ids[i, : lengths[i]] = torch.tensor(tokens[start:]).clamp(min=0)
-        embeds = self.decoder.embed(ids.to(device))  # (B, T, hidden)
+        adapters = BatchContext(slots, [s.slot for s in chunk for _ in range(width)])  # (B * T,) host
+        embeds = self.decoder.embed(ids.to(device), adapters)  # (B, T, hidden)
         for i, (seq, start) in enumerate(zip(chunk, starts, strict=True)):
             if prompts[i] is not None and start < seq.virtual_tokens:  # its soft prompt from `start` on
                 embeds[i, : seq.virtual_tokens - start] = prompts[i][start:]
@@ -641,7 +647,7 @@ class Engine:
             lengths=torch.tensor(lengths, device=device),
             block_table=table.to(device),
             slots=torch.where(real, where, NULL_BLOCK * size).to(device),
-            adapters=BatchContext(slots, [s.slot for s in chunk for _ in range(width)]),  # (B * T,) host
+            adapters=adapters,
         )
         logits = self.decoder.forward(embeds, step, self.cache)
         for seq, tokens in zip(chunk, all_tokens, strict=True):
@@ -730,7 +736,7 @@ class Engine:
             adapters=BatchContext(self.slots, [s.slot for s in batch]),
         )
         tokens = torch.tensor([[s.last_token()] for s in batch], device=device)
-        logits = self.decoder.forward(self.decoder.embed(tokens), step, self.cache)
+        logits = self.decoder.forward(self.decoder.embed(tokens, step.adapters), step, self.cache)
         self.metrics.batch_size.observe(len(batch))
         for seq in batch:
             seq.cached += 1

@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedModel
 
 from server.adapters.context import BatchContext
+from server.adapters.method import MODEL_LEVEL
 from server.base_model import ModelShape
 from server.engine.attention import paged_attention_reference, paged_decode_attention
 from server.engine.kv_cache import PagedKVCache
@@ -64,9 +65,9 @@ class Decoder:
         self.shape = shape
         self.scale = shape.head_dim**-0.5
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, hidden)."""
-        return self.embed_tokens(ids)
+    def embed(self, ids: torch.Tensor, adapters: BatchContext) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, hidden), with each token's adapter's embedding edits."""
+        return adapters.embed(self.embed_tokens, ids)
 
     @torch.inference_mode()
     def forward(self, embeds: torch.Tensor, step: StepInputs, cache: PagedKVCache) -> torch.Tensor:
@@ -75,16 +76,18 @@ class Decoder:
         cos, sin = self.rotary(embeds, step.positions)
         slots = step.slots.reshape(batch * tokens)
         h = embeds.reshape(batch * tokens, hidden)
+        ctx = step.adapters
         for index, layer in enumerate(self.layers):
-            attn_in = layer.input_layernorm(h)
+            attn_in = ctx.norm(index, "input_layernorm", layer.input_layernorm, h)
             attn_out = self._attention(index, layer, attn_in, step, cos, sin, slots, cache, (batch, tokens))
-            h = h + step.adapters.block_output(index, "attn", attn_out, h)
-            mlp_in = layer.post_attention_layernorm(h)
-            h = h + step.adapters.block_output(index, "mlp", self._mlp(index, layer.mlp, mlp_in, step), h)
+            h = h + ctx.block_output(index, "attn", attn_out, h)
+            mlp_in = ctx.norm(index, "post_attention_layernorm", layer.post_attention_layernorm, h)
+            h = h + ctx.block_output(index, "mlp", self._mlp(index, layer.mlp, mlp_in, step), h)
         last = h.view(batch, tokens, hidden)[
             torch.arange(batch, device=h.device), step.lengths - 1
         ]  # (B, hidden)
-        return self.lm_head(self.norm(last)).float()
+        head = ctx.last_tokens(tokens)  # one row per sequence
+        return head.logits(self.lm_head, head.norm(MODEL_LEVEL, "norm", self.norm, last)).float()
 
     def _attention(self, index, layer, x, step, cos, sin, slots, cache, bt) -> torch.Tensor:
         batch, tokens = bt

@@ -1,4 +1,4 @@
-"""Merge for zero latency: fold a LoRA (rsLoRA, DoRA) or IA3 adapter into the base weights.
+"""Merge for zero latency: fold an adapter (LoRA and its extras, IA3, biases, LN tuning, ...) into the base.
 
 The merged weights start from what the server computes with: the served linear layers'
 weights, dequantized when the base runs in 4 or 8 bits. The export is a plain HF model folder
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from server.adapters.common import AdapterError, AdapterRef, AdapterWeights
 from server.adapters.methods import method_by_type, method_of
@@ -38,6 +38,11 @@ from server.registry.store import Store, sha256_file
 log = logging.getLogger("peftserve.registry")
 
 KEEP_JOBS = 256
+_BIAS_FLAGS = {
+    "attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp_bias": ("gate_proj", "up_proj", "down_proj"),
+}
+"""Llama-style configs switch linear biases on per block; a merged bias needs its block's flag."""
 
 
 class MergeError(AdapterError):
@@ -64,14 +69,29 @@ def export_merged(model: LoadedModel, weights: AdapterWeights, out: Path) -> Pat
     """Write the merged model to `out` (a new folder, published atomically)."""
     check_mergeable(weights)
     method = method_of(weights)
-    merged = AutoModelForCausalLM.from_pretrained(model.hf.name_or_path, dtype=torch.float32)
-    for (layer, name), served in _linears(model):
+    folded = {}
+    for site, served in _linears(model):
         bias = None if served.bias is None else served.bias.detach().float()
-        weight, bias = method.fold(weights, (layer, name), dense_weight(served), bias)
+        folded[site] = method.fold(weights, site, dense_weight(served), bias)
+    params = method.fold_params(weights, lambda name: model.hf.get_parameter(name).detach().float())
+    config = AutoConfig.from_pretrained(model.hf.name_or_path)
+    added = {site[1] for site, (_, bias) in folded.items() if bias is not None}
+    for flag, modules in _BIAS_FLAGS.items():  # a bias the base lacks: the merged model gets them all
+        if added & set(modules) and not getattr(config, flag, False):
+            setattr(config, flag, True)
+    untie = config.tie_word_embeddings and bool({"model.embed_tokens.weight", "lm_head.weight"} & set(params))
+    if untie:  # the adapter changes one of the two matrices the base shares
+        config.tie_word_embeddings = False
+    merged = AutoModelForCausalLM.from_pretrained(model.hf.name_or_path, config=config, dtype=torch.float32)
+    if untie:
+        merged.lm_head.weight = torch.nn.Parameter(merged.model.embed_tokens.weight.detach().clone())
+    for (layer, name), (weight, bias) in folded.items():
         target = linear_module(merged, layer, name)
         target.weight.data = weight.cpu()
-        if bias is not None:
-            target.bias.data = bias.cpu()
+        if target.bias is not None:
+            target.bias.data = torch.zeros(weight.shape[0]) if bias is None else bias.cpu()
+    for name, value in params.items():
+        merged.get_parameter(name).data = value.cpu()
     dtype = torch.bfloat16 if model.quantize != "none" and model.dtype == torch.float32 else model.dtype
     merged.to(dtype)
     if getattr(merged.config, "quantization_config", None) is not None:
@@ -100,8 +120,19 @@ def fold_into(model: LoadedModel, weights: AdapterWeights) -> None:
             bias = None if served.bias is None else served.bias.float()
             weight, bias = method.fold(weights, site, served.weight.float(), bias)
             served.weight.copy_(weight.to(served.weight.dtype))
-            if bias is not None:
+            if bias is not None and served.bias is None:  # an added bias: the linear gets one
+                served.bias = torch.nn.Parameter(bias.to(served.weight.dtype), requires_grad=False)
+            elif bias is not None:
                 served.bias.copy_(bias.to(served.bias.dtype))
+        params = method.fold_params(weights, lambda name: model.hf.get_parameter(name).detach().float())
+        hf = model.hf
+        if {"model.embed_tokens.weight", "lm_head.weight"} & set(params) and (
+            hf.get_output_embeddings().weight is hf.get_input_embeddings().weight
+        ):
+            hf.lm_head.weight = torch.nn.Parameter(hf.lm_head.weight.detach().clone(), requires_grad=False)
+        for name, value in params.items():
+            target = hf.get_parameter(name)
+            target.copy_(value.to(target.dtype))
 
 
 def export_archive(

@@ -18,6 +18,7 @@ from server.engine.sampler import SamplingParams
 from server.registry.store import Store
 from tests.helpers import reference_greedy, run_until_done, token_ids
 from trainer.base import load_base
+from trainer.bitfit import load_bitfit
 from trainer.bottleneck import load_bottleneck
 from trainer.config import METHODS, make_config
 from trainer.loop import evaluate
@@ -36,6 +37,8 @@ TEST_LR = {
     "ptuning": 1e-2,
     "prefix": 1e-1,
     "bottleneck": 1e-2,
+    "bitfit": 1e-1,
+    "ln-tuning": 1e-1,
 }
 PEFT_TYPES = {
     "lora": "LORA",
@@ -46,6 +49,8 @@ PEFT_TYPES = {
     "ptuning": "P_TUNING",
     "prefix": "PREFIX_TUNING",
     "bottleneck": "BOTTLENECK",
+    "bitfit": "BITFIT",
+    "ln-tuning": "LN_TUNING",
 }
 
 
@@ -69,6 +74,9 @@ def reload(method: str, tiny_base: Path, folder: Path) -> torch.nn.Module:
     if method == "bottleneck":
         load_bottleneck(base, folder)
         return base
+    if method == "bitfit":
+        load_bitfit(base, folder)
+        return base
     return PeftModel.from_pretrained(base, folder)
 
 
@@ -82,10 +90,15 @@ def served_greedy(method: str, tiny_base: Path, store: Path, prompt: list[int], 
     return token_ids(run_until_done(engine, [handle])[0])
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "method, targets",
+    [(m, None) for m in METHODS] + [("lora", ["q_proj", "embed_tokens", "lm_head"])],
+    ids=[*METHODS, "lora-embed_tokens-lm_head"],
+)
 def test_method_trains_and_reloads_with_the_same_outputs(
-    method: str, tiny_base: Path, chat_data: Path, tmp_path
+    method: str, targets: list[str] | None, tiny_base: Path, chat_data: Path, tmp_path
 ):
+    """(The tiny base ties lm_head to the embeddings: embedding / lm_head LoRA on a tied base.)"""
     out = tmp_path / "store" / method
     cfg = make_config(
         data=chat_data,
@@ -97,6 +110,7 @@ def test_method_trains_and_reloads_with_the_same_outputs(
         eval_every=4,
         lr=TEST_LR[method],
         patience=0,
+        **({} if targets is None else {"target_modules": targets}),
     )
     base = load_base(str(tiny_base), four_bit=method == "qlora")
     inputs = prompt_ids(base.tokenizer)

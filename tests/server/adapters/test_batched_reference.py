@@ -1,6 +1,7 @@
 """Correctness by reference: every adapter kind, served concurrently in one mixed batch with
-base-only requests, gives the greedy tokens PEFT (or our bottleneck reference) gives alone, over full
-forwards without a KV cache.
+base-only requests, gives the greedy tokens PEFT (or our bottleneck / BitFit reference) gives alone,
+over full forwards without a KV cache. Kinds that train the base's biases or edit a tied lm_head
+run on a second tiny base that has biases and ties its embeddings.
 
 Every test runs twice: with the CPU's native low-rank kernel, and with it switched off, so the
 torch gather path (the code every other device runs) is held to the same references."""
@@ -14,17 +15,24 @@ import torch
 from peft import PeftModel
 
 from server.adapters import lowrank
+from server.base_model import load_base_model
 from server.config import AdapterSettings, EngineSettings
 from server.engine.engine import Engine
 from server.engine.sampler import SamplingParams
 from server.registry.store import Store
 from tests.adapter_factory import (
+    BIAS_KINDS,
+    COPY_BYTES,
+    EXTRA_KINDS,
     PEFT_KINDS,
     load_base,
+    make_biased_tied_model,
+    make_bitfit_adapter,
     make_bottleneck_adapter,
     make_peft_adapter,
     reference_tokens,
 )
+from tests.conftest import tiny_settings
 from tests.helpers import reference_greedy, run_until_done, token_ids
 
 NEW_TOKENS = 8
@@ -42,11 +50,15 @@ def low_rank_path(request):
 
 
 def build_store(root: Path, base_dir: Path, shape) -> Path:
-    for seed, kind in enumerate(PEFT_KINDS):
+    for seed, kind in enumerate([*PEFT_KINDS, *EXTRA_KINDS]):
         make_peft_adapter(base_dir, kind, root / kind, seed=seed)
     for seed, (name, options) in enumerate(BOTTLENECKS.items(), start=100):
         make_bottleneck_adapter(shape, root / name, seed=seed, **options)
+    make_bitfit_adapter(shape, root / "bitfit", seed=200)
     return root
+
+
+BIASED_TIED_KINDS = [*BIAS_KINDS, "trainable_tokens", "lora_tokens", "lora_embed_head", "ln_tuning", "lora"]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +68,7 @@ def tiny_store(tmp_path_factory, tiny_model_dir, tiny_model) -> Path:
 
 def serve_mixed(model, store: Path, prompts: list[list[int]], **adapter_settings) -> dict:
     """Every (adapter or base, prompt) pair submitted at once; greedy tokens of each."""
+    adapter_settings = {"max_module_copy_bytes": COPY_BYTES, **adapter_settings}
     engine = Engine(
         model, EngineSettings(max_batch_size=64), AdapterSettings(**adapter_settings), Store(store)
     )
@@ -85,8 +98,30 @@ def check_against_references(
 def test_every_kind_mixed_in_one_batch_equals_its_reference(tiny_model, tiny_model_dir, tiny_store):
     prompts = [tiny_model.tokenizer(t).input_ids for t in ("Hello there", "The cat sat on the", "1 2 3")]
     served = serve_mixed(tiny_model, tiny_store, prompts)
-    assert len({n for n, _ in served}) == len(PEFT_KINDS) + len(BOTTLENECKS) + 1
+    assert len({n for n, _ in served}) == len(PEFT_KINDS) + len(EXTRA_KINDS) + len(BOTTLENECKS) + 2
     check_against_references(tiny_model, tiny_model_dir, tiny_store, prompts, served)
+
+
+@pytest.fixture(scope="module")
+def biased_tied(tmp_path_factory, tiny_model_dir):
+    """(model, its folder, a store) for a tiny base with biases on every linear and a tied lm_head."""
+    base_dir = make_biased_tied_model(tmp_path_factory.mktemp("biased-tied"), tiny_model_dir)
+    model = load_base_model(tiny_settings(base_dir).model)
+    root = tmp_path_factory.mktemp("biased-store")
+    for seed, kind in enumerate(BIASED_TIED_KINDS, start=300):
+        make_peft_adapter(base_dir, kind, root / kind, seed=seed)
+    make_bitfit_adapter(model.shape, root / "bitfit", seed=400)
+    return model, base_dir, root
+
+
+def test_bias_and_tied_embedding_kinds_mixed_equal_their_references(biased_tied):
+    """Trained base biases (bias="all", "lora_only"), BitFit replacing biases, and trainable tokens
+    and embedding / lm_head LoRA on a base whose lm_head is its embedding matrix."""
+    model, base_dir, store = biased_tied
+    assert model.hf.get_output_embeddings().weight is model.hf.get_input_embeddings().weight
+    prompts = [model.tokenizer(t).input_ids for t in ("Hello there", "The cat sat on the")]
+    served = serve_mixed(model, store, prompts)
+    check_against_references(model, base_dir, store, prompts, served)
 
 
 def test_three_times_more_adapters_than_slots(tiny_model, tiny_model_dir, tiny_store):

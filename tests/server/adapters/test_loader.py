@@ -20,7 +20,12 @@ from server.adapters.common import (
 from server.adapters.loader import describe, folder_loader, load_adapter, reference_folder_loader
 from server.adapters.methods import SUPPORTED_TEXT
 from server.base_model import ModelShape
-from tests.adapter_factory import PEFT_KINDS, make_bottleneck_adapter, make_peft_adapter
+from tests.adapter_factory import (
+    PEFT_KINDS,
+    make_bitfit_adapter,
+    make_bottleneck_adapter,
+    make_peft_adapter,
+)
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +105,69 @@ def test_nan_and_inf(lora_dir, tiny_model, tmp_path):
 @pytest.mark.parametrize(
     "config, match",
     [
-        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-        ({"bias": "all"}, "biases"),
+        ({"bias": "some"}, "bias='some'"),
+        ({"lora_bias": True, "use_dora": True}, "lora_bias with use_dora"),
+        ({"trainable_token_indices": {"lm_head": [1]}}, "only embed_tokens"),
         ({"lora_alpha": "big"}, "lora_alpha"),
     ],
 )
 def test_unsupported_lora_options(lora_dir, tiny_model, tmp_path, config, match):
     refused(copy_with(lora_dir, tmp_path / "x", config), tiny_model, match)
+
+
+def test_a_whole_lm_head_copy_needs_the_size_flag(tiny_model, tiny_model_dir, tmp_path):
+    folder = make_peft_adapter(tiny_model_dir, "modules_to_save", tmp_path / "mts")
+    error = refused(folder, tiny_model, "--max-module-copy-bytes is 0")
+    assert error.field == "modules_to_save"
+    size = tiny_model.shape.vocab_size * tiny_model.shape.hidden_size * 4
+    with pytest.raises(AdapterError, match=f"{size} bytes"):
+        folder_loader(tiny_model, 64, max_copy_bytes=size - 1)(folder)
+    weights = folder_loader(tiny_model, 64, max_copy_bytes=size)(folder)
+    assert weights.extras.head_copy.shape == weights.extras.embed_copy.shape == (49152, 64)
+
+
+def test_lora_extras_refused_where_they_do_not_fit(lora_dir, tiny_model, tmp_path):
+    tensors = load_file(lora_dir / "adapter_model.safetensors")
+    prefix = "base_model.model.model.layers."
+
+    def with_tensor(name: str, tensor: torch.Tensor, config: dict | None = None, match: str = "") -> None:
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder = copy_with(lora_dir, folder, config, {**tensors, name: tensor})
+        refused(folder, tiny_model, match)
+
+    with_tensor(f"{prefix}0.self_attn.q_proj.lora_B.bias", torch.zeros(64), None, "lora_bias is not set")
+    bias = f"{prefix}0.self_attn.q_proj.base_layer.bias"
+    with_tensor(bias, torch.zeros(64), {"bias": "all"}, "another base model")
+    norm = {"modules_to_save": ["input_layernorm"]}
+    with_tensor(f"{prefix}5.input_layernorm.weight", torch.ones(64), norm, "not a norm of a decoder layer")
+    linear = {"modules_to_save": ["q_proj"]}
+    copy = f"{prefix}0.self_attn.q_proj.weight"
+    with_tensor(copy, torch.ones(64, 64), linear, "modules_to_save may name only")
+
+
+def test_trainable_tokens_are_checked(tiny_model, tiny_model_dir, tmp_path):
+    folder = make_peft_adapter(tiny_model_dir, "trainable_tokens", tmp_path / "tt")
+    weights = load(folder, tiny_model)
+    index, values = weights.extras.token_rows
+    assert values.shape == (len(index), 64) and not weights.extras.tied  # the tiny base is untied
+    refused(copy_with(folder, tmp_path / "a", {"token_indices": [1, 2]}), tiny_model, "another base model")
+    past = {"token_indices": [49152, *index.tolist()[1:]]}
+    refused(copy_with(folder, tmp_path / "b", past), tiny_model, "past the vocabulary")
+    refused(copy_with(folder, tmp_path / "c", {"target_modules": ["lm_head"]}), tiny_model, "embed_tokens")
+
+
+def test_bitfit_and_ln_tuning_are_checked(tiny_model, tiny_model_dir, tmp_path):
+    bitfit = make_bitfit_adapter(tiny_model.shape, tmp_path / "bitfit")
+    assert sorted(s for s, _ in load(bitfit, tiny_model).extras.biases.items()) == [
+        (layer, module) for layer in (0, 1) for module in ("down_proj", "o_proj", "q_proj")
+    ]
+    refused(copy_with(bitfit, tmp_path / "a", {"target_modules": ["fc9"]}), tiny_model, "target_modules")
+    only_q = copy_with(bitfit, tmp_path / "b", {"target_modules": ["q_proj"]})
+    refused(only_q, tiny_model, "unexpected tensor")
+    ln = make_peft_adapter(tiny_model_dir, "ln_tuning", tmp_path / "ln")
+    assert len(load(ln, tiny_model).extras.norms) == 2 * 2 + 1  # two per layer and the final norm
+    tensors = {**load_file(ln / "adapter_model.safetensors"), "model.norm.bias": torch.zeros(64)}
+    refused(copy_with(ln, tmp_path / "c", tensors=tensors), tiny_model, "unexpected tensor model.norm.bias")
 
 
 def test_pickle_weights_are_never_read(lora_dir, tiny_model, tmp_path):

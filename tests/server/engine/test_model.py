@@ -56,10 +56,11 @@ def test_padded_prefill_then_decode_over_scattered_blocks_match_hf_logits(tiny_m
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = torch.tensor(p)
     lengths = [len(p) for p in prompts]
-    logits = decoder.forward(decoder.embed(ids), step_inputs(tables, [0, 0, 0], lengths), cache)
+    embeds = decoder.embed(ids, BatchContext())
+    logits = decoder.forward(embeds, step_inputs(tables, [0, 0, 0], lengths), cache)
     tables[2].append(9)  # the third row's next token opens a new block
     decode = step_inputs(tables, lengths, [1, 1, 1])
-    decoded = decoder.forward(decoder.embed(torch.tensor([[20], [21], [22]])), decode, cache)
+    decoded = decoder.forward(decoder.embed(torch.tensor([[20], [21], [22]]), BatchContext()), decode, cache)
     for i, prompt in enumerate(prompts):
         with torch.no_grad():
             full = hf(torch.tensor([[*prompt, 20 + i]])).logits[0]
@@ -73,9 +74,10 @@ def test_prefill_from_a_shared_prefix_matches_a_full_prefill(tiny_model):
     decoder = Decoder(hf, shape)
     cache = make_cache(shape)
     first, second = [5, 6, 7, 8, 9, 10, 11, 12, 13], [5, 6, 7, 8, 9, 10, 11, 12, 40, 41]
-    decoder.forward(decoder.embed(torch.tensor([first])), step_inputs([[4, 5, 6]], [0], [9]), cache)
+    embeds = decoder.embed(torch.tensor([first]), BatchContext())
+    decoder.forward(embeds, step_inputs([[4, 5, 6]], [0], [9]), cache)
     rest = torch.tensor([second[8:]])
-    logits = decoder.forward(decoder.embed(rest), step_inputs([[4, 5, 8]], [8], [2]), cache)
+    logits = decoder.forward(decoder.embed(rest, BatchContext()), step_inputs([[4, 5, 8]], [8], [2]), cache)
     with torch.no_grad():
         full = hf(torch.tensor([second])).logits[0, -1]
     torch.testing.assert_close(logits[0], full, rtol=1e-4, atol=1e-4)
@@ -86,7 +88,7 @@ def test_padding_tokens_write_only_the_null_block(tiny_model):
     decoder = Decoder(tiny_model.hf, shape)
     cache = make_cache(shape)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [9, 10, 0, 0, 0, 0, 0, 0]])
-    decoder.forward(decoder.embed(ids), step_inputs([[1, 2], [3]], [0, 0], [8, 2]), cache)
+    decoder.forward(decoder.embed(ids, BatchContext()), step_inputs([[1, 2], [3]], [0, 0], [8, 2]), cache)
     written = cache.data.abs().sum(dim=(0, 1, 4, 5)) != 0  # (blocks, block_size)
     assert written[3].tolist() == [True, True, False, False]  # the short row's block past its 2 tokens
     assert not written[4:].any()  # no block the step did not hold

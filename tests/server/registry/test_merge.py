@@ -19,9 +19,15 @@ from server.cli import main
 from server.config import AdapterSettings, EngineSettings, Settings
 from server.engine.engine import Engine
 from server.engine.sampler import SamplingParams
-from server.registry.merge import MergeError, export_merged
+from server.registry.merge import MergeError, export_merged, fold_into
 from server.registry.store import Store
-from tests.adapter_factory import make_bottleneck_adapter, make_peft_adapter
+from tests.adapter_factory import (
+    COPY_BYTES,
+    make_biased_tied_model,
+    make_bitfit_adapter,
+    make_bottleneck_adapter,
+    make_peft_adapter,
+)
 from tests.conftest import LiveServer, tiny_settings
 from tests.helpers import reference_greedy, run_until_done, token_ids, wait_until
 
@@ -38,7 +44,7 @@ def adapters(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 def served_tokens(model, store: Path, name: str, prompt: list[int]) -> list[int]:
-    engine = Engine(model, EngineSettings(), AdapterSettings(), Store(store))
+    engine = Engine(model, EngineSettings(), AdapterSettings(max_module_copy_bytes=COPY_BYTES), Store(store))
     handle = engine.submit(
         prompt, SamplingParams(max_tokens=TOKENS, temperature=0.0), engine.resolve_model(name)
     )
@@ -59,6 +65,77 @@ def test_merged_model_equals_the_served_adapter(kind, tiny_model, adapters, tmp_
     served = served_tokens(tiny_model, adapters, kind, prompt)
     assert served != reference_greedy(tiny_model.hf, prompt, TOKENS), "the adapter should change the output"
     assert merged_tokens(out, prompt) == served
+
+
+EXTRA_MERGEABLE = [
+    "lora_embed_head",
+    "lora_bias",
+    "lora_tokens",
+    "trainable_tokens",
+    "ln_tuning",
+    "modules_to_save",
+    "bitfit",
+]
+"""Kinds folded outside the decoder linears: embed_tokens, lm_head, norms, added biases."""
+BIASED_TIED_MERGEABLE = [
+    "lora_bias_all",
+    "lora_bias_lora_only",
+    "lora_embed_head",
+    "trainable_tokens",
+    "bitfit",
+]
+"""On a base with biases and tied embeddings: replaced biases, and a merge that must untie lm_head."""
+
+
+def make_kind(base_dir: Path, shape, kind: str, out: Path, seed: int) -> Path:
+    if kind == "bitfit":
+        return make_bitfit_adapter(shape, out, seed=seed)
+    return make_peft_adapter(base_dir, kind, out, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def biased_tied_model(tmp_path_factory, tiny_model_dir):
+    base_dir = make_biased_tied_model(tmp_path_factory.mktemp("biased-tied"), tiny_model_dir)
+    return load_base_model(tiny_settings(base_dir).model), base_dir
+
+
+@pytest.mark.parametrize(
+    "base, kind",
+    [("tiny", k) for k in EXTRA_MERGEABLE] + [("biased-tied", k) for k in BIASED_TIED_MERGEABLE],
+)
+def test_merged_extras_equal_the_served_adapter(
+    base, kind, tiny_model, tiny_model_dir, biased_tied_model, tmp_path
+):
+    model, base_dir = (tiny_model, tiny_model_dir) if base == "tiny" else biased_tied_model
+    make_kind(base_dir, model.shape, kind, tmp_path / "store" / kind, seed=7)
+    weights = folder_loader(model, 64, max_copy_bytes=COPY_BYTES)(tmp_path / "store" / kind)
+    out = export_merged(model, weights, tmp_path / "merged")
+    prompt = model.tokenizer("Hello there, the cat sat on").input_ids
+    served = served_tokens(model, tmp_path / "store", kind, prompt)
+    assert served != reference_greedy(model.hf, prompt, TOKENS), "the adapter should change the output"
+    assert merged_tokens(out, prompt) == served
+
+
+@pytest.mark.parametrize(
+    "base, kind",
+    [
+        ("tiny", "bitfit"),
+        ("tiny", "modules_to_save"),
+        ("biased-tied", "lora_embed_head"),
+        ("biased-tied", "ln_tuning"),
+    ],
+)
+def test_extras_folded_in_place_equal_the_served_adapter(
+    base, kind, tiny_model, tiny_model_dir, biased_tied_model, tmp_path
+):
+    """`serve --merge-adapter`: biases the base lacks become parameters, a tied lm_head is untied."""
+    model, base_dir = (tiny_model, tiny_model_dir) if base == "tiny" else biased_tied_model
+    folder = make_kind(base_dir, model.shape, kind, tmp_path / "store" / kind, seed=11)
+    prompt = model.tokenizer("Hello there, the cat sat on").input_ids
+    served = served_tokens(model, tmp_path / "store", kind, prompt)
+    own = load_base_model(tiny_settings(base_dir).model)
+    fold_into(own, folder_loader(own, 64, max_copy_bytes=COPY_BYTES)(folder))
+    assert reference_greedy(own.hf, prompt, TOKENS) == served
 
 
 @pytest.mark.parametrize("kind, reason", [("prompt", "virtual tokens"), ("prefix", "attention cache")])
