@@ -68,9 +68,23 @@ class Decoder:
         """(B, T) token ids -> (B, T, hidden)."""
         return self.embed_tokens(ids)
 
-    @torch.inference_mode()
     def forward(self, embeds: torch.Tensor, step: StepInputs, cache: PagedKVCache) -> torch.Tensor:
         """(B, T, hidden) input embeddings -> (B, vocab) float32 logits at each row's last real token."""
+        return self.logits(self.last(self.hidden(embeds, step, cache), step))
+
+    @staticmethod
+    def last(h: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        """(B, T, hidden) -> (B, hidden): each row's last real token."""
+        return h[torch.arange(h.shape[0], device=h.device), step.lengths - 1]
+
+    @torch.inference_mode()
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., hidden) last-layer hidden states -> (..., vocab) float32 logits."""
+        return self.lm_head(self.norm(h)).float()
+
+    @torch.inference_mode()
+    def hidden(self, embeds: torch.Tensor, step: StepInputs, cache: PagedKVCache) -> torch.Tensor:
+        """(B, T, hidden) input embeddings -> (B, T, hidden) last-layer states (before the final norm)."""
         batch, tokens, hidden = embeds.shape
         cos, sin = self.rotary(embeds, step.positions)
         slots = step.slots.reshape(batch * tokens)
@@ -81,10 +95,7 @@ class Decoder:
             h = h + step.adapters.block_output(index, "attn", attn_out, h)
             mlp_in = layer.post_attention_layernorm(h)
             h = h + step.adapters.block_output(index, "mlp", self._mlp(index, layer.mlp, mlp_in, step), h)
-        last = h.view(batch, tokens, hidden)[
-            torch.arange(batch, device=h.device), step.lengths - 1
-        ]  # (B, hidden)
-        return self.lm_head(self.norm(last)).float()
+        return h.view(batch, tokens, hidden)
 
     def _attention(self, index, layer, x, step, cos, sin, slots, cache, bt) -> torch.Tensor:
         batch, tokens = bt

@@ -24,6 +24,10 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
+    """Report each sampled token's log-probability and this many most likely tokens; None: nothing."""
+    prompt_logprobs: int | None = None
+    """The same for every prompt token after the first; None: nothing (and the prefix cache may serve it)."""
 
     @property
     def greedy(self) -> bool:
