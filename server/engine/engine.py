@@ -254,8 +254,8 @@ class Engine:
             asked = getattr(params, param)
             if asked is not None and not 0 <= asked <= MAX_LOGPROBS:
                 raise InvalidRequest(param, f"{param} must be in [0, {MAX_LOGPROBS}], got {asked}")
-        if params.max_tokens < 0 or (params.max_tokens == 0 and params.prompt_logprobs is None):
-            raise InvalidRequest("max_tokens", "max_tokens must be at least 1 (0 only to score the prompt)")
+        if params.max_tokens < 0:
+            raise InvalidRequest("max_tokens", f"max_tokens must be at least 0, got {params.max_tokens}")
         prompt_tokens = len(prompt_ids) + (adapter.virtual_tokens if adapter else 0)
         limit = min(limit, self.cache_tokens)  # one sequence never needs more blocks than there are
         if prompt_tokens + params.max_tokens > limit:

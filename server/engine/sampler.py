@@ -18,6 +18,7 @@ class SamplingParams:
     """How one request picks its tokens."""
 
     max_tokens: int
+    """Tokens to generate at most; 0 prefills only (to score the prompt)."""
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0

@@ -156,7 +156,7 @@ def test_an_eos_that_ends_the_request_keeps_its_logprob(tiny_model):
     [
         (SamplingParams(max_tokens=1, logprobs=21), "logprobs"),
         (SamplingParams(max_tokens=1, prompt_logprobs=-1), "prompt_logprobs"),
-        (SamplingParams(max_tokens=0), "max_tokens"),
+        (SamplingParams(max_tokens=-1), "max_tokens"),
     ],
 )
 def test_out_of_range_requests_are_refused(tiny_model, params, param):
