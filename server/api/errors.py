@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from server.api.request_id import request_id_of
 from server.api.schemas import UNSUPPORTED
 
 log = logging.getLogger("peftserve.api")
@@ -122,9 +123,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(APIError(exc.status_code, message, headers=headers))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette answers this one outside every middleware: add the request id here.
         log.exception("unhandled error")
-        return error_response(APIError(500, f"internal error: {type(exc).__name__}"))
+        request_id = request_id_of(request.scope)
+        headers = {"x-request-id": request_id} if request_id else None
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}", headers=headers))
 
 
 class ErrorDetail(BaseModel):
