@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from server.api.request_id import request_id_of
-from server.api.schemas import UNSUPPORTED
+from server.api.schemas import UNSUPPORTED, UNSUPPORTED_ON
 
 log = logging.getLogger("peftserve.api")
 
@@ -71,7 +71,7 @@ def _field_path(loc: tuple) -> list[str]:
     return [str(p) for p in loc if p != "body" and not (isinstance(p, str) and _TAG.search(p))]
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def _validation_message(exc: RequestValidationError, route: str = "") -> tuple[str, str | None]:
     """The problem, phrased for a person, and the request field it concerns."""
     errors = exc.errors()
     first = errors[0]
@@ -79,8 +79,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "the request body is not valid JSON", None
     path = _field_path(first.get("loc", ()))
     param = ".".join(path) or None
-    if path and path[0] in UNSUPPORTED:
-        return f"{path[0]}: {UNSUPPORTED[path[0]]}", path[0]
+    refused = {**UNSUPPORTED, **UNSUPPORTED_ON.get(route, {})}
+    if path and path[0] in refused:
+        return f"{path[0]}: {refused[path[0]]}", path[0]
     # A value that fits none of a union's forms fails once per form: report them together.
     same = [e for e in errors if _field_path(e.get("loc", ()))[:1] == path[:1]]
     messages = list(dict.fromkeys(e.get("msg", "invalid") for e in same))
@@ -106,8 +107,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc, request.url.path)
         return error_response(APIError(400, message, param=param))
 
     @app.exception_handler(StarletteHTTPException)

@@ -42,6 +42,11 @@ UNSUPPORTED = {
 }
 """Field -> why it is refused; any value other than the one that changes nothing is a 400."""
 
+UNSUPPORTED_ON = {
+    "/v1/chat/completions": {"echo": "echo applies to /v1/completions only; leave it out (or false) here"},
+}
+"""The same, for fields refused on one route only."""
+
 
 def _integral(value: object) -> object:
     """JSON Schema counts 1.0 as an integer: take it as 1 (strict mode alone would refuse it)."""
@@ -160,11 +165,19 @@ class _Generation(_Body):
 
 
 class ChatCompletionRequest(_Generation):
+    # The schema says what the validator below does: top_logprobs needs logprobs: true.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"top_logprobs": {"type": "integer"}}, "required": ["top_logprobs"]},
+            "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+        }
+    )
+
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Count | None = None
     logprobs: bool = False
-    top_logprobs: Int | None = Field(default=None, ge=0, le=MAX_CHAT_LOGPROBS)
-    echo: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_CHAT_LOGPROBS), BeforeValidator(_integral)] | None = None
+    echo: Literal[False] | None = None
     tools: None = None
     tool_choice: Literal["none"] | None = None
     # Refused unless they ask for nothing (UNSUPPORTED): their types admit only that value.
@@ -186,13 +199,6 @@ class ChatCompletionRequest(_Generation):
             raise ValueError("top_logprobs needs logprobs: true")
         return value
 
-    @field_validator("echo")
-    @classmethod
-    def _no_chat_echo(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("echo applies to /v1/completions only")
-        return value
-
     def completion_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
@@ -208,8 +214,10 @@ class CompletionRequest(_Generation):
         | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
     )
     max_tokens: Annotated[int, Field(ge=0), BeforeValidator(_integral)] | None = 16
-    """0 only with echo: score the prompt, generate nothing."""
-    logprobs: Int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    """0 generates nothing: with echo and logprobs, it scores the prompt."""
+    logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS), BeforeValidator(_integral)] | None = (
+        None
+    )
     echo: bool = False
     # Refused unless they ask for nothing (UNSUPPORTED): their types admit only that value.
     best_of: Annotated[int, Field(ge=1, le=1), BeforeValidator(_integral)] | None = None

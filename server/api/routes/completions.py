@@ -8,7 +8,6 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from server.api.errors import APIError
 from server.api.generation import (
     GENERATION_RESPONSES,
     Choice,
@@ -92,12 +91,6 @@ async def _encode(eng: Engine, text: str) -> list[int]:
 
 @router.post("/v1/completions", response_model=None, responses=GENERATION_RESPONSES)
 async def completions(body: CompletionRequest, request: Request) -> dict[str, Any] | StreamingResponse:
-    if body.max_tokens == 0 and not body.echo:
-        raise APIError(
-            400,
-            "max_tokens: 0 generates nothing; it needs echo: true (to score the prompt)",
-            param="max_tokens",
-        )
     eng = engine(request)
     adapter = resolve_adapter(request, body.model)
     prompts = [p if isinstance(p, list) else await _encode(eng, p) for p in body.prompts()]
