@@ -70,3 +70,18 @@ def test_the_openai_client_sees_the_request_id(client, server):
         model=server.engine.model.name, prompt="hi", max_tokens=1, extra_headers={"x-request-id": "from-sdk"}
     )
     assert reply.headers["x-request-id"] == "from-sdk"
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [({"frequency_penalty": 0.5}, "frequency_penalty"), ({"service_tier": "flex"}, "service_tier")],
+)
+def test_the_openai_client_is_told_which_field_is_refused(client, server, fields, param):
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(
+            model=server.engine.model.name,
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=1,
+            **fields,
+        )
+    assert error.value.body["param"] == param and "not supported" in error.value.body["message"]
