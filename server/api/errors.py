@@ -13,7 +13,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from server.api.schemas import UNSUPPORTED
+from server.api.request_id import request_id_of
+from server.api.schemas import UNSUPPORTED, UNSUPPORTED_ON
 
 log = logging.getLogger("peftserve.api")
 
@@ -70,7 +71,7 @@ def _field_path(loc: tuple) -> list[str]:
     return [str(p) for p in loc if p != "body" and not (isinstance(p, str) and _TAG.search(p))]
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def _validation_message(exc: RequestValidationError, route: str = "") -> tuple[str, str | None]:
     """The problem, phrased for a person, and the request field it concerns."""
     errors = exc.errors()
     first = errors[0]
@@ -78,8 +79,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "the request body is not valid JSON", None
     path = _field_path(first.get("loc", ()))
     param = ".".join(path) or None
-    if path and path[0] in UNSUPPORTED:
-        return f"{path[0]}: {UNSUPPORTED[path[0]]}", path[0]
+    refused = {**UNSUPPORTED, **UNSUPPORTED_ON.get(route, {})}
+    if path and path[0] in refused:
+        return f"{path[0]}: {refused[path[0]]}", path[0]
     # A value that fits none of a union's forms fails once per form: report them together.
     same = [e for e in errors if _field_path(e.get("loc", ()))[:1] == path[:1]]
     messages = list(dict.fromkeys(e.get("msg", "invalid") for e in same))
@@ -105,8 +107,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc, request.url.path)
         return error_response(APIError(400, message, param=param))
 
     @app.exception_handler(StarletteHTTPException)
@@ -122,9 +124,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(APIError(exc.status_code, message, headers=headers))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette answers this one outside every middleware: add the request id here.
         log.exception("unhandled error")
-        return error_response(APIError(500, f"internal error: {type(exc).__name__}"))
+        request_id = request_id_of(request.scope)
+        headers = {"x-request-id": request_id} if request_id else None
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}", headers=headers))
 
 
 class ErrorDetail(BaseModel):

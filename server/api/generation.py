@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.adapters.common import AdapterRef
 from server.api.errors import APIError, documented
+from server.api.logprobs import TokenText
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
 from server.engine.engine import Engine
 from server.engine.request import (
@@ -26,8 +27,10 @@ from server.engine.request import (
     Event,
     Finished,
     InvalidRequest,
+    PromptLogprobs,
     QueueFull,
     RequestHandle,
+    TokenLogprob,
     UnknownModel,
 )
 from server.engine.sampler import SamplingParams
@@ -52,6 +55,14 @@ CLIENT_CLOSED = 499  # as nginx logs it: the client went away before the answer
 
 def engine(request: Request) -> Engine:
     return request.app.state.engine
+
+
+def token_text(request: Request) -> TokenText:
+    """Token texts and bytes for the logprobs shapes, one cache per app."""
+    state = request.app.state
+    if getattr(state, "token_text", None) is None:
+        state.token_text = TokenText(engine(request).tokenizer)
+    return state.token_text
 
 
 def resolve_adapter(request: Request, model: str) -> AdapterRef | None:
@@ -90,7 +101,14 @@ class Choice:
 
     index: int
     handle: RequestHandle
+    prompt_ids: list[int]
     text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    generated: int = 0
+    """Tokens generated so far (for usage while streaming; `finished` has the final count)."""
+    text_offset: int = 0
+    """Characters of text streamed so far (the legacy logprobs' `text_offset` goes on from it)."""
     finished: Finished | None = None
 
 
@@ -119,9 +137,11 @@ def submit_choices(
                     seed=None if body.seed is None else body.seed + i,
                     stop=body.stop_strings(),
                     ignore_eos=body.ignore_eos,
+                    logprobs=body.logprobs_wanted(),
+                    prompt_logprobs=body.prompt_logprobs_wanted(),
                 )
                 handle = eng.submit(prompt_ids, params, adapter)
-                choices.append(Choice(len(choices), handle))
+                choices.append(Choice(len(choices), handle, prompt_ids))
     except (EngineError, ValueError) as exc:
         for choice in choices:
             choice.handle.cancel()
@@ -164,6 +184,10 @@ async def _events(choices: list[Choice]) -> AsyncIterator[tuple[Choice, Event]]:
 def _record(choice: Choice, event: Event) -> None:
     if isinstance(event, Delta):
         choice.text.append(event.text)
+        choice.logprobs += event.logprobs
+        choice.generated += len(event.token_ids)
+    elif isinstance(event, PromptLogprobs):
+        choice.prompt_logprobs = event.logprobs
     else:
         choice.finished = event
 
@@ -212,7 +236,8 @@ async def collect(request: Request, choices: list[Choice]) -> list[Choice]:
 
 
 def usage(choices: list[Choice], prompt_tokens: int) -> dict[str, int]:
-    completion = sum(c.finished.completion_tokens for c in choices if c.finished)
+    """Token counts; while streaming, those of the tokens generated so far."""
+    completion = sum(c.finished.completion_tokens if c.finished else c.generated for c in choices)
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion,
@@ -239,18 +264,30 @@ class StreamFormat:
     """How one endpoint shapes its stream chunks."""
 
     object: str
-    start: Callable[[int], dict[str, Any] | None]
-    delta: Callable[[int, str], dict[str, Any]]
-    end: Callable[[int, str], dict[str, Any]]
+    start: Callable[[Choice], dict[str, Any] | None]
+    delta: Callable[[Choice, Delta], dict[str, Any]]
+    end: Callable[[Choice, str], dict[str, Any]]
+    prompt: Callable[[Choice], dict[str, Any] | None] = lambda choice: None
+    """The chunk for a choice's scored prompt (an echo), when it arrives."""
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a stream reports of usage: at the end (include_usage), or on every chunk as well
+    (vLLM's continuous_usage_stats)."""
+
+    at_end: bool = False
+    every_chunk: bool = False
 
 
 async def stream(
-    choices: list[Choice], fmt: StreamFormat, response_id: str, model: str, include_usage: bool, n: int
+    choices: list[Choice], fmt: StreamFormat, response_id: str, model: str, report: Usage, n: int
 ) -> AsyncIterator[str]:
     """SSE chunks for all choices; cancels every choice if the client goes away."""
     created = int(time.time())
+    prompt_tokens = sum(len(c.prompt_ids) for c in choices[::n])
 
-    def chunk(choice_payloads: list[dict[str, Any]], usage_payload: dict[str, int] | None = None):
+    def chunk(choice_payloads: list[dict[str, Any]], final: bool = False):
         body: dict[str, Any] = {
             "id": response_id,
             "object": fmt.object,
@@ -258,28 +295,31 @@ async def stream(
             "model": model,
             "choices": choice_payloads,
         }
-        if include_usage:
-            body["usage"] = usage_payload
+        if report.at_end:
+            body["usage"] = usage(choices, prompt_tokens) if final or report.every_chunk else None
         return sse(body)
 
     try:
         for choice in choices:
-            first = fmt.start(choice.index)
+            first = fmt.start(choice)
             if first is not None:
                 yield chunk([first])
         async for choice, event in _events(choices):
             _record(choice, event)
             if isinstance(event, Delta):
-                if event.text:
-                    yield chunk([fmt.delta(choice.index, event.text)])
+                if event.text or event.logprobs:
+                    yield chunk([fmt.delta(choice, event)])
+            elif isinstance(event, PromptLogprobs):
+                if (scored := fmt.prompt(choice)) is not None:
+                    yield chunk([scored])
             elif (error := _failure(event)) is not None:
                 yield sse(error.body())
                 yield sse("[DONE]")
                 return
             else:
-                yield chunk([fmt.end(choice.index, event.reason)])
-        if include_usage:
-            yield chunk([], usage(choices, prompt_token_count(choices, n)))
+                yield chunk([fmt.end(choice, event.reason)])
+        if report.at_end:
+            yield chunk([], final=True)
         yield sse("[DONE]")
     finally:
         for choice in choices:

@@ -17,16 +17,35 @@ MAX_STOP = 16
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 TOP_K_MAX = 2**31 - 1  # beyond any vocabulary; larger ones overflowed the sampler's tensor
 
+MAX_CHAT_LOGPROBS = 20  # OpenAI's limits: top_logprobs on chat, logprobs on completions
+MAX_COMPLETION_LOGPROBS = 5
+
 UNSUPPORTED = {
-    "logprobs": "logprobs are not supported by this server yet; leave `logprobs` out (or false)",
-    "top_logprobs": "logprobs are not supported by this server yet; leave `top_logprobs` out",
-    "echo": "echo is not supported by this server yet; leave `echo` out (or false)",
+    "frequency_penalty": "frequency_penalty is not supported by this server; leave it out (or 0)",
+    "presence_penalty": "presence_penalty is not supported by this server; leave it out (or 0)",
+    "best_of": "best_of is not supported by this server; leave it out (or 1), or ask for n choices",
+    "suffix": "suffix (insertion) is not supported by this server; leave it out",
+    "functions": "functions (the deprecated form of tools) is not supported by this server; leave it out",
+    "function_call": 'function_call is not supported by this server; leave it out (or "none")',
+    "audio": "audio output is not supported by this server; leave `audio` out",
+    "modalities": 'only text output is supported; leave `modalities` out (or ["text"])',
+    "prediction": "predicted outputs are not supported by this server; leave `prediction` out",
+    "reasoning_effort": "reasoning_effort is not supported by this server; leave it out",
+    "verbosity": "verbosity is not supported by this server; leave it out",
+    "web_search_options": "web search is not supported by this server; leave `web_search_options` out",
+    "store": "stored completions are not supported by this server; leave `store` out (or false)",
+    "service_tier": 'service tiers are not supported by this server; leave `service_tier` out (or "auto")',
     "tools": "tool calling is not supported by this server yet; leave `tools` out",
     "tool_choice": 'tool calling is not supported by this server yet; leave `tool_choice` out (or "none")',
     "response_format": 'only {"type": "text"} is supported as response_format',
     "logit_bias": "logit_bias is not supported by this server yet; leave it out (or {})",
 }
 """Field -> why it is refused; any value other than the one that changes nothing is a 400."""
+
+UNSUPPORTED_ON = {
+    "/v1/chat/completions": {"echo": "echo applies to /v1/completions only; leave it out (or false) here"},
+}
+"""The same, for fields refused on one route only."""
 
 
 def _integral(value: object) -> object:
@@ -95,6 +114,8 @@ class Message(_Body):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = False
+    """vLLM's: with include_usage, every chunk carries the usage so far."""
 
 
 class TextFormat(_Body):
@@ -115,9 +136,10 @@ class _Generation(_Body):
     user: str | None = None
     ignore_eos: bool = False
     # Refused unless they ask for nothing (UNSUPPORTED): their types admit only that value.
-    echo: Literal[False] | None = None
     logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
     response_format: TextFormat | None = None
+    frequency_penalty: Annotated[float, Field(ge=0, le=0)] | None = None
+    presence_penalty: Annotated[float, Field(ge=0, le=0)] | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -127,17 +149,61 @@ class _Generation(_Body):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    def continuous_usage(self) -> bool:
+        """Usage on every streamed chunk: vLLM's continuous_usage_stats, which needs include_usage."""
+        return self.include_usage() and bool(
+            self.stream_options and self.stream_options.continuous_usage_stats
+        )
+
+    def logprobs_wanted(self) -> int | None:
+        """Alternatives to report per generated token; None: no log-probabilities."""
+        raise NotImplementedError
+
+    def prompt_logprobs_wanted(self) -> int | None:
+        """Alternatives to report per prompt token; None: the prompt is not scored."""
+        return None
+
 
 class ChatCompletionRequest(_Generation):
+    # The schema says what the validator below does: top_logprobs needs logprobs: true.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"top_logprobs": {"type": "integer"}}, "required": ["top_logprobs"]},
+            "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+        }
+    )
+
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Count | None = None
-    logprobs: Literal[False] | None = None
-    top_logprobs: None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_CHAT_LOGPROBS), BeforeValidator(_integral)] | None = None
+    echo: Literal[False] | None = None
     tools: None = None
     tool_choice: Literal["none"] | None = None
+    # Refused unless they ask for nothing (UNSUPPORTED): their types admit only that value.
+    functions: None = None
+    function_call: Literal["none"] | None = None
+    audio: None = None
+    modalities: list[Literal["text"]] | None = None
+    prediction: None = None
+    reasoning_effort: None = None
+    verbosity: None = None
+    web_search_options: None = None
+    store: Literal[False] | None = None
+    service_tier: Literal["auto", "default"] | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
 
     def completion_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Generation):
@@ -147,11 +213,25 @@ class CompletionRequest(_Generation):
         | Annotated[list[TokenId], Field(min_length=1)]
         | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
     )
-    max_tokens: Count | None = 16
-    logprobs: None = None
+    max_tokens: Annotated[int, Field(ge=0), BeforeValidator(_integral)] | None = 16
+    """0 generates nothing: with echo and logprobs, it scores the prompt."""
+    logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS), BeforeValidator(_integral)] | None = (
+        None
+    )
+    echo: bool = False
+    # Refused unless they ask for nothing (UNSUPPORTED): their types admit only that value.
+    best_of: Annotated[int, Field(ge=1, le=1), BeforeValidator(_integral)] | None = None
+    suffix: Annotated[str, Field(max_length=0)] | None = None
 
     def completion_limit(self) -> int | None:
         return self.max_tokens
+
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs
+
+    def prompt_logprobs_wanted(self) -> int | None:
+        """An echoed prompt is always scored (then its text and tokens come from the same event)."""
+        return (self.logprobs or 0) if self.echo else None
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text, or token ids."""

@@ -45,6 +45,7 @@ from server.config import AdapterSettings, EngineSettings
 from server.engine.blocks import NULL_BLOCK, BlockPool, block_hashes, chain_hash, root_hash
 from server.engine.detokenizer import Detokenizer
 from server.engine.kv_cache import PagedKVCache, bytes_per_token, choose_budget
+from server.engine.logprobs import MAX_LOGPROBS, prompt_logprobs, token_logprobs
 from server.engine.model import Decoder, StepInputs
 from server.engine.request import (
     ContextLengthError,
@@ -54,8 +55,10 @@ from server.engine.request import (
     Finished,
     FinishReason,
     InvalidRequest,
+    PromptLogprobs,
     QueueFull,
     RequestHandle,
+    TokenLogprob,
     UnknownModel,
 )
 from server.engine.sampler import SamplingParams, new_generator, sample
@@ -112,6 +115,13 @@ class Sequence:
     """Set by the one `_finish` call that ended it."""
     lookup: tuple[int, list[bytes]] = (0, [])
     """(tokens, hashes of its full blocks but the last token's) from the last prefix cache lookup."""
+    prompt_scored: bool = False
+    """Its prompt log-probabilities went out (a recompute after preemption does not repeat them)."""
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """It still needs every prompt position's logits: its prefill must compute them all."""
+        return self.params.prompt_logprobs is not None and not self.prompt_scored
 
     @property
     def virtual_tokens(self) -> int:
@@ -245,6 +255,12 @@ class Engine:
         vocab = self.model.shape.vocab_size
         if not all(0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        for param in ("logprobs", "prompt_logprobs"):
+            asked = getattr(params, param)
+            if asked is not None and not 0 <= asked <= MAX_LOGPROBS:
+                raise InvalidRequest(param, f"{param} must be in [0, {MAX_LOGPROBS}], got {asked}")
+        if params.max_tokens < 0:
+            raise InvalidRequest("max_tokens", f"max_tokens must be at least 0, got {params.max_tokens}")
         prompt_tokens = len(prompt_ids) + (adapter.virtual_tokens if adapter else 0)
         limit = min(limit, self.cache_tokens)  # one sequence never needs more blocks than there are
         if prompt_tokens + params.max_tokens > limit:
@@ -417,8 +433,9 @@ class Engine:
         )
 
     def _lookup_hashes(self, seq: Sequence, tokens: list[int]) -> list[bytes]:
-        """Hashes of the full blocks before the last token (which is always computed, for its logits)."""
-        if not self.blocks.prefix_caching:
+        """Hashes of the full blocks before the last token (which is always computed, for its logits).
+        None for a sequence that still needs its prompt's log-probabilities: cached blocks hold no logits."""
+        if not self.blocks.prefix_caching or seq.wants_prompt_logprobs:
             return []
         if seq.lookup[0] != len(tokens):
             seq.lookup = (len(tokens), block_hashes(seq.identity, tokens[:-1], self.cache.block_size))
@@ -649,12 +666,36 @@ class Engine:
             slots=torch.where(real, where, NULL_BLOCK * size).to(device),
             adapters=adapters,
         )
-        logits = self.decoder.forward(embeds, step, self.cache)
+        hidden = self.decoder.hidden(embeds, step, self.cache)  # (B, T, hidden)
+        logits = self.decoder.logits(
+            self.decoder.last(hidden, step), adapters.last_tokens(width)
+        )  # (B, vocab)
+        for i, (seq, start) in enumerate(zip(chunk, starts, strict=True)):
+            if seq.wants_prompt_logprobs:
+                self._score_prompt(seq, hidden[i], start)
         for seq, tokens in zip(chunk, all_tokens, strict=True):
             seq.cached = len(tokens)
             self._seal(seq, tokens)
         self._running.extend(chunk)
         return self._accept(chunk, logits)
+
+    def _score_prompt(self, seq: Sequence, hidden: torch.Tensor, start: int) -> None:
+        """Send a sequence's prompt log-probabilities from its prefill's (T, hidden) states, from `start`."""
+        first = seq.virtual_tokens  # the position of the prompt's first token
+        if start > first:
+            raise EngineInvariantError(
+                f"request {seq.request_id} needs its prompt's logits but its prefill starts at {start}"
+            )
+        states = hidden[first - start : first - start + len(seq.prompt_ids)]  # (P, hidden)
+
+        def head(
+            h: torch.Tensor,
+        ) -> torch.Tensor:  # (n, hidden) -> (n, vocab), the sequence's adapter on each
+            return self.decoder.logits(h, BatchContext(self.slots, [seq.slot] * h.shape[0]))
+
+        scored = prompt_logprobs(states, head, seq.prompt_ids, seq.params.prompt_logprobs)
+        seq.handle.push(PromptLogprobs(scored))
+        seq.prompt_scored = True
 
     def _slots_of(self, seq: Sequence, positions: range) -> torch.Tensor:
         """(n,) flat cache slots of these positions of a sequence."""
@@ -745,19 +786,31 @@ class Engine:
         return self._accept(list(batch), logits)
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """Sample one token for each of these running sequences (rows of `logits`); those that end leave."""
+        """Sample one token for each of these running sequences (rows of `logits`); those that end leave.
+        Only the rows that asked for log-probabilities pay for them."""
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        scored = [i for i, s in enumerate(seqs) if s.params.logprobs is not None and s.params.max_tokens]
+        logprobs: dict[int, TokenLogprob] = {}
+        if scored:
+            rows = logits.index_select(0, torch.tensor(scored, device=logits.device))  # (R, vocab)
+            values = token_logprobs(
+                rows, [tokens[i] for i in scored], [seqs[i].params.logprobs for i in scored]
+            )
+            logprobs = dict(zip(scored, values, strict=True))
         done: list[Sequence] = []
-        for seq, token in zip(seqs, tokens, strict=True):
-            reason = self._append(seq, token)
+        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+            if seq.params.max_tokens == 0:  # scoring the prompt only
+                reason: FinishReason | None = "length"
+            else:
+                reason = self._append(seq, token, logprobs.get(i))
             if reason is not None:
                 self._finish(seq, reason)
                 done.append(seq)
         self._leave(done)
         return [s.request_id for s in done]
 
-    def _append(self, seq: Sequence, token: int) -> FinishReason | None:
-        """Record one generated token; the reason the sequence ends, if it does."""
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> FinishReason | None:
+        """Record one generated token (and its log-probability, if asked); the reason the sequence ends."""
         now = time.monotonic()
         if seq.output_ids:
             self.metrics.itl.observe(now - seq.last_token_at)
@@ -766,11 +819,14 @@ class Engine:
         seq.last_token_at = now
         seq.output_ids.append(token)
         self.metrics.generation_tokens.inc()
+        scored = () if logprob is None else (logprob,)
         if token in self.model.eos_token_ids and not seq.params.ignore_eos:
+            if scored:
+                seq.handle.push(Delta("", (), scored))
             return "stop"
         text = seq.detok.add(token)
         if text or not seq.detok.stopped:
-            seq.handle.push(Delta(text, (token,)))
+            seq.handle.push(Delta(text, (token,), scored))
         if seq.detok.stopped:
             return "stop"
         if len(seq.output_ids) >= seq.params.max_tokens:

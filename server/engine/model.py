@@ -69,9 +69,24 @@ class Decoder:
         """(B, T) token ids -> (B, T, hidden), with each token's adapter's embedding edits."""
         return adapters.embed(self.embed_tokens, ids)
 
-    @torch.inference_mode()
     def forward(self, embeds: torch.Tensor, step: StepInputs, cache: PagedKVCache) -> torch.Tensor:
         """(B, T, hidden) input embeddings -> (B, vocab) float32 logits at each row's last real token."""
+        last = self.last(self.hidden(embeds, step, cache), step)
+        return self.logits(last, step.adapters.last_tokens(embeds.shape[1]))
+
+    @staticmethod
+    def last(h: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        """(B, T, hidden) -> (B, hidden): each row's last real token."""
+        return h[torch.arange(h.shape[0], device=h.device), step.lengths - 1]
+
+    @torch.inference_mode()
+    def logits(self, h: torch.Tensor, adapters: BatchContext) -> torch.Tensor:
+        """(N, hidden) last-layer states -> (N, vocab) float32 logits, each row under its adapter."""
+        return adapters.logits(self.lm_head, adapters.norm(MODEL_LEVEL, "norm", self.norm, h)).float()
+
+    @torch.inference_mode()
+    def hidden(self, embeds: torch.Tensor, step: StepInputs, cache: PagedKVCache) -> torch.Tensor:
+        """(B, T, hidden) input embeddings -> (B, T, hidden) last-layer states (before the final norm)."""
         batch, tokens, hidden = embeds.shape
         cos, sin = self.rotary(embeds, step.positions)
         slots = step.slots.reshape(batch * tokens)
@@ -83,11 +98,7 @@ class Decoder:
             h = h + ctx.block_output(index, "attn", attn_out, h)
             mlp_in = ctx.norm(index, "post_attention_layernorm", layer.post_attention_layernorm, h)
             h = h + ctx.block_output(index, "mlp", self._mlp(index, layer.mlp, mlp_in, step), h)
-        last = h.view(batch, tokens, hidden)[
-            torch.arange(batch, device=h.device), step.lengths - 1
-        ]  # (B, hidden)
-        head = ctx.last_tokens(tokens)  # one row per sequence
-        return head.logits(self.lm_head, head.norm(MODEL_LEVEL, "norm", self.norm, last)).float()
+        return h.view(batch, tokens, hidden)
 
     def _attention(self, index, layer, x, step, cos, sin, slots, cache, bt) -> torch.Tensor:
         batch, tokens = bt

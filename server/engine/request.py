@@ -57,11 +57,33 @@ class EngineStopped(EngineError):
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the row's adapter (log-softmax of the raw logits, before
+    temperature or any other processing), and the most likely tokens at its position, best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Delta:
-    """New output: the token ids generated and the text that became final."""
+    """New output: the token ids generated and the text that became final.
+
+    `logprobs` (only when the request asked for them) has one entry per token sampled, including an
+    end-of-sequence token that ended the request, which `token_ids` and the text leave out.
+    """
 
     text: str
     token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Log-probabilities of the prompt's tokens, once, before any Delta; the first token has none."""
+
+    logprobs: tuple[TokenLogprob | None, ...]
 
 
 @dataclass(frozen=True)
@@ -74,7 +96,7 @@ class Finished:
     error: str | None = None
 
 
-Event = Delta | Finished
+Event = Delta | PromptLogprobs | Finished
 
 
 @dataclass

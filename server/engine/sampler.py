@@ -18,12 +18,17 @@ class SamplingParams:
     """How one request picks its tokens."""
 
     max_tokens: int
+    """Tokens to generate at most; 0 prefills only (to score the prompt)."""
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
+    """Report each sampled token's log-probability and this many most likely tokens; None: nothing."""
+    prompt_logprobs: int | None = None
+    """The same for every prompt token after the first; None: nothing (and the prefix cache may serve it)."""
 
     @property
     def greedy(self) -> bool:

@@ -11,7 +11,9 @@ from fastapi.responses import StreamingResponse
 from server.api.errors import APIError
 from server.api.generation import (
     GENERATION_RESPONSES,
+    Choice,
     StreamFormat,
+    Usage,
     collect,
     engine,
     new_id,
@@ -19,24 +21,40 @@ from server.api.generation import (
     resolve_adapter,
     stream,
     submit_choices,
+    token_text,
     tokenize,
     usage,
 )
+from server.api.logprobs import TokenText, chat_logprobs
 from server.api.schemas import ChatCompletionRequest
+from server.engine.request import Delta
 
 router = APIRouter(tags=["generation"])
 
-CHAT_STREAM = StreamFormat(
-    object="chat.completion.chunk",
-    start=lambda i: {
-        "index": i,
-        "delta": {"role": "assistant", "content": ""},
-        "logprobs": None,
-        "finish_reason": None,
-    },
-    delta=lambda i, text: {"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": None},
-    end=lambda i, reason: {"index": i, "delta": {}, "logprobs": None, "finish_reason": reason},
-)
+
+def chat_stream(text: TokenText, scored: bool) -> StreamFormat:
+    """Chunks of one chat stream; with `scored`, each carries its tokens' logprobs."""
+
+    def delta(choice: Choice, event: Delta) -> dict[str, Any]:
+        logprobs = chat_logprobs(text, event.logprobs) if scored else None
+        return {
+            "index": choice.index,
+            "delta": {"content": event.text},
+            "logprobs": logprobs,
+            "finish_reason": None,
+        }
+
+    return StreamFormat(
+        object="chat.completion.chunk",
+        start=lambda c: {
+            "index": c.index,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        },
+        delta=delta,
+        end=lambda c, reason: {"index": c.index, "delta": {}, "logprobs": None, "finish_reason": reason},
+    )
 
 
 @router.post("/v1/chat/completions", response_model=None, responses=GENERATION_RESPONSES)
@@ -52,8 +70,10 @@ async def chat_completions(
         raise APIError(400, str(exc), param="messages") from exc
     choices = submit_choices(request, body, [prompt_ids], adapter, "messages")
     response_id = new_id("chatcmpl")
+    text = token_text(request)
     if body.stream:
-        events = stream(choices, CHAT_STREAM, response_id, body.model, body.include_usage(), body.n)
+        report = Usage(body.include_usage(), body.continuous_usage())
+        events = stream(choices, chat_stream(text, body.logprobs), response_id, body.model, report, body.n)
         return StreamingResponse(events, media_type="text/event-stream")
     await collect(request, choices)
     return {
@@ -65,7 +85,7 @@ async def chat_completions(
             {
                 "index": c.index,
                 "message": {"role": "assistant", "content": "".join(c.text), "refusal": None},
-                "logprobs": None,
+                "logprobs": chat_logprobs(text, c.logprobs) if body.logprobs else None,
                 "finish_reason": c.finished.reason,
             }
             for c in choices

@@ -1,4 +1,4 @@
-"""GET /v1/models: the base model and every adapter, in OpenAI's list shape."""
+"""GET /v1/models: the base model and every adapter, in OpenAI's list shape; GET /v1/models/{id}: one."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
-from server.api.errors import documented
+from server.api.errors import APIError, documented
 from server.api.generation import engine
+from server.engine.request import UnknownModel
 
 router = APIRouter(tags=["models"])
 PAGE_MAX = 10_000
@@ -48,3 +49,16 @@ async def list_models(
     if wanted == 0:
         more = bool(store.page(None, 1)[0])
     return {"object": "list", "data": models, "has_more": more}
+
+
+@router.get("/v1/models/{model_id:path}", responses=documented(401, 403, 404))
+async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+    """One model: the base, or an adapter by name; 404 in OpenAI's shape if there is none."""
+    eng = engine(request)
+    base = eng.model.name
+    try:
+        ref = eng.resolve_model(model_id)
+    except UnknownModel as exc:
+        raise APIError(404, str(exc), param="model", code="model_not_found") from exc
+    created = request.app.state.started
+    return _model(model_id, created, base, None if ref is None else base)

@@ -146,16 +146,25 @@ def test_unknown_fields_are_ignored(http, model):
 @pytest.mark.parametrize(
     "path, fields, param",
     [
-        (CHAT, {"logprobs": True}, "logprobs"),
-        (CHAT, {"top_logprobs": 2}, "top_logprobs"),
         (CHAT, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         (CHAT, {"tool_choice": "auto"}, "tool_choice"),
         (CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
         (CHAT, {"logit_bias": {"1": 5}}, "logit_bias"),
-        (COMPLETIONS, {"logprobs": 1}, "logprobs"),
-        (COMPLETIONS, {"logprobs": 0}, "logprobs"),
-        (COMPLETIONS, {"echo": True}, "echo"),
         (COMPLETIONS, {"logit_bias": {"50256": -100}}, "logit_bias"),
+        (CHAT, {"frequency_penalty": 0.5}, "frequency_penalty"),
+        (COMPLETIONS, {"presence_penalty": -1}, "presence_penalty"),
+        (COMPLETIONS, {"best_of": 3}, "best_of"),
+        (COMPLETIONS, {"suffix": "the end"}, "suffix"),
+        (CHAT, {"functions": [{"name": "f"}]}, "functions"),
+        (CHAT, {"function_call": "auto"}, "function_call"),
+        (CHAT, {"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        (CHAT, {"modalities": ["text", "audio"]}, "modalities"),
+        (CHAT, {"prediction": {"type": "content", "content": "x"}}, "prediction"),
+        (CHAT, {"reasoning_effort": "low"}, "reasoning_effort"),
+        (CHAT, {"verbosity": "low"}, "verbosity"),
+        (CHAT, {"web_search_options": {}}, "web_search_options"),
+        (CHAT, {"store": True}, "store"),
+        (CHAT, {"service_tier": "priority"}, "service_tier"),
     ],
 )
 def test_fields_we_cannot_honour_are_refused(http, model, path, fields, param):
@@ -171,10 +180,32 @@ def test_fields_we_cannot_honour_are_refused(http, model, path, fields, param):
     [
         {"logprobs": False, "echo": False, "logit_bias": {}, "tool_choice": "none"},
         {"response_format": {"type": "text"}, "tools": None, "top_logprobs": None},
+        {"frequency_penalty": 0, "presence_penalty": 0.0, "functions": None, "function_call": "none"},
+        {"modalities": ["text"], "store": False, "service_tier": "auto", "reasoning_effort": None},
     ],
 )
 def test_values_that_ask_for_nothing_are_accepted(http, model, fields):
     assert http.post(CHAT, json=chat(model, **fields)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path, fields, param",
+    [
+        (CHAT, {"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+        (CHAT, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        (CHAT, {"echo": True}, "echo"),
+        (COMPLETIONS, {"logprobs": 6}, "logprobs"),
+        (COMPLETIONS, {"max_tokens": 0}, None),  # generates nothing
+        (COMPLETIONS, {"best_of": 1, "suffix": ""}, None),
+    ],
+)
+def test_logprobs_and_echo_limits(http, model, path, fields, param):
+    body = chat(model) if path == CHAT else {"model": model, "prompt": "hi", "max_tokens": 2}
+    response = http.post(path, json={**body, **fields})
+    if param is None:
+        assert response.status_code == 200, response.text
+    else:
+        assert assert_openai_error(response, 400, param)["message"].startswith(param)
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ def finishes(events) -> list[Finished]:
 
 def fail_on_call(engine: Engine, monkeypatch, number: int) -> None:
     """Make the decoder's `number`-th forward pass raise."""
-    forward = engine.decoder.forward
+    forward = engine.decoder.hidden  # prefill and decode both run through it
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -40,7 +40,7 @@ def fail_on_call(engine: Engine, monkeypatch, number: int) -> None:
             raise RuntimeError("boom")
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(engine.decoder, "forward", flaky)
+    monkeypatch.setattr(engine.decoder, "hidden", flaky)
 
 
 def test_a_later_prefill_chunk_raising_does_not_finish_an_earlier_chunk_twice(tiny_model, monkeypatch):
