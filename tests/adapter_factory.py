@@ -7,12 +7,15 @@ from pathlib import Path
 
 import torch
 from peft import (
+    AdaLoraConfig,
     IA3Config,
     LoraConfig,
+    OFTConfig,
     PeftModel,
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
+    VeraConfig,
     get_peft_model,
 )
 from safetensors.torch import save_file
@@ -44,7 +47,29 @@ PEFT_KINDS = {
     "prompt": lambda: PromptTuningConfig(num_virtual_tokens=4),
     "ptuning": lambda: PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=32),
     "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=5),
+    # issue 15, methods-b: served as LoRA (AdaLoRA, VeRA) or as an input rotation (OFT)
+    "adalora": lambda: AdaLoraConfig(
+        init_r=6,
+        target_r=4,
+        total_step=10,
+        lora_alpha=12,
+        target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+        init_lora_weights=False,
+    ),
+    "vera": lambda: VeraConfig(
+        r=16,
+        target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+        save_projection=False,  # the harder case: the server regenerates the projections from the key
+        projection_prng_key=7,
+        init_weights=False,
+    ),
+    "oft": lambda: OFTConfig(
+        oft_block_size=16, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"], init_weights=False
+    ),
+    # issue 15, methods-a: add its kinds here
 }
+ADALORA_PRUNED = {"model.layers.0.self_attn.q_proj.lora_E": [True, False, True, True, False, True]}
+"""A rank_pattern as AdaLoRA's budget leaves it: PEFT drops the masked ranks when it saves."""
 
 
 def load_base(base_dir: Path) -> torch.nn.Module:
@@ -63,6 +88,10 @@ def _randomize(peft_model: PeftModel, kind: str, seed: int) -> None:
                 param.mul_(1 + 0.3 * noise)  # DoRA: move m away from ||W + sBA|| so the rescale matters
             elif kind == "ia3":
                 param.copy_(1 + 0.5 * noise)
+            elif kind == "vera" and "lambda_b" in name:
+                param.copy_(0.3 * noise)
+            elif kind == "adalora" and "lora_E" in name:
+                param.copy_(noise * (torch.arange(param.shape[0]) % 3 != 1).unsqueeze(1))  # pruned: zeros in E
             else:
                 param.copy_(noise * param.std().clamp(min=0.05))
 
@@ -73,6 +102,8 @@ def make_peft_adapter(base_dir: Path, kind: str, out: Path, seed: int = 0) -> Pa
     torch.manual_seed(seed)
     model = get_peft_model(load_base(base_dir), config)
     _randomize(model, kind, seed)
+    if kind == "adalora":
+        model.peft_config["default"].rank_pattern = dict(ADALORA_PRUNED)
     model.save_pretrained(out)
     return out
 

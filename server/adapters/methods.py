@@ -4,13 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.adapters import bottleneck, ia3, lora, prefix, prompt
+from server.adapters import adalora, bottleneck, ia3, lora, oft, prefix, prompt, vera
 from server.adapters.common import AdapterError, AdapterWeights
 from server.adapters.method import Method
+from server.adapters.refused import refusal
 
-METHODS: tuple[Method, ...] = (lora.METHOD, ia3.METHOD, prompt.METHOD, prefix.METHOD, bottleneck.METHOD)
+METHODS: tuple[Method, ...] = (
+    lora.METHOD,
+    ia3.METHOD,
+    prompt.METHOD,
+    prefix.METHOD,
+    bottleneck.METHOD,
+    adalora.METHOD,
+    vera.METHOD,
+    oft.METHOD,
+)
 _BY_TYPE = {peft_type: m for m in METHODS for peft_type in m.peft_types}
-SUPPORTED_TEXT = "LORA (with rsLoRA and DoRA), IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, BOTTLENECK"
+SUPPORTED_TEXT = (
+    "LORA (with rsLoRA and DoRA), IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, BOTTLENECK, ADALORA, VERA, OFT"
+)
 
 
 def method_for(config: dict[str, Any]) -> Method:
@@ -28,6 +40,9 @@ def method_by_type(peft_type: str) -> Method:
     """The method of a PEFT type (e.g. "LORA", as the index records it); raises AdapterError for others."""
     method = _BY_TYPE.get(peft_type.upper())
     if method is None:
+        refused = refusal(peft_type)
+        if refused is not None:
+            raise AdapterError(refused, "peft_type")
         raise AdapterError(
             f"peft_type {peft_type!r} is not supported; supported: {SUPPORTED_TEXT}", "peft_type"
         )

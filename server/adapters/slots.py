@@ -20,6 +20,7 @@ from server.adapters.common import AdapterWeights
 from server.adapters.lowrank import LowRankTable
 from server.adapters.method import Hook, Method, Site
 from server.adapters.methods import method_of
+from server.adapters.rotation import RotationTable
 from server.base_model import ModelShape
 
 
@@ -53,10 +54,12 @@ class SlotTable:
     """Every low-rank table pads ranks to this (--max-lora-rank)."""
     lowrank: dict[tuple[Hook, Site], LowRankTable] = field(default_factory=dict)
     scales: dict[tuple[Hook, Site], ScaleTable] = field(default_factory=dict)
+    rotations: dict[tuple[Hook, Site], list[RotationTable]] = field(default_factory=dict)
+    """Per site, one table per block size in use."""
     methods: list[Method | None] = field(init=False)
     data: list[dict[Hook, Any]] = field(init=False)
     """Per slot: what a hook needs beyond site tables (soft prompt, KV prefix, block options)."""
-    _tables_of: list[list[LowRankTable | ScaleTable]] = field(init=False)
+    _tables_of: list[list[LowRankTable | ScaleTable | RotationTable]] = field(init=False)
 
     def __post_init__(self) -> None:
         lowrank.prepare_for(self.dtype, self.device)  # compile at start-up, not on the first LoRA step
@@ -96,6 +99,17 @@ class SlotTable:
                 self.num_slots, vector.shape[0], self.dtype, self.device
             )
         table.set(slot, self.put(vector))
+        self._tables_of[slot].append(table)
+
+    def set_rotation(self, slot: int, hook: Hook, site: Site, blocks: torch.Tensor) -> None:
+        """blocks (k, b, b) of `slot` at a site: each block of the input times its R."""
+        tables = self.rotations.setdefault((hook, site), [])
+        count, block = blocks.shape[0], blocks.shape[1]
+        table = next((t for t in tables if (t.count, t.block) == (count, block)), None)
+        if table is None:
+            table = RotationTable(self.num_slots, count, block, self.dtype, self.device)
+            tables.append(table)
+        table.set(slot, self.put(blocks))
         self._tables_of[slot].append(table)
 
     def set_data(self, slot: int, hook: Hook, value: Any) -> None:
