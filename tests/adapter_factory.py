@@ -91,7 +91,8 @@ def _randomize(peft_model: PeftModel, kind: str, seed: int) -> None:
             elif kind == "vera" and "lambda_b" in name:
                 param.copy_(0.3 * noise)
             elif kind == "adalora" and "lora_E" in name:
-                param.copy_(noise * (torch.arange(param.shape[0]) % 3 != 1).unsqueeze(1))  # pruned: zeros in E
+                kept = torch.arange(param.shape[0]) % 3 != 2  # as the budget prunes: zeros in E
+                param.copy_(noise * kept.unsqueeze(1))
             else:
                 param.copy_(noise * param.std().clamp(min=0.05))
 
