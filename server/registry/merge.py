@@ -1,4 +1,4 @@
-"""Merge for zero latency: fold a LoRA (rsLoRA, DoRA) or IA3 adapter into the base weights.
+"""Merge for zero latency: fold an adapter (LoRA with rsLoRA and DoRA, IA3, AdaLoRA, VeRA, OFT) into the base.
 
 The merged weights start from what the server computes with: the served linear layers'
 weights, dequantized when the base runs in 4 or 8 bits. The export is a plain HF model folder
