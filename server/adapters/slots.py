@@ -3,7 +3,8 @@
 Slot indices run 0 .. num_slots - 1; slot -1 means "base model only". A slot holds one adapter
 of any method. The method's `install` places its tensors through the setters here: low-rank
 tables (one per linear or block site, every slot stacked, ranks padded to max_rank),
-per-channel scale tables (every slot stacked), and per-slot data (soft prompts, KV prefixes, a
+per-channel scale tables (every slot stacked), input rotation tables (rotation.py; one per site
+and block size), and per-slot data (soft prompts, KV prefixes, a
 block adapter's options). Everything lives on the base's device, in its dtype. `clear`
 removes whatever was placed.
 """
