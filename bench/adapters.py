@@ -103,6 +103,74 @@ def write_bottleneck(folder: Path, shape: ModelShape, size: int = 64, seed: int 
     return _write(folder, config, tensors)
 
 
+def write_adalora(folder: Path, shape: ModelShape, rank: int = 16, seed: int = 0) -> Path:
+    """AdaLoRA of initial rank `rank` on every linear layer, a quarter of its singular values pruned."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(shape.num_layers):
+        for module, (fan_in, fan_out) in shape.linear_dims().items():
+            name = _peft_name(layer, module)
+            tensors[f"{name}.lora_A"] = torch.randn(rank, fan_in, generator=gen) / fan_in**0.5
+            tensors[f"{name}.lora_B"] = torch.randn(fan_out, rank, generator=gen) * 0.01
+            kept = torch.arange(rank) % 4 != 3
+            tensors[f"{name}.lora_E"] = (torch.rand(rank, generator=gen) * kept).unsqueeze(1)
+    config = {
+        "peft_type": "ADALORA",
+        "init_r": rank,
+        "target_r": rank // 2,
+        "lora_alpha": 2 * rank,
+        "total_step": 1000,
+        "target_modules": list(ALL_LINEAR),
+    }
+    return _write(folder, config, tensors)
+
+
+def write_vera(folder: Path, shape: ModelShape, rank: int = 64, seed: int = 0) -> Path:
+    """VeRA of `rank` on every linear layer, its shared projections saved (PEFT's default)."""
+    gen = torch.Generator().manual_seed(seed)
+    dims = shape.linear_dims()
+    max_in, max_out = max(i for i, _ in dims.values()), max(o for _, o in dims.values())
+    tensors = {
+        "base_model.vera_A": (torch.rand(rank, max_in, generator=gen) * 2 - 1) * (6 / max_in) ** 0.5,
+        "base_model.vera_B": (torch.rand(max_out, rank, generator=gen) * 2 - 1) * (6 / rank) ** 0.5,
+    }
+    for layer in range(shape.num_layers):
+        for module, (_, fan_out) in dims.items():
+            name = _peft_name(layer, module)
+            tensors[f"{name}.vera_lambda_b"] = 0.01 * torch.randn(fan_out, generator=gen)
+            tensors[f"{name}.vera_lambda_d"] = 0.1 + 0.02 * torch.randn(rank, generator=gen)
+    config = {
+        "peft_type": "VERA",
+        "r": rank,
+        "projection_prng_key": seed,
+        "save_projection": True,
+        "target_modules": list(ALL_LINEAR),
+    }
+    return _write(folder, config, tensors)
+
+
+def write_oft(folder: Path, shape: ModelShape, block: int = 32, seed: int = 0) -> Path:
+    """OFT with blocks of `block` on every linear layer (PEFT 0.21's Cayley-Neumann parametrization)."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(shape.num_layers):
+        for module, (fan_in, _) in shape.linear_dims().items():
+            count = fan_in // block
+            tensors[f"{_peft_name(layer, module)}.oft_R.weight"] = 0.01 * torch.randn(
+                count, block * (block - 1) // 2, generator=gen
+            )
+    config = {
+        "peft_type": "OFT",
+        "r": 0,
+        "oft_block_size": block,
+        "use_cayley_neumann": True,
+        "num_cayley_neumann_terms": 5,
+        "peft_version": "0.21.2",
+        "target_modules": list(ALL_LINEAR),
+    }
+    return _write(folder, config, tensors)
+
+
 def zipf_choices(count: int, population: int, s: float, seed: int) -> list[int]:
     """`count` ranks in 0..population-1 with P(rank k) proportional to 1/(k+1)^s (s = 0 is uniform)."""
     weights = torch.tensor([1.0 / (k + 1) ** s for k in range(population)])

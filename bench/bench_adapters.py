@@ -3,7 +3,8 @@
 Workload: N requests (default 64), prompts of 32-128 random tokens, 64 new tokens each (EOS
 ignored so every request generates all of them), adapters drawn from K LoRA adapters (rank 16,
 every linear layer) with a Zipf law, P(rank k) proportional to 1/k^s, s = 1.0. Plus one mix of
-all adapter kinds. Tokens/s = generated tokens / wall time from the first submit to the last
+all adapter kinds (two of each), and each method of issue 15 (NEW_METHODS) alone, ALONE_K
+adapters of its kind. Tokens/s = generated tokens / wall time from the first submit to the last
 token, prefill included. Engine figures are the median of --repeats runs of one engine after
 one warm-up run (adapters then sit in slots or the CPU cache, as on a server that has been up
 a while).
@@ -25,22 +26,26 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from bench import many_adapters
 from bench.adapters import (
+    write_adalora,
     write_bottleneck,
     write_ia3,
     write_lora,
     write_lora_store,
+    write_oft,
     write_prompt,
+    write_vera,
     zipf_choices,
 )
 from server.adapters.loader import folder_loader
 from server.adapters.slots import SlotTable
-from server.base_model import LoadedModel, load_base_model
+from server.base_model import LoadedModel, ModelShape, load_base_model
 from server.config import AdapterSettings, EngineSettings, Settings
 from server.engine.engine import Engine
 from server.engine.request import Finished
@@ -56,6 +61,16 @@ TARGETS = [
     ("engine K=max", "PEFT adapter_names batch", 2.5),
     ("engine, all kinds", "engine, no adapters", 0.75),
 ]
+
+
+# Methods of issue 15: each joins the all-kinds mix, and runs alone with ALONE_K adapters of its kind.
+NEW_METHODS: dict[str, Callable[[Path, ModelShape, int], Path]] = {
+    "adalora": lambda f, shape, s: write_adalora(f, shape, 16, s),
+    "vera": lambda f, shape, s: write_vera(f, shape, 64, s),
+    "oft": lambda f, shape, s: write_oft(f, shape, 32, s),
+    # methods-a (embedding/lm_head LoRA, trainable tokens, biases, LN tuning, modules_to_save): add here
+}
+ALONE_K = 8
 
 
 class Progress(dict):
@@ -194,6 +209,7 @@ def build_stores(root: Path, model: LoadedModel, max_k: int) -> tuple[Path, Path
         "prompt": lambda f, s: write_prompt(f, shape, 16, s),
         "prefix": lambda f, s: write_prompt(f, shape, 16, s, prefix=True),
         "bottleneck": lambda f, s: write_bottleneck(f, shape, 64, s),
+        **{kind: (lambda f, s, w=write: w(f, shape, s)) for kind, write in NEW_METHODS.items()},
     }
     mix_names = []
     for round_ in range(2):  # two of each kind, interleaved so Zipf's popular ranks span every kind
@@ -201,6 +217,9 @@ def build_stores(root: Path, model: LoadedModel, max_k: int) -> tuple[Path, Path
             name = f"{kind}-{round_}"
             write(mix_store / name, 1000 + len(mix_names))
             mix_names.append(name)
+    for kind, write in NEW_METHODS.items():
+        for k in range(ALONE_K):
+            write(root / f"only-{kind}" / f"{kind}-{k}", shape, 2000 + k)
     return lora_store, mix_store, mix_names
 
 
@@ -338,6 +357,11 @@ def run_small(args, model: LoadedModel) -> dict:
             results[f"engine K={k}"] = engine_median(model, lora_store, prompts, names, nt, rep)
         mix = [mix_names[i] for i in zipf_choices(len(prompts), len(mix_names), args.zipf_s, seed=99)]
         results["engine, all kinds"] = engine_median(model, mix_store, prompts, mix, nt, rep)
+        for kind in NEW_METHODS:
+            alone = [f"{kind}-{i}" for i in zipf_choices(len(prompts), ALONE_K, args.zipf_s, seed=7)]
+            results[f"engine, {ALONE_K} {kind}"] = engine_median(
+                model, Path(tmp) / f"only-{kind}", prompts, alone, nt, rep
+            )
         # Last, as it changes the model's weights: lora-00 folded in, served as the base (--merge-adapter).
         fold_into(model, folder_loader(model, 64)(lora_store / "lora-00"))
         merged = engine_median(model, lora_store, prompts, [None] * len(prompts), nt, rep)

@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge = commands.add_parser(
         "merge",
-        help="fold a LoRA or IA3 adapter into the base model and save the merged model",
+        help="fold an adapter (LoRA, IA3, AdaLoRA, VeRA, OFT) into the base model and save the merged model",
         description="Merge for zero latency: write a full model (safetensors, config, tokenizer) with the "
         "adapter folded into the base weights. Any HF tool loads the result.",
     )

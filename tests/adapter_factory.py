@@ -7,14 +7,17 @@ from pathlib import Path
 
 import torch
 from peft import (
+    AdaLoraConfig,
     IA3Config,
     LNTuningConfig,
     LoraConfig,
+    OFTConfig,
     PeftModel,
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
     TrainableTokensConfig,
+    VeraConfig,
     get_peft_model,
 )
 from safetensors.torch import save_file
@@ -47,7 +50,29 @@ PEFT_KINDS = {
     "prompt": lambda: PromptTuningConfig(num_virtual_tokens=4),
     "ptuning": lambda: PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=32),
     "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=5),
+    # issue 15, methods-b: served as LoRA (AdaLoRA, VeRA) or as an input rotation (OFT)
+    "adalora": lambda: AdaLoraConfig(
+        init_r=6,
+        target_r=4,
+        total_step=10,
+        lora_alpha=12,
+        target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+        init_lora_weights=False,
+    ),
+    "vera": lambda: VeraConfig(
+        r=16,
+        target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+        save_projection=False,  # the harder case: the server regenerates the projections from the key
+        projection_prng_key=7,
+        init_weights=False,
+    ),
+    "oft": lambda: OFTConfig(
+        oft_block_size=16, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"], init_weights=False
+    ),
+    # issue 15, methods-a: add its kinds here
 }
+ADALORA_PRUNED = {"model.layers.0.self_attn.q_proj.lora_E": [True, False, True, True, False, True]}
+"""A rank_pattern as AdaLoRA's budget leaves it: PEFT drops the masked ranks when it saves."""
 
 
 TOKEN_TEXT = "Hello there The cat sat on the 1 2 3 Once upon a time"
@@ -139,6 +164,11 @@ def _randomize(peft_model: PeftModel, kind: str, seed: int) -> None:
                 param.copy_(noise * 0.03)
             elif "lm_head" in name or "embedding" in name:  # small: a large delta on logits drowns the prompt
                 param.copy_(noise * 0.1 * param.std().clamp(min=0.05))
+            elif kind == "vera" and "lambda_b" in name:
+                param.copy_(0.3 * noise)
+            elif kind == "adalora" and "lora_E" in name:
+                kept = torch.arange(param.shape[0]) % 3 != 2  # as the budget prunes: zeros in E
+                param.copy_(noise * kept.unsqueeze(1))
             else:
                 param.copy_(noise * param.std().clamp(min=0.05))
 
@@ -158,6 +188,8 @@ def make_peft_adapter(base_dir: Path, kind: str, out: Path, seed: int = 0) -> Pa
     torch.manual_seed(seed)
     model = get_peft_model(load_base(base_dir), config)
     _randomize(model, kind, seed)
+    if kind == "adalora":
+        model.peft_config["default"].rank_pattern = dict(ADALORA_PRUNED)
     model.save_pretrained(out)
     return out
 

@@ -8,12 +8,26 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from trainer.errors import UsageError
 
 Method = Literal[
-    "lora", "qlora", "dora", "ia3", "prompt", "ptuning", "prefix", "bottleneck", "bitfit", "ln-tuning"
+    "lora",
+    "qlora",
+    "dora",
+    "ia3",
+    "prompt",
+    "ptuning",
+    "prefix",
+    "bottleneck",
+    "bitfit",
+    "ln-tuning",
+    "adalora",
+    "vera",
+    "oft",
 ]
 METHODS: tuple[str, ...] = Method.__args__
 
 LORA_METHODS = frozenset({"lora", "qlora", "dora"})
 PROMPT_METHODS = frozenset({"prompt", "ptuning", "prefix"})
+RANK_METHODS = LORA_METHODS | {"adalora", "vera"}
+"""Methods whose --r is a low-rank dimension (AdaLoRA: its initial rank)."""
 
 # Peak learning rates checked on the default model (20 steps on trainer/examples/sign-off.jsonl, bf16):
 # each lowers the eval loss steadily there. P-tuning learns slowest of all at any of 1e-3..1e-1.
@@ -28,20 +42,25 @@ DEFAULT_LR: dict[str, float] = {
     "bottleneck": 1e-3,
     "bitfit": 1e-2,  # not yet checked on the default model
     "ln-tuning": 1e-2,  # not yet checked on the default model
+    # not yet checked on the default model as the ones above: chosen from the methods' papers
+    "adalora": 5e-3,
+    "vera": 1e-2,
+    "oft": 1e-3,
 }
 
 # Flags that only mean something for some methods; setting one for another method is a usage error.
 METHOD_ONLY_FIELDS: dict[str, frozenset[str]] = {
-    "r": LORA_METHODS,
-    "alpha": LORA_METHODS,
-    "dropout": LORA_METHODS,
-    "target_modules": LORA_METHODS | {"ia3", "bitfit", "ln-tuning"},
+    "r": RANK_METHODS,
+    "alpha": LORA_METHODS | {"adalora"},
+    "dropout": RANK_METHODS,
+    "target_modules": RANK_METHODS | {"ia3", "oft", "bitfit", "ln-tuning"},
     "feedforward_modules": frozenset({"ia3"}),
     "num_virtual_tokens": PROMPT_METHODS,
     "encoder_hidden_size": frozenset({"ptuning"}),
     "bottleneck_size": frozenset({"bottleneck"}),
     "placement": frozenset({"bottleneck"}),
     "non_linearity": frozenset({"bottleneck"}),
+    "oft_block_size": frozenset({"oft"}),
 }
 
 
@@ -93,13 +112,20 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, description="seed for the data split, shuffling and adapter initialisation")
 
     # method hyperparameters
-    r: int = Field(8, ge=1, description="LoRA/QLoRA/DoRA rank")
-    alpha: float = Field(16.0, gt=0.0, description="LoRA/QLoRA/DoRA scaling numerator (scale = alpha / r)")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA/QLoRA/DoRA dropout on the adapter input")
+    r: int = Field(
+        8, ge=1, description="LoRA/QLoRA/DoRA/VeRA rank; AdaLoRA's initial rank (its budget ends at r/2)"
+    )
+    alpha: float = Field(
+        16.0, gt=0.0, description="LoRA/QLoRA/DoRA/AdaLoRA scaling numerator (LoRA: scale = alpha / r)"
+    )
+    dropout: float = Field(
+        0.05, ge=0.0, lt=1.0, description="LoRA/QLoRA/DoRA/AdaLoRA/VeRA dropout on the adapter input"
+    )
     target_modules: list[str] | None = Field(
         None,
         description="comma-separated module names to adapt; LoRA kinds may name embed_tokens and lm_head "
-        "(default: all linear layers for LoRA kinds and BitFit, PEFT's choice for IA3 and LN tuning)",
+        "(default: all linear layers for LoRA kinds, AdaLoRA, VeRA, OFT and BitFit; PEFT's choice for IA3 "
+        "and LN tuning)",
     )
     feedforward_modules: list[str] | None = Field(
         None, description="IA3: comma-separated target modules whose input (not output) is scaled"
@@ -113,6 +139,9 @@ class TrainConfig(BaseModel):
     )
     non_linearity: Literal["relu", "gelu", "silu", "tanh"] = Field(
         "relu", description="bottleneck: activation between down and up projection"
+    )
+    oft_block_size: int = Field(
+        32, ge=2, description="OFT: size of the rotation blocks (must divide each target's input width)"
     )
 
     # publishing

@@ -180,6 +180,7 @@ def optimizer_step(
     cfg: TrainConfig,
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
+    step: int = 0,
 ) -> float:
     """Accumulate gradients over a group of micro-batches (weighted by answer tokens), clip, step."""
     n_total = max(sum(loss_tokens(b) for b in group), 1)
@@ -193,6 +194,7 @@ def optimizer_step(
         torch.nn.utils.clip_grad_norm_(adapter.trainable().values(), cfg.max_grad_norm)
     optimizer.step()
     schedule.step()
+    adapter.after_step(step)
     optimizer.zero_grad(set_to_none=True)
     return step_loss
 
@@ -234,7 +236,7 @@ def train(
     with stop_on_interrupt() as stop, bar:
         while stopped == "completed" and step < total_steps:
             group = [collate(b, pad_id, PAD_MULTIPLE) for b in islice(stream, cfg.grad_accum)]
-            step_loss = optimizer_step(adapter, group, cfg, optimizer, schedule)
+            step_loss = optimizer_step(adapter, group, cfg, optimizer, schedule, step)
             tokens += sum(int(b["attention_mask"].sum()) for b in group)
             step += 1
             history.train_steps.append(step)

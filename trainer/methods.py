@@ -9,15 +9,18 @@ from pathlib import Path
 
 import torch
 from peft import (
+    AdaLoraConfig,
     IA3Config,
     LNTuningConfig,
     LoraConfig,
+    OFTConfig,
     PeftConfig,
     PeftModel,
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
     PromptTuningInit,
+    VeraConfig,
     get_peft_model,
     prepare_model_for_kbit_training,
 )
@@ -59,6 +62,10 @@ class Adapter(ABC):
             for name, p in self.trainable().items():
                 p.copy_(snapshot[name])
 
+    def after_step(self, step: int) -> None:
+        """Called after optimizer step `step` (0-based), before the gradients are cleared."""
+        return None
+
     @abstractmethod
     def save(self, folder: Path) -> None:
         """Write adapter_config.json and adapter_model.safetensors into folder."""
@@ -77,6 +84,22 @@ class PeftAdapter(Adapter):
         # embeddings are never trained here; "auto" would ask the model hub about the base's vocabulary
         self.model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
         (folder / PEFT_README).unlink(missing_ok=True)  # the trainer writes its own model card
+
+
+class AdaLoraAdapter(PeftAdapter):
+    """AdaLoRA: after every step its rank allocator scores the singular values and prunes the budget."""
+
+    def after_step(self, step: int) -> None:
+        self.model.base_model.update_and_allocate(step)
+
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        super().restore(snapshot)
+        # a snapshot from before the final pruning still holds singular values the budget has since cut
+        rank_pattern = self.model.peft_config["default"].rank_pattern
+        if rank_pattern:
+            self.model.base_model.rankallocator.mask_using_rank_pattern(
+                self.model.base_model.model, rank_pattern
+            )
 
 
 class BottleneckAdapter(Adapter):
@@ -104,8 +127,14 @@ class BitFitAdapter(Adapter):
         save_bitfit(folder, self.targets, self.biases, self.base_name)
 
 
-def peft_config(cfg: TrainConfig) -> PeftConfig:
-    """The PEFT config for cfg.method, with cfg's hyperparameters."""
+def adalora_schedule(total_steps: int) -> dict[str, int]:
+    """AdaLoRA's phases: a fifth of the steps at the initial rank, the last fifth at the final ranks."""
+    edge = total_steps // 5
+    return {"total_step": max(total_steps, 1), "tinit": edge, "tfinal": edge}
+
+
+def peft_config(cfg: TrainConfig, total_steps: int = 1) -> PeftConfig:
+    """The PEFT config for cfg.method, with cfg's hyperparameters (`total_steps` for AdaLoRA's schedule)."""
     common = {"task_type": "CAUSAL_LM"}
     if cfg.method in LORA_METHODS:
         return LoraConfig(
@@ -114,6 +143,27 @@ def peft_config(cfg: TrainConfig) -> PeftConfig:
             lora_dropout=cfg.dropout,
             target_modules=cfg.target_modules or "all-linear",
             use_dora=cfg.method == "dora",
+            **common,
+        )
+    if cfg.method == "adalora":
+        return AdaLoraConfig(
+            init_r=cfg.r,
+            target_r=max(1, cfg.r // 2),
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=cfg.target_modules or "all-linear",
+            **adalora_schedule(total_steps),
+            **common,
+        )
+    if cfg.method == "vera":
+        return VeraConfig(
+            r=cfg.r, vera_dropout=cfg.dropout, target_modules=cfg.target_modules or "all-linear", **common
+        )
+    if cfg.method == "oft":
+        return OFTConfig(
+            r=0,
+            oft_block_size=cfg.oft_block_size,
+            target_modules=cfg.target_modules or "all-linear",
             **common,
         )
     if cfg.method == "ia3":
@@ -138,8 +188,11 @@ def peft_config(cfg: TrainConfig) -> PeftConfig:
     raise UsageError(f"--method {cfg.method} is not a PEFT method")
 
 
-def attach_adapter(model: PreTrainedModel, cfg: TrainConfig, base_name: str) -> Adapter:
-    """Freeze the base and add a freshly initialised (seeded) adapter of cfg.method to it."""
+def attach_adapter(model: PreTrainedModel, cfg: TrainConfig, base_name: str, total_steps: int = 1) -> Adapter:
+    """Freeze the base and add a freshly initialised (seeded) adapter of cfg.method to it.
+
+    `total_steps`: the optimizer steps the run plans (AdaLoRA's budget schedule needs them).
+    """
     torch.manual_seed(cfg.seed)
     model.config.use_cache = False
     if cfg.method == "qlora":
@@ -163,11 +216,11 @@ def attach_adapter(model: PreTrainedModel, cfg: TrainConfig, base_name: str) -> 
             raise UsageError(f"--target-modules: {exc}") from exc
         return BitFitAdapter(model, targets, base_name)
     try:
-        peft_model = get_peft_model(model, peft_config(cfg))
+        peft_model = get_peft_model(model, peft_config(cfg, total_steps))
     except ValueError as exc:  # PEFT's message for e.g. target modules that the model does not have
         raise UsageError(f"--method {cfg.method}: {exc}") from exc
     peft_model.peft_config["default"].base_model_name_or_path = base_name  # not the local cache folder
-    return PeftAdapter(peft_model)
+    return AdaLoraAdapter(peft_model) if cfg.method == "adalora" else PeftAdapter(peft_model)
 
 
 def enable_checkpointing(model: PreTrainedModel) -> None:

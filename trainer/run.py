@@ -10,7 +10,7 @@ from trainer.base import Base, load_base, load_tokenizer
 from trainer.config import TrainConfig
 from trainer.data import Example, file_sha256, load_examples, split_examples
 from trainer.errors import PushError, UsageError
-from trainer.loop import TrainResult, train
+from trainer.loop import TrainResult, planned_steps, train
 from trainer.methods import Adapter, attach_adapter
 from trainer.output import CARD_FILE, PLOT_FILE, DataSummary, check_out, model_card, plot_loss, staged_folder
 from trainer.push import push_adapter
@@ -56,7 +56,7 @@ def run(cfg: TrainConfig, base: Base | None = None) -> RunOutcome:
         base = load_base(cfg.base, four_bit=cfg.method == "qlora")
     elif cfg.method == "qlora" and not getattr(base.model, "is_loaded_in_4bit", False):
         raise UsageError("--method qlora needs the base loaded in 4-bit")
-    adapter = attach_adapter(base.model, cfg, base.name)
+    adapter = attach_adapter(base.model, cfg, base.name, planned_steps(len(train_set), cfg))
     params = adapter.parameter_count()
     log.info("%s adapter on %s: %s trainable parameters", cfg.method, base.name, f"{params:,}")
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from server.adapters.lowrank import RowGroups, low_rank_apply
 from server.adapters.method import MODEL_LEVEL, EmbeddingEdit, HeadEdit, Hook
+from server.adapters.rotation import RotationRows, RotationTable, rotate_rows
 from server.adapters.slots import ScaleTable, SlotTable
 
 
@@ -35,6 +36,8 @@ class BatchContext:
         if not self.active:
             return
         self.used = used
+        self.slot_of = slot_of
+        self.rotation_rows: dict[frozenset[int], RotationRows] = {}
         device = slots.device
         # index into scale tables: slot, or the table's last row (ones) for the base model
         scale_index = torch.tensor([s if s >= 0 else slots.num_slots for s in slot_of], dtype=torch.int64)
@@ -67,11 +70,24 @@ class BatchContext:
             return None
         return table.rows(self.scale_index)
 
+    def _rotation_rows(self, table: RotationTable) -> RotationRows | None:
+        """The rows this step rotates with `table`, shared by every site whose table holds the same slots."""
+        members = frozenset(table.slots & self.used)
+        if not members:
+            return None
+        if members not in self.rotation_rows:
+            self.rotation_rows[members] = RotationRows.build(self.slot_of, members, self.slots.device)
+        return self.rotation_rows[members]
+
     def linear(self, layer: int, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """(N, in) -> (N, out): the base linear layer plus each token's adapter."""
         if not self.active:
             return module(x)
         site = (layer, name)
+        for table in self.slots.rotations.get((Hook.INPUT_ROTATION, site), ()):
+            rows = self._rotation_rows(table)
+            if rows is not None:
+                x = rotate_rows(x, table, rows)
         in_scale = self._scales(Hook.INPUT_SCALE, site)
         if in_scale is not None:
             x = x * in_scale

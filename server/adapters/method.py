@@ -39,6 +39,8 @@ class Hook(Enum):
     """Per-slot soft prompt placed before the prompt's embeddings at prefill."""
     KV_PREFIX = "kv_prefix"
     """Per-slot keys and values written at cache positions 0..n-1 of every layer at prefill."""
+    INPUT_ROTATION = "input_rotation"
+    """Per-slot block-diagonal rotation of a linear's input: each block of x times its R (OFT)."""
     INPUT_SCALE = "input_scale"
     """Per-channel scale of a linear's input: x * s."""
     LINEAR_DELTA = "linear_delta"

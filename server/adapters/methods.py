@@ -4,9 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.adapters import bitfit, bottleneck, ia3, ln_tuning, lora, prefix, prompt, trainable_tokens
+from server.adapters import (
+    adalora,
+    bitfit,
+    bottleneck,
+    ia3,
+    ln_tuning,
+    lora,
+    oft,
+    prefix,
+    prompt,
+    trainable_tokens,
+    vera,
+)
 from server.adapters.common import AdapterError, AdapterWeights
 from server.adapters.method import Method
+from server.adapters.refused import refusal
 
 METHODS: tuple[Method, ...] = (
     lora.METHOD,
@@ -17,11 +30,14 @@ METHODS: tuple[Method, ...] = (
     ln_tuning.METHOD,
     bitfit.METHOD,
     trainable_tokens.METHOD,
+    adalora.METHOD,
+    vera.METHOD,
+    oft.METHOD,
 )
 _BY_TYPE = {peft_type: m for m in METHODS for peft_type in m.peft_types}
 SUPPORTED_TEXT = (
     "LORA (with rsLoRA, DoRA and their extras), IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, BOTTLENECK, "
-    "LN_TUNING, BITFIT, TRAINABLE_TOKENS"
+    "LN_TUNING, BITFIT, TRAINABLE_TOKENS, ADALORA, VERA, OFT"
 )
 
 
@@ -40,6 +56,9 @@ def method_by_type(peft_type: str) -> Method:
     """The method of a PEFT type (e.g. "LORA", as the index records it); raises AdapterError for others."""
     method = _BY_TYPE.get(peft_type.upper())
     if method is None:
+        refused = refusal(peft_type)
+        if refused is not None:
+            raise AdapterError(refused, "peft_type")
         raise AdapterError(
             f"peft_type {peft_type!r} is not supported; supported: {SUPPORTED_TEXT}", "peft_type"
         )

@@ -3,7 +3,8 @@
 Slot indices run 0 .. num_slots - 1; slot -1 means "base model only". A slot holds one adapter
 of any method. The method's `install` places its tensors through the setters here: low-rank
 tables (one per linear or block site, every slot stacked, ranks padded to max_rank),
-per-channel scale tables (every slot stacked), and per-slot data (soft prompts, KV prefixes, a
+per-channel scale tables (every slot stacked), input rotation tables (rotation.py; one per site
+and block size), and per-slot data (soft prompts, KV prefixes, a
 block adapter's options). Everything lives on the base's device, in its dtype. `clear`
 removes whatever was placed.
 """
@@ -20,6 +21,7 @@ from server.adapters.common import AdapterWeights
 from server.adapters.lowrank import LowRankTable
 from server.adapters.method import Hook, Method, Site
 from server.adapters.methods import method_of
+from server.adapters.rotation import RotationTable
 from server.base_model import ModelShape
 
 
@@ -60,11 +62,13 @@ class SlotTable:
     """Every low-rank table pads ranks to this (--max-lora-rank)."""
     lowrank: dict[tuple[Hook, Site], LowRankTable] = field(default_factory=dict)
     scales: dict[tuple[Hook, Site], ScaleTable] = field(default_factory=dict)
+    rotations: dict[tuple[Hook, Site], list[RotationTable]] = field(default_factory=dict)
+    """Per site, one table per block size in use."""
     methods: list[Method | None] = field(init=False)
     data: list[dict[Hook, Any]] = field(init=False)
     """Per slot: what a hook needs beyond site tables (soft prompt, KV prefix, block options)."""
-    _tables_of: list[list[LowRankTable | ScaleTable]] = field(init=False)
-    _stale: list[list[LowRankTable | ScaleTable]] = field(init=False)
+    _tables_of: list[list[LowRankTable | ScaleTable | RotationTable]] = field(init=False)
+    _stale: list[list[LowRankTable | ScaleTable | RotationTable]] = field(init=False)
     """Per slot: tables holding a former occupant's values, until the next install wipes them."""
     _pending: list[pack.Copy] | None = field(init=False, default=None)
 
@@ -122,6 +126,17 @@ class SlotTable:
             default = torch.ones(vector.shape[0]) if default is None else default
             table = self.scales[(hook, site)] = ScaleTable(self.num_slots, default, self.dtype, self.device)
         table.set(slot, self.put(vector))
+        self._tables_of[slot].append(table)
+
+    def set_rotation(self, slot: int, hook: Hook, site: Site, blocks: torch.Tensor) -> None:
+        """blocks (k, b, b) of `slot` at a site: each block of the input times its R."""
+        tables = self.rotations.setdefault((hook, site), [])
+        count, block = blocks.shape[0], blocks.shape[1]
+        table = next((t for t in tables if (t.count, t.block) == (count, block)), None)
+        if table is None:
+            table = RotationTable(self.num_slots, count, block, self.dtype, self.device)
+            tables.append(table)
+        table.set(slot, self.put(blocks))
         self._tables_of[slot].append(table)
 
     def set_data(self, slot: int, hook: Hook, value: Any) -> None:

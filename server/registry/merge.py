@@ -1,4 +1,4 @@
-"""Merge for zero latency: fold an adapter (LoRA and its extras, IA3, biases, LN tuning, ...) into the base.
+"""Merge for zero latency: fold an adapter into the base, for every method that folds (`Method.fold`).
 
 The merged weights start from what the server computes with: the served linear layers'
 weights, dequantized when the base runs in 4 or 8 bits. The export is a plain HF model folder

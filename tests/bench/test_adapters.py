@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+from peft import PeftModel
+
 from bench.adapters import write_lora_store, zipf_choices
+from bench.bench_adapters import NEW_METHODS
 from server.adapters.common import read_tensors_reference
 from server.adapters.loader import describe, folder_loader, reference_folder_loader
+from server.adapters.methods import method_of
+from server.base_model import linear_module
+from tests.adapter_factory import load_base
 
 
 def test_a_store_of_many_loras_written_directly(tiny_model, tmp_path):
@@ -37,3 +45,21 @@ def test_zipf_choices_favour_the_first_ranks():
     assert picks.count(0) > picks.count(1) > picks.count(50)
     uniform = zipf_choices(5000, 10, 0.0, seed=0)
     assert min(uniform.count(i) for i in range(10)) > 350
+
+
+@pytest.mark.parametrize("kind", list(NEW_METHODS))
+def test_new_method_writers_load_here_and_in_peft_alike(kind, tiny_model, tiny_model_dir, tmp_path):
+    folder = NEW_METHODS[kind](tmp_path / kind, tiny_model.shape, 3)
+    weights = folder_loader(tiny_model, 64)(folder)
+    peft = PeftModel.from_pretrained(load_base(tiny_model_dir), folder).eval()
+    merged = load_base(tiny_model_dir)
+    method = method_of(weights)
+    with torch.no_grad():
+        for layer in range(tiny_model.shape.num_layers):
+            for name in tiny_model.shape.linear_dims():
+                linear = linear_module(merged, layer, name)
+                linear.weight.copy_(method.fold(weights, (layer, name), linear.weight.float(), None)[0])
+        ids = torch.tensor([tiny_model.tokenizer("The cat sat on the mat").input_ids])
+        torch.testing.assert_close(
+            merged(input_ids=ids).logits, peft(input_ids=ids).logits, rtol=1e-4, atol=1e-4
+        )

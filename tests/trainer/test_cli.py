@@ -26,7 +26,10 @@ def test_every_setting_has_a_flag_with_help():
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--method", "prompt", "--r", "4"], "--r applies to --method dora/lora/qlora, not prompt"),
+        (
+            ["--method", "prompt", "--r", "4"],
+            "--r applies to --method adalora/dora/lora/qlora/vera, not prompt",
+        ),
         (["--method", "lora", "--placement", "pfeiffer"], "--placement applies to --method bottleneck"),
         (["--method", "lora", "--epochs", "2", "--max-steps", "5"], "give --epochs or --max-steps, not both"),
         (["--method", "lora", "--val-file", "v.jsonl", "--val-fraction", "0.2"], "not both"),

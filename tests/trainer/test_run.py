@@ -39,6 +39,9 @@ TEST_LR = {
     "bottleneck": 1e-2,
     "bitfit": 1e-1,
     "ln-tuning": 1e-1,
+    "adalora": 3e-2,
+    "vera": 5e-2,
+    "oft": 1e-2,
 }
 PEFT_TYPES = {
     "lora": "LORA",
@@ -51,6 +54,9 @@ PEFT_TYPES = {
     "bottleneck": "BOTTLENECK",
     "bitfit": "BITFIT",
     "ln-tuning": "LN_TUNING",
+    "adalora": "ADALORA",
+    "vera": "VERA",
+    "oft": "OFT",
 }
 
 
@@ -129,6 +135,10 @@ def test_method_trains_and_reloads_with_the_same_outputs(
     }
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == PEFT_TYPES[method]
     assert load_file(out / "adapter_model.safetensors")  # safetensors, not pickle
+    if method == "adalora":  # the budget pruned ranks, and the saved file holds only the kept ones
+        assert json.loads((out / "adapter_config.json").read_text())["rank_pattern"]
+        ranks = [t.shape[0] for n, t in load_file(out / "adapter_model.safetensors").items() if "lora_A" in n]
+        assert min(ranks) < cfg.r and sum(ranks) < cfg.r * len(ranks)
 
     trained_logits, trained_tokens = logits_and_greedy(outcome.adapter.model, inputs)
     loaded_logits, loaded_tokens = logits_and_greedy(reload(method, tiny_base, out), inputs)

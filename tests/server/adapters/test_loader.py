@@ -65,7 +65,9 @@ def test_a_good_lora_loads(lora_dir, tiny_model):
 
 
 def test_unsupported_kind_lists_what_is(lora_dir, tiny_model, tmp_path):
-    error = refused(copy_with(lora_dir, tmp_path / "x", {"peft_type": "LOHA"}), tiny_model, "LOHA")
+    error = refused(
+        copy_with(lora_dir, tmp_path / "x", {"peft_type": "NOT_A_PEFT_TYPE"}), tiny_model, "NOT_A"
+    )
     assert SUPPORTED_TEXT in str(error) and error.field == "peft_type"
 
 

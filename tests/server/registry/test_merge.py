@@ -31,7 +31,7 @@ from tests.adapter_factory import (
 from tests.conftest import LiveServer, tiny_settings
 from tests.helpers import reference_greedy, run_until_done, token_ids, wait_until
 
-MERGEABLE = ["lora", "rslora", "dora", "ia3"]
+MERGEABLE = ["lora", "rslora", "dora", "ia3", "adalora", "vera", "oft"]
 TOKENS = 10
 
 
