@@ -18,6 +18,7 @@ from server.adapters.common import AdapterRef
 from server.api.errors import APIError, documented
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
 from server.engine.engine import Engine
+from server.engine.grammar import GrammarSpec
 from server.engine.request import (
     ContextLengthError,
     Delta,
@@ -100,6 +101,7 @@ def submit_choices(
     prompts: list[list[int]],
     adapter: AdapterRef | None,
     prompt_param: str,
+    grammar: GrammarSpec | None = None,
 ) -> list[Choice]:
     """Submit n choices per prompt; on any refusal cancel those already queued and raise an APIError."""
     eng = engine(request)
@@ -119,6 +121,8 @@ def submit_choices(
                     seed=None if body.seed is None else body.seed + i,
                     stop=body.stop_strings(),
                     ignore_eos=body.ignore_eos,
+                    logit_bias=body.bias(),
+                    grammar=grammar,
                 )
                 handle = eng.submit(prompt_ids, params, adapter)
                 choices.append(Choice(len(choices), handle))
@@ -130,6 +134,18 @@ def submit_choices(
         request.app.state.metrics.request_failure.labels(reason=reason).inc()
         raise error from exc
     return choices
+
+
+async def compile_grammar(request: Request, spec: GrammarSpec | None) -> None:
+    """Compile a request's grammar in a worker thread (neither the event loop nor the engine thread
+    waits on a slow schema); later submits find it in the cache. 400 if it is not a grammar."""
+    if spec is None:
+        return
+    try:
+        await run_in_threadpool(engine(request).grammars.compile, spec)
+    except InvalidRequest as exc:
+        request.app.state.metrics.request_failure.labels(reason="invalid_request").inc()
+        raise APIError(400, str(exc), param=exc.param) from exc
 
 
 async def tokenize(fn: Callable[[], list[int]]) -> list[int]:
@@ -239,9 +255,19 @@ class StreamFormat:
     """How one endpoint shapes its stream chunks."""
 
     object: str
-    start: Callable[[int], dict[str, Any] | None]
-    delta: Callable[[int, str], dict[str, Any]]
-    end: Callable[[int, str], dict[str, Any]]
+    start: Callable[[int], Payloads]
+    delta: Callable[[int, str], Payloads]
+    end: Callable[[int, str], Payloads]
+
+
+Payloads = dict[str, Any] | list[dict[str, Any]] | None
+"""One choice payload, several (each its own chunk, in order), or none."""
+
+
+def _payloads(payloads: Payloads) -> list[dict[str, Any]]:
+    if payloads is None:
+        return []
+    return payloads if isinstance(payloads, list) else [payloads]
 
 
 async def stream(
@@ -264,20 +290,21 @@ async def stream(
 
     try:
         for choice in choices:
-            first = fmt.start(choice.index)
-            if first is not None:
-                yield chunk([first])
+            for payload in _payloads(fmt.start(choice.index)):
+                yield chunk([payload])
         async for choice, event in _events(choices):
             _record(choice, event)
             if isinstance(event, Delta):
                 if event.text:
-                    yield chunk([fmt.delta(choice.index, event.text)])
+                    for payload in _payloads(fmt.delta(choice.index, event.text)):
+                        yield chunk([payload])
             elif (error := _failure(event)) is not None:
                 yield sse(error.body())
                 yield sse("[DONE]")
                 return
             else:
-                yield chunk([fmt.end(choice.index, event.reason)])
+                for payload in _payloads(fmt.end(choice.index, event.reason)):
+                    yield chunk([payload])
         if include_usage:
             yield chunk([], usage(choices, prompt_token_count(choices, n)))
         yield sse("[DONE]")

@@ -16,15 +16,14 @@ MAX_N = 16
 MAX_STOP = 16
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 TOP_K_MAX = 2**31 - 1  # beyond any vocabulary; larger ones overflowed the sampler's tensor
+MAX_LOGIT_BIAS = 1024
+MAX_TOOLS = 128
+MAX_CHOICES = 256
 
 UNSUPPORTED = {
     "logprobs": "logprobs are not supported by this server yet; leave `logprobs` out (or false)",
     "top_logprobs": "logprobs are not supported by this server yet; leave `top_logprobs` out",
     "echo": "echo is not supported by this server yet; leave `echo` out (or false)",
-    "tools": "tool calling is not supported by this server yet; leave `tools` out",
-    "tool_choice": 'tool calling is not supported by this server yet; leave `tool_choice` out (or "none")',
-    "response_format": 'only {"type": "text"} is supported as response_format',
-    "logit_bias": "logit_bias is not supported by this server yet; leave it out (or {})",
 }
 """Field -> why it is refused; any value other than the one that changes nothing is a 400."""
 
@@ -66,6 +65,18 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str = Field(min_length=1)
+    arguments: str
+    """The arguments as JSON text, as OpenAI sends them."""
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Body):
     # The schema says what the validator below does: a tool message has content.
     model_config = ConfigDict(
@@ -77,6 +88,11 @@ class Message(_Body):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = Field(default=None, validate_default=True)
+    tool_calls: list[ToolCall] | None = None
+    """An assistant message's calls (rendered by the chat template)."""
+    tool_call_id: str | None = None
+    """A tool message's answer to this call."""
+    name: str | None = None
 
     @field_validator("content")
     @classmethod
@@ -101,6 +117,62 @@ class TextFormat(_Body):
     type: Literal["text"]
 
 
+class JsonObjectFormat(_Body):
+    type: Literal["json_object"]
+
+
+class JsonSchema(_Body):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")
+    """None: any JSON object."""
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(_Body):
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict | None = None
+    """A JSON schema of the arguments object; None takes no arguments."""
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
+
+
+def _bias(value: object) -> object:
+    """logit_bias keys are token ids written as decimal strings, as OpenAI takes them."""
+    if isinstance(value, dict) and not all(isinstance(k, str) and k.isdigit() for k in value):
+        raise ValueError('logit_bias keys must be token ids as decimal strings, e.g. {"50256": -100}')
+    return value
+
+
+LogitBias = Annotated[
+    dict[str, Annotated[float, Field(ge=-100, le=100)]],
+    Field(max_length=MAX_LOGIT_BIAS),
+    BeforeValidator(_bias),
+]
+
+
 class _Generation(_Body):
     model: str = Field(min_length=1)
     max_tokens: Count | None = None
@@ -114,10 +186,13 @@ class _Generation(_Body):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = False
+    logit_bias: LogitBias | None = None
+    # vLLM's structured outputs; at most one of them (and not with response_format or tools).
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)] | None = None
     # Refused unless they ask for nothing (UNSUPPORTED): their types admit only that value.
     echo: Literal[False] | None = None
-    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
-    response_format: TextFormat | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -127,14 +202,24 @@ class _Generation(_Body):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), v) for k, v in (self.logit_bias or {}).items())
+
+    def guided(self) -> list[tuple[str, object]]:
+        """The vLLM guided_* fields that were given, as (field, value)."""
+        fields = ("guided_json", "guided_regex", "guided_choice")
+        return [(f, getattr(self, f)) for f in fields if getattr(self, f) is not None]
+
 
 class ChatCompletionRequest(_Generation):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Count | None = None
     logprobs: Literal[False] | None = None
     top_logprobs: None = None
-    tools: None = None
-    tool_choice: Literal["none"] | None = None
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def completion_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

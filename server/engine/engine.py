@@ -21,6 +21,7 @@ that, and each of them wakes it. Every request ends with exactly one Finished ev
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import queue
@@ -44,6 +45,7 @@ from server.base_model import LoadedModel
 from server.config import AdapterSettings, EngineSettings
 from server.engine.blocks import NULL_BLOCK, BlockPool, block_hashes, chain_hash, root_hash
 from server.engine.detokenizer import Detokenizer
+from server.engine.grammar import GrammarCompiler, RowControl, apply_controls
 from server.engine.kv_cache import PagedKVCache, bytes_per_token, choose_budget
 from server.engine.model import Decoder, StepInputs
 from server.engine.request import (
@@ -112,6 +114,8 @@ class Sequence:
     """Set by the one `_finish` call that ended it."""
     lookup: tuple[int, list[bytes]] = (0, [])
     """(tokens, hashes of its full blocks but the last token's) from the last prefix cache lookup."""
+    control: RowControl | None = None
+    """Its logit_bias and grammar state, if it has either."""
 
     @property
     def virtual_tokens(self) -> int:
@@ -149,8 +153,11 @@ class Engine:
         adapters: AdapterSettings | None = None,
         source: AdapterSource | None = None,
         metrics: Metrics | None = None,
+        chat_template: str | None = None,
     ) -> None:
         self.model = model
+        self.chat_template = chat_template
+        """Overrides the tokenizer's chat template (--chat-template)."""
         self.settings = settings
         self.adapter_settings = adapters or AdapterSettings()
         self.source = source
@@ -194,6 +201,7 @@ class Engine:
         )
         self._snapshot = self._take_snapshot()
         self.metrics.watch(lambda: self._snapshot)
+        self.grammars = GrammarCompiler(model.tokenizer, model.shape.vocab_size, model.eos_token_ids)
 
     # ---- the caller's side (any thread) ----
 
@@ -208,16 +216,32 @@ class Engine:
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer(text).input_ids
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Render messages with the tokenizer's chat template, ready for the assistant's turn."""
-        if not self.tokenizer.chat_template:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Render messages (and tools) with the chat template, ready for the assistant's turn."""
+        template = self.chat_template or self.tokenizer.chat_template
+        if not template:
             raise ValueError("this model has no chat template; use /v1/completions")
         try:
             return self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                messages,
+                tools=tools,
+                chat_template=template,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
             )
         except jinja2.TemplateError as exc:
             raise ValueError(f"the chat template rejected these messages: {exc}") from exc
+
+    @functools.cached_property
+    def template_renders_tools(self) -> bool:
+        """Whether the chat template shows tools to the model: a probe renders differently with one."""
+        probe = [{"role": "user", "content": "hi"}]
+        tool = {"type": "function", "function": {"name": "probe_tool", "parameters": {"type": "object"}}}
+        try:
+            return self.encode_chat(probe, [tool]) != self.encode_chat(probe)
+        except ValueError:
+            return False
 
     def resolve_model(self, name: str) -> AdapterRef | None:
         """The adapter a `model` field names, None for the base model; raises UnknownModel."""
@@ -250,6 +274,7 @@ class Engine:
             raise InvalidRequest(
                 "seed", f"seed must be an integer in [-2**63, 2**64), got {params.seed}"
             ) from exc
+        control = self._control(params)
         with self._lock:
             if self._stopping.is_set() or self._draining:
                 raise EngineStopped("the server is shutting down; retry on another replica or later")
@@ -259,10 +284,21 @@ class Engine:
             self._unfinished += 1
             handle = RequestHandle(next(self._ids), self.cancel)
             self._inbox.put(
-                ("submit", handle, list(prompt_ids), params, adapter, generator, time.monotonic())
+                ("submit", handle, list(prompt_ids), params, adapter, generator, control, time.monotonic())
             )
         self._wake.set()
         return handle
+
+    def _control(self, params: SamplingParams) -> RowControl | None:
+        """A request's logits processing; compiles its grammar unless cached (callers on an event
+        loop compile it first with `self.grammars.compile`, in a worker thread)."""
+        vocab = self.model.shape.vocab_size
+        if any(not 0 <= t < vocab for t, _ in params.logit_bias):
+            raise InvalidRequest("logit_bias", f"logit_bias token ids must be in [0, {vocab})")
+        if not params.logit_bias and params.grammar is None:
+            return None
+        grammar = None if params.grammar is None else self.grammars.compile(params.grammar)
+        return RowControl(params.logit_bias, grammar)
 
     def cancel(self, request_id: int) -> None:
         """Stop a request; it ends with reason "abort" within one step."""
@@ -538,7 +574,7 @@ class Engine:
             except queue.Empty:
                 return
             if message[0] == "submit":
-                _, handle, prompt_ids, params, adapter, generator, arrival = message
+                _, handle, prompt_ids, params, adapter, generator, control, arrival = message
                 self._waiting[handle.request_id] = Sequence(
                     request_id=handle.request_id,
                     prompt_ids=prompt_ids,
@@ -548,6 +584,7 @@ class Engine:
                     generator=generator,
                     detok=Detokenizer(self.tokenizer, prompt_ids, params.stop),
                     arrival=arrival,
+                    control=control,
                 )
             else:
                 self._abort(message[1])
@@ -740,12 +777,14 @@ class Engine:
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         """Sample one token for each of these running sequences (rows of `logits`); those that end leave."""
+        logits = apply_controls(logits, [s.control for s in seqs])
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         done: list[Sequence] = []
         for seq, token in zip(seqs, tokens, strict=True):
             reason = self._append(seq, token)
             if reason is not None:
-                self._finish(seq, reason)
+                error = "no token satisfies the request's grammar here" if reason == "error" else None
+                self._finish(seq, reason, error=error)
                 done.append(seq)
         self._leave(done)
         return [s.request_id for s in done]
@@ -760,7 +799,10 @@ class Engine:
         seq.last_token_at = now
         seq.output_ids.append(token)
         self.metrics.generation_tokens.inc()
-        if token in self.model.eos_token_ids and not seq.params.ignore_eos:
+        if seq.control is not None and not seq.control.accept(token):
+            return "error"  # the grammar left no token to pick (it cannot be matched in this vocabulary)
+        ended = seq.control is not None and seq.control.ended
+        if token in self.model.eos_token_ids and (ended or not seq.params.ignore_eos):
             return "stop"
         text = seq.detok.add(token)
         if text or not seq.detok.stopped:

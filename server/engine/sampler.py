@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from server.engine.grammar import GrammarSpec
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -24,6 +26,10 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias added to its logit), applied before sampling, greedy rows included."""
+    grammar: GrammarSpec | None = None
+    """What the output must match; tokens it forbids are masked before sampling."""
 
     @property
     def greedy(self) -> bool:

@@ -11,8 +11,10 @@ from fastapi.responses import StreamingResponse
 from server.api.errors import APIError
 from server.api.generation import (
     GENERATION_RESPONSES,
+    Choice,
     StreamFormat,
     collect,
+    compile_grammar,
     engine,
     new_id,
     prompt_token_count,
@@ -22,7 +24,10 @@ from server.api.generation import (
     tokenize,
     usage,
 )
-from server.api.schemas import ChatCompletionRequest
+from server.api.schemas import ChatCompletionRequest, NamedToolChoice
+from server.api.structured import guided_spec, tool_call_spec
+from server.api.tools import ToolMode, ToolOutput, template_message, tool_mode
+from server.engine.grammar import GrammarSpec
 
 router = APIRouter(tags=["generation"])
 
@@ -37,6 +42,46 @@ CHAT_STREAM = StreamFormat(
     delta=lambda i, text: {"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": None},
     end=lambda i, reason: {"index": i, "delta": {}, "logprobs": None, "finish_reason": reason},
 )
+NO_TOOL_TEMPLATE = (
+    "this model's chat template does not render tools; serve it with a template that does, "
+    "e.g. --chat-template templates/hermes_tools.jinja"
+)
+
+
+def _grammar(body: ChatCompletionRequest, mode: ToolMode) -> GrammarSpec | None:
+    guided = guided_spec(body)
+    if mode in ("text",):
+        return guided
+    if guided is not None:
+        raise APIError(400, f"{guided.param}: cannot be combined with `tools`", param=guided.param)
+    if mode == "auto":
+        return None
+    return tool_call_spec(body.tools or [], body.tool_choice, body.parallel_tool_calls)  # type: ignore[arg-type]
+
+
+def _tool_stream(outputs: list[ToolOutput]) -> StreamFormat:
+    """Chunks of choices in a tool mode: each choice's ToolOutput says what its deltas are."""
+
+    def payload(i: int, delta: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+        return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+
+    def end(i: int, reason: str) -> list[dict[str, Any]]:
+        deltas, finish = outputs[i].end(reason)
+        return [payload(i, d) for d in deltas] + [payload(i, {}, finish)]
+
+    return StreamFormat(
+        object="chat.completion.chunk",
+        start=lambda i: payload(i, outputs[i].start()),
+        delta=lambda i, text: [payload(i, d) for d in outputs[i].feed(text)],
+        end=end,
+    )
+
+
+def _message(choice: Choice, output: ToolOutput | None) -> tuple[dict[str, Any], str]:
+    text, reason = "".join(choice.text), choice.finished.reason
+    if output is None:
+        return {"role": "assistant", "content": text, "refusal": None}, reason
+    return output.message(text, reason)
 
 
 @router.post("/v1/chat/completions", response_model=None, responses=GENERATION_RESPONSES)
@@ -45,30 +90,35 @@ async def chat_completions(
 ) -> dict[str, Any] | StreamingResponse:
     eng = engine(request)
     adapter = resolve_adapter(request, body.model)
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    mode = tool_mode(body)
+    if mode != "text" and not eng.template_renders_tools:
+        raise APIError(400, f"tools: {NO_TOOL_TEMPLATE}", param="tools")
+    grammar = _grammar(body, mode)
+    await compile_grammar(request, grammar)
+    messages = [template_message(m) for m in body.messages]
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if mode != "text" and body.tools else None
     try:
-        prompt_ids = await tokenize(lambda: eng.encode_chat(messages))
+        prompt_ids = await tokenize(lambda: eng.encode_chat(messages, tools))
     except ValueError as exc:
         raise APIError(400, str(exc), param="messages") from exc
-    choices = submit_choices(request, body, [prompt_ids], adapter, "messages")
+    choices = submit_choices(request, body, [prompt_ids], adapter, "messages", grammar)
+    named = body.tool_choice.function.name if isinstance(body.tool_choice, NamedToolChoice) else None
+    outputs = [ToolOutput(mode, named) for _ in choices] if mode != "text" else None
     response_id = new_id("chatcmpl")
     if body.stream:
-        events = stream(choices, CHAT_STREAM, response_id, body.model, body.include_usage(), body.n)
+        fmt = _tool_stream(outputs) if outputs is not None else CHAT_STREAM
+        events = stream(choices, fmt, response_id, body.model, body.include_usage(), body.n)
         return StreamingResponse(events, media_type="text/event-stream")
     await collect(request, choices)
+    replies = [_message(c, outputs[c.index] if outputs is not None else None) for c in choices]
     return {
         "id": response_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": body.model,
         "choices": [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": "".join(c.text), "refusal": None},
-                "logprobs": None,
-                "finish_reason": c.finished.reason,
-            }
-            for c in choices
+            {"index": c.index, "message": message, "logprobs": None, "finish_reason": reason}
+            for c, (message, reason) in zip(choices, replies, strict=True)
         ],
         "usage": usage(choices, prompt_token_count(choices, body.n)),
     }

@@ -12,6 +12,7 @@ from server.api.generation import (
     GENERATION_RESPONSES,
     StreamFormat,
     collect,
+    compile_grammar,
     engine,
     new_id,
     prompt_token_count,
@@ -22,6 +23,7 @@ from server.api.generation import (
     usage,
 )
 from server.api.schemas import CompletionRequest
+from server.api.structured import guided_spec
 from server.engine.engine import Engine
 
 router = APIRouter(tags=["generation"])
@@ -50,8 +52,10 @@ async def _encode(eng: Engine, text: str) -> list[int]:
 async def completions(body: CompletionRequest, request: Request) -> dict[str, Any] | StreamingResponse:
     eng = engine(request)
     adapter = resolve_adapter(request, body.model)
+    grammar = guided_spec(body)
+    await compile_grammar(request, grammar)
     prompts = [p if isinstance(p, list) else await _encode(eng, p) for p in body.prompts()]
-    choices = submit_choices(request, body, prompts, adapter, "prompt")
+    choices = submit_choices(request, body, prompts, adapter, "prompt", grammar)
     response_id = new_id("cmpl")
     if body.stream:
         events = stream(choices, COMPLETION_STREAM, response_id, body.model, body.include_usage(), body.n)
