@@ -89,7 +89,8 @@ class GrammarCompiler:
             if not spec.source:
                 return compiler.compile_builtin_json_grammar()
             # Compact separators: a free-whitespace grammar lets a small model pad forever.
-            return compiler.compile_json_schema(spec.source, any_whitespace=False)
+            grammar = xgr.Grammar.from_json_schema(spec.source, any_whitespace=False)
+            return compiler.compile_grammar(_no_raw_control_characters(grammar))
         if spec.kind == "regex":
             return compiler.compile_regex(spec.source)
         choices = json.loads(spec.source)
@@ -97,6 +98,14 @@ class GrammarCompiler:
         # quotes, backslashes and control characters.
         rule = " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
         return compiler.compile_grammar(xgr.Grammar.from_ebnf(f"root ::= {rule}"))
+
+
+def _no_raw_control_characters(grammar: xgr.Grammar) -> xgr.Grammar:
+    """xgrammar 0.2.9 lets a length-bounded string ("maxLength") hold raw control characters, which
+    JSON forbids (json.loads refuses them): narrow that class to the one its other strings use."""
+    text = str(grammar)
+    fixed = text.replace(r"[^\"\\\r\n]", r"[^\0-\x1f\"\\\r\n]")
+    return grammar if fixed == text else xgr.Grammar.from_ebnf(fixed)
 
 
 class RowControl:

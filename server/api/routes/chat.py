@@ -49,13 +49,14 @@ NO_TOOL_TEMPLATE = (
 
 
 def _grammar(body: ChatCompletionRequest, mode: ToolMode) -> GrammarSpec | None:
+    """A forced call's grammar, or the one response_format / guided_* asks for (with `auto`, its
+    output is then parsed for calls as any other)."""
     guided = guided_spec(body)
-    if mode in ("text",):
+    if mode in ("text", "auto"):
         return guided
     if guided is not None:
-        raise APIError(400, f"{guided.param}: cannot be combined with `tools`", param=guided.param)
-    if mode == "auto":
-        return None
+        message = f"{guided.param}: cannot be combined with a `required` or named tool_choice"
+        raise APIError(400, message, param=guided.param)
     return tool_call_spec(body.tools or [], body.tool_choice, body.parallel_tool_calls)  # type: ignore[arg-type]
 
 

@@ -148,14 +148,9 @@ def test_unknown_fields_are_ignored(http, model):
     [
         (CHAT, {"logprobs": True}, "logprobs"),
         (CHAT, {"top_logprobs": 2}, "top_logprobs"),
-        (CHAT, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        (CHAT, {"tool_choice": "auto"}, "tool_choice"),
-        (CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
-        (CHAT, {"logit_bias": {"1": 5}}, "logit_bias"),
         (COMPLETIONS, {"logprobs": 1}, "logprobs"),
         (COMPLETIONS, {"logprobs": 0}, "logprobs"),
         (COMPLETIONS, {"echo": True}, "echo"),
-        (COMPLETIONS, {"logit_bias": {"50256": -100}}, "logit_bias"),
     ],
 )
 def test_fields_we_cannot_honour_are_refused(http, model, path, fields, param):
