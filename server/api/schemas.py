@@ -159,17 +159,11 @@ class NamedToolChoice(_Body):
     function: FunctionName
 
 
-def _bias(value: object) -> object:
-    """logit_bias keys are token ids written as decimal strings, as OpenAI takes them."""
-    if isinstance(value, dict) and not all(isinstance(k, str) and k.isdigit() for k in value):
-        raise ValueError('logit_bias keys must be token ids as decimal strings, e.g. {"50256": -100}')
-    return value
-
-
+# Keys are token ids as decimal strings, as OpenAI takes them; the schema says so too
+# (patternProperties with no other properties), so schema-driven clients send nothing else.
 LogitBias = Annotated[
-    dict[str, Annotated[float, Field(ge=-100, le=100)]],
-    Field(max_length=MAX_LOGIT_BIAS),
-    BeforeValidator(_bias),
+    dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]],
+    Field(max_length=MAX_LOGIT_BIAS, json_schema_extra={"additionalProperties": False}),
 ]
 
 

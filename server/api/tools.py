@@ -104,7 +104,7 @@ def parse_required(text: str) -> list[dict[str, Any]]:
 
 @dataclass
 class ToolOutput:
-    """One choice's reply in a tool mode, whole or streamed."""
+    """One choice's reply in a tool mode (not "text"), whole or streamed."""
 
     mode: ToolMode
     function: str | None = None
@@ -120,9 +120,7 @@ class ToolOutput:
         if self.mode == "required":
             calls = parse_required(text)
             return (None if calls else text), calls
-        if self.mode == "auto":
-            return parse_hermes(text)
-        return text, []
+        return parse_hermes(text)
 
     def message(self, text: str, reason: str) -> tuple[dict[str, Any], str]:
         """The whole reply: (message, finish_reason). A reply cut by max_tokens keeps "length"."""
@@ -147,8 +145,6 @@ class ToolOutput:
             return [{"tool_calls": [{"index": 0, "function": {"arguments": text}}]}]
         if self.mode == "required":
             return []  # sent whole at the end, once the array parses
-        if self.mode == "text":
-            return [{"content": text}]
         return self._auto_content()
 
     def _auto_content(self) -> list[dict[str, Any]]:
@@ -171,9 +167,8 @@ class ToolOutput:
     def end(self, reason: str) -> tuple[list[dict[str, Any]], str]:
         """The deltas still owed when the choice ends, and its finish_reason."""
         whole = "".join(self.text)
-        if self.mode in ("named", "text"):
-            calls = self.mode == "named" and reason == "stop"
-            return [], ("tool_calls" if calls else reason)
+        if self.mode == "named":
+            return [], ("tool_calls" if reason == "stop" else reason)
         content, calls = self._calls(whole) if reason != "length" else (whole, [])
         deltas: list[dict[str, Any]] = []
         if calls:

@@ -12,6 +12,7 @@ spec (an LRU cache) and callers compile it off the engine thread before submitti
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -75,7 +76,11 @@ class GrammarCompiler:
         try:
             compiled = self._compile(compiler, spec)
         except (RuntimeError, ValueError, TypeError) as exc:
-            raise InvalidRequest(spec.param, f"cannot build a grammar from `{spec.param}`: {exc}") from exc
+            raise InvalidRequest(
+                spec.param, f"cannot build a grammar from `{spec.param}`: {_reason(exc)}"
+            ) from exc
+        if not _admits_a_token(compiled, self.vocab_size):
+            raise InvalidRequest(spec.param, f"`{spec.param}` admits no output at all")
         with self._lock:
             self.compiled += 1
             self._cache[spec] = compiled
@@ -98,6 +103,19 @@ class GrammarCompiler:
         # quotes, backslashes and control characters.
         rule = " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
         return compiler.compile_grammar(xgr.Grammar.from_ebnf(f"root ::= {rule}"))
+
+
+def _reason(exc: Exception) -> str:
+    """xgrammar's message without its log prefix ("[12:00:00] /project/cpp/file.cc:94: ")."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", first)
+
+
+def _admits_a_token(compiled: xgr.CompiledGrammar, vocab_size: int) -> bool:
+    """Whether anything may be written first (a schema like {"allOf": [...]} may admit nothing)."""
+    bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+    xgr.GrammarMatcher(compiled).fill_next_token_bitmask(bitmask, 0)
+    return bool(bitmask.any())
 
 
 def _no_raw_control_characters(grammar: xgr.Grammar) -> xgr.Grammar:

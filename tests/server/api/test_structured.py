@@ -120,10 +120,15 @@ def test_logit_bias_steers_greedy_tokens(client, tiny_model):
         (COMPLETIONS, {"guided_json": "{not json"}, "guided_json"),
         (COMPLETIONS, {"guided_json": "[1, 2]"}, "guided_json"),
         (COMPLETIONS, {"guided_regex": "(unclosed"}, "guided_regex"),
+        (
+            COMPLETIONS,
+            {"guided_json": {"type": "object", "properties": {"a": False}, "required": ["a"]}},
+            "guided_json",
+        ),
         (COMPLETIONS, {"guided_choice": []}, "guided_choice"),
         (COMPLETIONS, {"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
         (CHAT, {"guided_regex": "a", "response_format": {"type": "json_object"}}, "response_format"),
-        (COMPLETIONS, {"logit_bias": {"abc": 1}}, "logit_bias"),
+        (COMPLETIONS, {"logit_bias": {"abc": 1}}, "logit_bias.abc"),
         (COMPLETIONS, {"logit_bias": {"5": 101}}, "logit_bias.5"),
         (COMPLETIONS, {"logit_bias": {"99999999": 1}}, "logit_bias"),
         (CHAT, {"tool_choice": "required"}, "tool_choice"),
@@ -145,7 +150,8 @@ def test_bad_structured_requests_are_400_naming_the_field(http, tiny_model, path
         if path == CHAT
         else {"model": tiny_model.name, "prompt": "hi", "max_tokens": 2, **fields}
     )
-    assert_openai_error(http.post(path, json=body), 400, param)
+    error = assert_openai_error(http.post(path, json=body), 400, param)
+    assert "/project/" not in error["message"] and ".cc:" not in error["message"], "no paths in messages"
     assert http.post(path, json={k: v for k, v in body.items() if k not in fields}).status_code == 200
 
 

@@ -230,3 +230,11 @@ def test_tool_choice_none_renders_no_tools(client, tool_server, tiny_model):
     )
     assert reply.usage.prompt_tokens == len(tool_server.engine.encode_chat(ASK))
     assert reply.choices[0].message.tool_calls is None
+
+
+def test_an_unreadable_chat_template_fails_before_the_model_loads(tmp_path):
+    from server.api.app import create_app
+    from server.config import Settings
+
+    with pytest.raises(ValueError, match="--chat-template"):
+        create_app(Settings.load({"chat_template": str(tmp_path / "missing.jinja")}))
