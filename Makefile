@@ -85,10 +85,12 @@ format: install-dev
 	$(BIN)/ruff format .
 
 ## bench: engine vs PEFT and generate, then 1,000 and 10,000 adapters under Zipf load, then the paged KV
-## cache and prefix caching; prints tables, writes bench/results/adapters.json and bench/results/kv_cache.json
+## cache and prefix caching, then grammar masks; prints tables, writes bench/results/adapters.json,
+## bench/results/kv_cache.json and bench/results/grammar.json
 bench: install
 	$(PY) -m bench.bench_adapters --out bench/results/adapters.json $(BENCH_ARGS)
 	$(PY) -m bench.bench_kv_cache --out bench/results/kv_cache.json
+	$(PY) -m bench.bench_grammar --out bench/results/grammar.json
 
 ## demo-adapters: train the three example adapters on the default model, check them on held-out prompts
 demo-adapters: install

@@ -48,6 +48,9 @@ class ModelSettings(_Section):
     max_model_len: int | None = Field(default=None, ge=16)
     """Longest prompt plus completion in tokens; default the model's context length, at most 4096."""
 
+    chat_template: Path | None = None
+    """Jinja chat template file used instead of the tokenizer's (templates/hermes_tools.jinja has tools)."""
+
 
 class EngineSettings(_Section):
     """How requests are batched."""

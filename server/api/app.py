@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -75,8 +76,19 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+def read_chat_template(path: Path | None) -> str | None:
+    """The text of --chat-template, read once at start."""
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"--chat-template {path}: cannot read it ({exc.strerror})") from exc
+
+
 def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
     """The app; `model` skips loading (tests share one loaded model between apps)."""
+    chat_template = read_chat_template(settings.model.chat_template)  # a bad path fails before the load
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -102,7 +114,14 @@ def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
         app.state.merges = MergeJobs(archive_builder(store, loaded))
         app.state.metrics.watch_store(lambda: StoreSnapshot(**dataclasses.asdict(store.stats())))
         app.state.dedicated = adapters.merge_adapter is not None
-        eng = Engine(loaded, settings.engine, adapters, source=source, metrics=app.state.metrics)
+        eng = Engine(
+            loaded,
+            settings.engine,
+            adapters,
+            source=source,
+            metrics=app.state.metrics,
+            chat_template=chat_template,
+        )
         eng.start()
         app.state.engine = eng
         app.state.started = int(time.time())

@@ -19,6 +19,7 @@ from server.api.errors import APIError, documented
 from server.api.logprobs import TokenText
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
 from server.engine.engine import Engine
+from server.engine.grammar import GrammarSpec
 from server.engine.request import (
     ContextLengthError,
     Delta,
@@ -118,6 +119,7 @@ def submit_choices(
     prompts: list[list[int]],
     adapter: AdapterRef | None,
     prompt_param: str,
+    grammar: GrammarSpec | None = None,
 ) -> list[Choice]:
     """Submit n choices per prompt; on any refusal cancel those already queued and raise an APIError."""
     eng = engine(request)
@@ -139,6 +141,8 @@ def submit_choices(
                     ignore_eos=body.ignore_eos,
                     logprobs=body.logprobs_wanted(),
                     prompt_logprobs=body.prompt_logprobs_wanted(),
+                    logit_bias=body.bias(),
+                    grammar=grammar,
                 )
                 handle = eng.submit(prompt_ids, params, adapter)
                 choices.append(Choice(len(choices), handle, prompt_ids))
@@ -150,6 +154,18 @@ def submit_choices(
         request.app.state.metrics.request_failure.labels(reason=reason).inc()
         raise error from exc
     return choices
+
+
+async def compile_grammar(request: Request, spec: GrammarSpec | None) -> None:
+    """Compile a request's grammar in a worker thread (neither the event loop nor the engine thread
+    waits on a slow schema); later submits find it in the cache. 400 if it is not a grammar."""
+    if spec is None:
+        return
+    try:
+        await run_in_threadpool(engine(request).grammars.compile, spec)
+    except InvalidRequest as exc:
+        request.app.state.metrics.request_failure.labels(reason="invalid_request").inc()
+        raise APIError(400, str(exc), param=exc.param) from exc
 
 
 async def tokenize(fn: Callable[[], list[int]]) -> list[int]:
@@ -264,11 +280,21 @@ class StreamFormat:
     """How one endpoint shapes its stream chunks."""
 
     object: str
-    start: Callable[[Choice], dict[str, Any] | None]
-    delta: Callable[[Choice, Delta], dict[str, Any]]
-    end: Callable[[Choice, str], dict[str, Any]]
-    prompt: Callable[[Choice], dict[str, Any] | None] = lambda choice: None
+    start: Callable[[Choice], Payloads]
+    delta: Callable[[Choice, Delta], Payloads]
+    end: Callable[[Choice, str], Payloads]
+    prompt: Callable[[Choice], Payloads] = lambda choice: None
     """The chunk for a choice's scored prompt (an echo), when it arrives."""
+
+
+Payloads = dict[str, Any] | list[dict[str, Any]] | None
+"""One choice payload, several (each its own chunk, in order), or none."""
+
+
+def _payloads(payloads: Payloads) -> list[dict[str, Any]]:
+    if payloads is None:
+        return []
+    return payloads if isinstance(payloads, list) else [payloads]
 
 
 @dataclass(frozen=True)
@@ -301,23 +327,24 @@ async def stream(
 
     try:
         for choice in choices:
-            first = fmt.start(choice)
-            if first is not None:
-                yield chunk([first])
+            for payload in _payloads(fmt.start(choice)):
+                yield chunk([payload])
         async for choice, event in _events(choices):
             _record(choice, event)
             if isinstance(event, Delta):
                 if event.text or event.logprobs:
-                    yield chunk([fmt.delta(choice, event)])
+                    for payload in _payloads(fmt.delta(choice, event)):
+                        yield chunk([payload])
             elif isinstance(event, PromptLogprobs):
-                if (scored := fmt.prompt(choice)) is not None:
-                    yield chunk([scored])
+                for payload in _payloads(fmt.prompt(choice)):
+                    yield chunk([payload])
             elif (error := _failure(event)) is not None:
                 yield sse(error.body())
                 yield sse("[DONE]")
                 return
             else:
-                yield chunk([fmt.end(choice, event.reason)])
+                for payload in _payloads(fmt.end(choice, event.reason)):
+                    yield chunk([payload])
         if report.at_end:
             yield chunk([], final=True)
         yield sse("[DONE]")

@@ -16,6 +16,9 @@ MAX_N = 16
 MAX_STOP = 16
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 TOP_K_MAX = 2**31 - 1  # beyond any vocabulary; larger ones overflowed the sampler's tensor
+MAX_LOGIT_BIAS = 1024
+MAX_TOOLS = 128
+MAX_CHOICES = 256
 
 MAX_CHAT_LOGPROBS = 20  # OpenAI's limits: top_logprobs on chat, logprobs on completions
 MAX_COMPLETION_LOGPROBS = 5
@@ -35,10 +38,6 @@ UNSUPPORTED = {
     "web_search_options": "web search is not supported by this server; leave `web_search_options` out",
     "store": "stored completions are not supported by this server; leave `store` out (or false)",
     "service_tier": 'service tiers are not supported by this server; leave `service_tier` out (or "auto")',
-    "tools": "tool calling is not supported by this server yet; leave `tools` out",
-    "tool_choice": 'tool calling is not supported by this server yet; leave `tool_choice` out (or "none")',
-    "response_format": 'only {"type": "text"} is supported as response_format',
-    "logit_bias": "logit_bias is not supported by this server yet; leave it out (or {})",
 }
 """Field -> why it is refused; any value other than the one that changes nothing is a 400."""
 
@@ -85,6 +84,18 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str = Field(min_length=1)
+    arguments: str
+    """The arguments as JSON text, as OpenAI sends them."""
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Body):
     # The schema says what the validator below does: a tool message has content.
     model_config = ConfigDict(
@@ -96,6 +107,11 @@ class Message(_Body):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = Field(default=None, validate_default=True)
+    tool_calls: list[ToolCall] | None = None
+    """An assistant message's calls (rendered by the chat template)."""
+    tool_call_id: str | None = None
+    """A tool message's answer to this call."""
+    name: str | None = None
 
     @field_validator("content")
     @classmethod
@@ -122,6 +138,56 @@ class TextFormat(_Body):
     type: Literal["text"]
 
 
+class JsonObjectFormat(_Body):
+    type: Literal["json_object"]
+
+
+class JsonSchema(_Body):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")
+    """None: any JSON object."""
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(_Body):
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict | None = None
+    """A JSON schema of the arguments object; None takes no arguments."""
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
+
+
+# Keys are token ids as decimal strings, as OpenAI takes them; the schema says so too
+# (patternProperties with no other properties), so schema-driven clients send nothing else.
+LogitBias = Annotated[
+    dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]],
+    Field(max_length=MAX_LOGIT_BIAS, json_schema_extra={"additionalProperties": False}),
+]
+
+
 class _Generation(_Body):
     model: str = Field(min_length=1)
     max_tokens: Count | None = None
@@ -135,9 +201,12 @@ class _Generation(_Body):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = False
+    logit_bias: LogitBias | None = None
+    # vLLM's structured outputs; at most one of them (and not with response_format or tools).
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)] | None = None
     # Refused unless they ask for nothing (UNSUPPORTED): their types admit only that value.
-    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
-    response_format: TextFormat | None = None
     frequency_penalty: Annotated[float, Field(ge=0, le=0)] | None = None
     presence_penalty: Annotated[float, Field(ge=0, le=0)] | None = None
 
@@ -163,6 +232,14 @@ class _Generation(_Body):
         """Alternatives to report per prompt token; None: the prompt is not scored."""
         return None
 
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), v) for k, v in (self.logit_bias or {}).items())
+
+    def guided(self) -> list[tuple[str, object]]:
+        """The vLLM guided_* fields that were given, as (field, value)."""
+        fields = ("guided_json", "guided_regex", "guided_choice")
+        return [(f, getattr(self, f)) for f in fields if getattr(self, f) is not None]
+
 
 class ChatCompletionRequest(_Generation):
     # The schema says what the validator below does: top_logprobs needs logprobs: true.
@@ -178,8 +255,10 @@ class ChatCompletionRequest(_Generation):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_CHAT_LOGPROBS), BeforeValidator(_integral)] | None = None
     echo: Literal[False] | None = None
-    tools: None = None
-    tool_choice: Literal["none"] | None = None
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     # Refused unless they ask for nothing (UNSUPPORTED): their types admit only that value.
     functions: None = None
     function_call: Literal["none"] | None = None

@@ -21,6 +21,7 @@ that, and each of them wakes it. Every request ends with exactly one Finished ev
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import queue
@@ -44,6 +45,7 @@ from server.base_model import LoadedModel
 from server.config import AdapterSettings, EngineSettings
 from server.engine.blocks import NULL_BLOCK, BlockPool, block_hashes, chain_hash, root_hash
 from server.engine.detokenizer import Detokenizer
+from server.engine.grammar import GrammarCompiler, RowControl, apply_controls
 from server.engine.kv_cache import PagedKVCache, bytes_per_token, choose_budget
 from server.engine.logprobs import MAX_LOGPROBS, prompt_logprobs, token_logprobs
 from server.engine.model import Decoder, StepInputs
@@ -115,6 +117,8 @@ class Sequence:
     """Set by the one `_finish` call that ended it."""
     lookup: tuple[int, list[bytes]] = (0, [])
     """(tokens, hashes of its full blocks but the last token's) from the last prefix cache lookup."""
+    control: RowControl | None = None
+    """Its logit_bias and grammar state, if it has either."""
     prompt_scored: bool = False
     """Its prompt log-probabilities went out (a recompute after preemption does not repeat them)."""
 
@@ -159,8 +163,11 @@ class Engine:
         adapters: AdapterSettings | None = None,
         source: AdapterSource | None = None,
         metrics: Metrics | None = None,
+        chat_template: str | None = None,
     ) -> None:
         self.model = model
+        self.chat_template = chat_template
+        """Overrides the tokenizer's chat template (--chat-template)."""
         self.settings = settings
         self.adapter_settings = adapters or AdapterSettings()
         self.source = source
@@ -209,6 +216,7 @@ class Engine:
         )
         self._snapshot = self._take_snapshot()
         self.metrics.watch(lambda: self._snapshot)
+        self.grammars = GrammarCompiler(model.tokenizer, model.shape.vocab_size, model.eos_token_ids)
 
     # ---- the caller's side (any thread) ----
 
@@ -223,16 +231,32 @@ class Engine:
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer(text).input_ids
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Render messages with the tokenizer's chat template, ready for the assistant's turn."""
-        if not self.tokenizer.chat_template:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Render messages (and tools) with the chat template, ready for the assistant's turn."""
+        template = self.chat_template or self.tokenizer.chat_template
+        if not template:
             raise ValueError("this model has no chat template; use /v1/completions")
         try:
             return self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                messages,
+                tools=tools,
+                chat_template=template,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
             )
         except jinja2.TemplateError as exc:
             raise ValueError(f"the chat template rejected these messages: {exc}") from exc
+
+    @functools.cached_property
+    def template_renders_tools(self) -> bool:
+        """Whether the chat template shows tools to the model: a probe renders differently with one."""
+        probe = [{"role": "user", "content": "hi"}]
+        tool = {"type": "function", "function": {"name": "probe_tool", "parameters": {"type": "object"}}}
+        try:
+            return self.encode_chat(probe, [tool]) != self.encode_chat(probe)
+        except ValueError:
+            return False
 
     def resolve_model(self, name: str) -> AdapterRef | None:
         """The adapter a `model` field names, None for the base model; raises UnknownModel."""
@@ -271,6 +295,7 @@ class Engine:
             raise InvalidRequest(
                 "seed", f"seed must be an integer in [-2**63, 2**64), got {params.seed}"
             ) from exc
+        control = self._control(params)
         with self._lock:
             if self._stopping.is_set() or self._draining:
                 raise EngineStopped("the server is shutting down; retry on another replica or later")
@@ -280,10 +305,21 @@ class Engine:
             self._unfinished += 1
             handle = RequestHandle(next(self._ids), self.cancel)
             self._inbox.put(
-                ("submit", handle, list(prompt_ids), params, adapter, generator, time.monotonic())
+                ("submit", handle, list(prompt_ids), params, adapter, generator, control, time.monotonic())
             )
         self._wake.set()
         return handle
+
+    def _control(self, params: SamplingParams) -> RowControl | None:
+        """A request's logits processing; compiles its grammar unless cached (callers on an event
+        loop compile it first with `self.grammars.compile`, in a worker thread)."""
+        vocab = self.model.shape.vocab_size
+        if any(not 0 <= t < vocab for t, _ in params.logit_bias):
+            raise InvalidRequest("logit_bias", f"logit_bias token ids must be in [0, {vocab})")
+        if not params.logit_bias and params.grammar is None:
+            return None
+        grammar = None if params.grammar is None else self.grammars.compile(params.grammar)
+        return RowControl(params.logit_bias, grammar)
 
     def cancel(self, request_id: int) -> None:
         """Stop a request; it ends with reason "abort" within one step."""
@@ -560,7 +596,7 @@ class Engine:
             except queue.Empty:
                 return
             if message[0] == "submit":
-                _, handle, prompt_ids, params, adapter, generator, arrival = message
+                _, handle, prompt_ids, params, adapter, generator, control, arrival = message
                 self._waiting[handle.request_id] = Sequence(
                     request_id=handle.request_id,
                     prompt_ids=prompt_ids,
@@ -570,6 +606,7 @@ class Engine:
                     generator=generator,
                     detok=Detokenizer(self.tokenizer, prompt_ids, params.stop),
                     arrival=arrival,
+                    control=control,
                 )
             else:
                 self._abort(message[1])
@@ -787,8 +824,10 @@ class Engine:
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         """Sample one token for each of these running sequences (rows of `logits`); those that end leave.
-        Only the rows that asked for log-probabilities pay for them."""
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        Only the rows that asked for log-probabilities pay for them, computed from the raw logits:
+        logit_bias and grammar masks shape the choice, not the reported distribution."""
+        controlled = apply_controls(logits, [s.control for s in seqs])
+        tokens = sample(controlled, [s.params for s in seqs], [s.generator for s in seqs])
         scored = [i for i, s in enumerate(seqs) if s.params.logprobs is not None and s.params.max_tokens]
         logprobs: dict[int, TokenLogprob] = {}
         if scored:
@@ -804,7 +843,8 @@ class Engine:
             else:
                 reason = self._append(seq, token, logprobs.get(i))
             if reason is not None:
-                self._finish(seq, reason)
+                error = "no token satisfies the request's grammar here" if reason == "error" else None
+                self._finish(seq, reason, error=error)
                 done.append(seq)
         self._leave(done)
         return [s.request_id for s in done]
@@ -819,8 +859,11 @@ class Engine:
         seq.last_token_at = now
         seq.output_ids.append(token)
         self.metrics.generation_tokens.inc()
+        if seq.control is not None and not seq.control.accept(token):
+            return "error"  # the grammar left no token to pick (it cannot be matched in this vocabulary)
+        ended = seq.control is not None and seq.control.ended
         scored = () if logprob is None else (logprob,)
-        if token in self.model.eos_token_ids and not seq.params.ignore_eos:
+        if token in self.model.eos_token_ids and (ended or not seq.params.ignore_eos):
             if scored:
                 seq.handle.push(Delta("", (), scored))
             return "stop"

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from server.engine.grammar import GrammarSpec
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -29,6 +31,10 @@ class SamplingParams:
     """Report each sampled token's log-probability and this many most likely tokens; None: nothing."""
     prompt_logprobs: int | None = None
     """The same for every prompt token after the first; None: nothing (and the prefix cache may serve it)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias added to its logit), applied before sampling, greedy rows included."""
+    grammar: GrammarSpec | None = None
+    """What the output must match; tokens it forbids are masked before sampling."""
 
     @property
     def greedy(self) -> bool:

@@ -128,6 +128,14 @@ def test_the_image_copies_every_package_the_server_imports():
     assert 'ENTRYPOINT ["peftserve", "serve", "--host", "0.0.0.0"]' in dockerfile
 
 
+def test_the_image_carries_the_chat_templates():
+    """`--chat-template templates/hermes_tools.jinja` (the README's tool-call example) works in the image."""
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert (ROOT / "templates" / "hermes_tools.jinja").is_file()
+    assert "COPY templates ./templates" in dockerfile and "WORKDIR /app" in dockerfile
+    assert "!templates/" in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+
+
 def compose_binary() -> str:
     """Docker Compose v2 as the Makefile installs it into the venv (`make test` does), else one on PATH."""
     beside_python = Path(sys.executable).parent / "docker-compose"

@@ -14,6 +14,7 @@ from server.api.generation import (
     StreamFormat,
     Usage,
     collect,
+    compile_grammar,
     engine,
     new_id,
     prompt_token_count,
@@ -26,6 +27,7 @@ from server.api.generation import (
 )
 from server.api.logprobs import TokenText, completion_logprobs
 from server.api.schemas import CompletionRequest
+from server.api.structured import guided_spec
 from server.engine.engine import Engine
 from server.engine.request import Delta
 
@@ -93,6 +95,8 @@ async def _encode(eng: Engine, text: str) -> list[int]:
 async def completions(body: CompletionRequest, request: Request) -> dict[str, Any] | StreamingResponse:
     eng = engine(request)
     adapter = resolve_adapter(request, body.model)
+    grammar = guided_spec(body)
+    await compile_grammar(request, grammar)
     prompts = [p if isinstance(p, list) else await _encode(eng, p) for p in body.prompts()]
     echoes = [""] * len(prompts)
     if body.echo:
@@ -100,7 +104,7 @@ async def completions(body: CompletionRequest, request: Request) -> dict[str, An
             p if isinstance(p, str) else await tokenize(lambda ids=ids: eng.tokenizer.decode(ids))
             for p, ids in zip(body.prompts(), prompts, strict=True)
         ]
-    choices = submit_choices(request, body, prompts, adapter, "prompt")
+    choices = submit_choices(request, body, prompts, adapter, "prompt", grammar)
     response_id = new_id("cmpl")
     text = token_text(request)
     if body.stream:

@@ -4,8 +4,9 @@ A schema cannot say which `model` names exist, how long a context is, or how lar
 vocabulary is, so schema-valid requests would almost all end in a 404 and never reach the
 engine, or in a 400 `context_length_exceeded`. For *positive* cases only, these hooks point
 most requests at real models and adapters and keep what the schema cannot bound (token ids,
-max_tokens, prompt and message lengths) within what the served model takes. Negative cases
-are sent as generated.
+max_tokens, prompt and message lengths, whether a JSON schema or regex compiles, which tool a
+tool_choice names, whether tool call arguments are JSON) within what the served model takes.
+Negative cases are sent as generated.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ MAX_NEW_TOKENS = 4
 # Well inside the tiny model's 512-token context even at 4 tokens a character.
 PROMPT_CHARS, PROMPT_IDS = 96, 256
 MESSAGES, MESSAGE_CHARS = 6, 12
+TOOLS = 2
+GRAMMAR_FIELDS = ("guided_json", "guided_regex", "guided_choice", "response_format")
 
 
 def _pick(value: str, choices: list[str]) -> str:
@@ -54,6 +57,53 @@ def _tame_generation(body: dict) -> None:
     messages = body.get("messages")
     if isinstance(messages, list):
         body["messages"] = [_tame_message(m) for m in messages[:MESSAGES]]
+    if isinstance(body.get("logit_bias"), dict):
+        body["logit_bias"] = {str(int(k) % VOCAB): v for k, v in body["logit_bias"].items()}
+    _tame_grammar(body)
+    _tame_tools(body)
+
+
+def _tame_grammar(body: dict) -> None:
+    """One grammar field at most, and one that compiles (a random schema or regex seldom does)."""
+    given = [f for f in GRAMMAR_FIELDS if body.get(f) is not None]
+    for field in given[1:]:
+        body.pop(field)
+    if body.get("guided_json") is not None:
+        body["guided_json"] = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}}}
+    if body.get("guided_regex") is not None:
+        body["guided_regex"] = "[a-z]{1,4}"
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and isinstance(response_format.get("json_schema"), dict):
+        response_format["json_schema"]["schema"] = {"type": "object"}
+
+
+def _tame_tools(body: dict) -> None:
+    """A few tools taking no arguments (their schemas stay compilable and the prompt short); a
+    named tool_choice names one of them; tool_choice only with tools; no grammar field beside a
+    forced call; call arguments that are JSON."""
+    tools = body.get("tools")
+    if isinstance(tools, list):
+        body["tools"] = tools = tools[:TOOLS]
+        for tool in tools:
+            if isinstance(tool, dict) and isinstance(tool.get("function"), dict):
+                tool["function"].pop("parameters", None)
+                tool["function"].pop("description", None)
+    choice = body.get("tool_choice")
+    if not tools:
+        body.pop("tool_choice", None)
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        first = tools[0].get("function", {}) if isinstance(tools[0], dict) else {}
+        choice["function"]["name"] = first.get("name", "")
+    if body.get("tools") and (
+        body.get("tool_choice") == "required" or isinstance(body.get("tool_choice"), dict)
+    ):
+        for field in GRAMMAR_FIELDS:
+            body.pop(field, None)
+    for message in body.get("messages") or []:
+        if isinstance(message, dict) and isinstance(message.get("tool_calls"), list):
+            for call in message["tool_calls"]:
+                if isinstance(call, dict) and isinstance(call.get("function"), dict):
+                    call["function"]["arguments"] = "{}"
 
 
 def _tame_prompt(prompt):

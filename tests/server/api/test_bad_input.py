@@ -146,11 +146,6 @@ def test_unknown_fields_are_ignored(http, model):
 @pytest.mark.parametrize(
     "path, fields, param",
     [
-        (CHAT, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        (CHAT, {"tool_choice": "auto"}, "tool_choice"),
-        (CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
-        (CHAT, {"logit_bias": {"1": 5}}, "logit_bias"),
-        (COMPLETIONS, {"logit_bias": {"50256": -100}}, "logit_bias"),
         (CHAT, {"frequency_penalty": 0.5}, "frequency_penalty"),
         (COMPLETIONS, {"presence_penalty": -1}, "presence_penalty"),
         (COMPLETIONS, {"best_of": 3}, "best_of"),

@@ -49,6 +49,7 @@ def fuzzed(tmp_path_factory, tiny_model_dir, tiny_model):
         max_adapter_bytes=2_000_000,
         max_batch_size=256,
         max_queue=256,
+        chat_template=str(ROOT / "templates" / "hermes_tools.jinja"),  # tools are fuzzed too
     )
     (root / "schemathesis.toml").write_text(CONFIG)
     with LiveServer(settings, tiny_model) as live:
