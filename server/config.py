@@ -104,6 +104,9 @@ class AdapterSettings(_Section):
     max_lora_rank: int = Field(default=64, ge=1)
     """Highest LoRA rank accepted; higher ones are refused at load."""
 
+    lowrank_path: Literal["auto", "kernel", "torch"] = "auto"
+    """CPU low-rank math: auto (kernel or torch per group size, measured per CPU, cached), kernel, torch."""
+
     max_adapter_bytes: int = Field(default=1024**3, ge=1024)
     """Largest adapter upload (files, or an archive's contents) in bytes; larger ones answer 413."""
 

@@ -183,6 +183,7 @@ class Engine:
             model.dtype,
             model.device,
             max_rank=self.adapter_settings.max_lora_rank,
+            lowrank_path=self.adapter_settings.lowrank_path,
         )
         load = folder_loader(model, self.adapter_settings.max_lora_rank)
         self.tiers = AdapterTiers(
