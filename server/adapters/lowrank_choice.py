@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 """Rows per group tried, smallest first; measuring stops once torch has won twice in a row."""
+SLOW_S = 0.02
+"""Measuring also stops after a bucket whose faster path took this long: a start-up stays short, and
+groups that big keep the decision of the last bucket measured."""
 GROUPS = 4
 RANK = 16
 REPEATS = 5
@@ -136,6 +139,8 @@ def measure(kernel: NativeKernel, shape: Shape) -> dict:
                 break
         else:
             torch_wins, threshold = 0, NEVER_BIG
+        if min(kernel_us[-1], torch_us[-1]) > SLOW_S * 1e6:
+            break
     return {
         "big_group_rows": threshold,
         "buckets": list(BUCKETS[: len(kernel_us)]),
@@ -168,3 +173,14 @@ def _write(path: Path, data: dict[str, dict]) -> None:
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def main() -> None:
+    """`python -m server.adapters.lowrank_choice` (make install): compile the kernel for this CPU now."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if lowrank.native_kernel() is None:
+        log.warning("no native low-rank kernel on this machine: the server will use torch")
+
+
+if __name__ == "__main__":
+    main()

@@ -376,6 +376,7 @@ def test_calibration_takes_the_first_bucket_from_which_torch_stays_faster(monkey
                 time.sleep(2e-3)
 
     monkeypatch.setattr(lowrank_choice, "torch_groups", fake_torch_groups)
+    monkeypatch.setattr(lowrank_choice, "SLOW_S", 1.0)
     entry = lowrank_choice.measure(SlowKernel(), (torch.float32, 16, 8))
     assert entry["big_group_rows"] == 32
     assert entry["buckets"] == [1, 2, 4, 8, 16, 32, 64] and max(timed) == 64
@@ -402,3 +403,20 @@ def test_a_slot_table_gives_its_tables_the_measured_threshold_or_the_chosen_path
         assert table.native is (native and lowrank.kernel_takes(tiny_model.dtype))
         if native and table.native:
             assert table.big_group_rows == rows
+
+
+def test_calibration_stops_after_a_slow_bucket(monkeypatch):
+    """The kernel wins throughout, both paths slow from 16 rows per group on: measuring stops there."""
+    monkeypatch.setattr(lowrank_choice, "SLOW_S", 0.05)
+
+    def torch_path(x, *args):
+        time.sleep(0.07 if len(x) // lowrank_choice.GROUPS >= 16 else 0.002)
+
+    class Kernel:
+        def apply(self, x, *args):
+            if len(x) // lowrank_choice.GROUPS >= 16:
+                time.sleep(0.06)
+
+    monkeypatch.setattr(lowrank_choice, "torch_groups", torch_path)
+    entry = lowrank_choice.measure(Kernel(), (torch.float32, 16, 8))
+    assert entry["buckets"][-1] == 16 and entry["big_group_rows"] == lowrank.NEVER_BIG
