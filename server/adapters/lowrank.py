@@ -162,11 +162,19 @@ class RowGroups:
         """(M,) `order` as int64 on the device, for the per-group torch path."""
         return self.order.to(self.device, torch.int64)
 
+    def stack_index_host(self) -> torch.Tensor:
+        """(N,) each row's index into the stacked tables (slot + 1; 0, all zeros, for none), on the host."""
+        return torch.tensor([s + 1 for s in self.slot_of], dtype=torch.int64)
+
     @functools.cached_property
     def stack_index(self) -> torch.Tensor:
-        """(N,) each row's index into the stacked tables (slot + 1; 0, all zeros, for none), on the device."""
-        index = torch.tensor([s + 1 for s in self.slot_of], dtype=torch.int64)
+        """`stack_index_host` on the device: copied on first use, unless `use_stack_index` gave it."""
+        index = self.stack_index_host()
         return index.to(self.device, non_blocking=True) if self.device.type != "cpu" else index
+
+    def use_stack_index(self, index: torch.Tensor) -> None:
+        """Take `stack_index` from the caller's one copy of every index a step needs (BatchContext)."""
+        self.__dict__["stack_index"] = index
 
 
 def _pack_groups(order: list[int], spans: list[tuple[int, int, int]]) -> torch.Tensor:

@@ -14,7 +14,9 @@ import dataclasses
 
 import torch
 
+from server.adapters.context import BatchContext
 from server.adapters.loader import folder_loader
+from server.adapters.slots import SlotTable
 from server.config import AdapterSettings, EngineSettings
 from server.engine import engine as engine_module
 from server.engine.engine import Engine
@@ -77,3 +79,26 @@ def test_merge_adapter_folds_on_the_base_device(tiny_model, kinds_store):
         fold_into(model, load(kinds_store / name))
     weights = [p for p in model.hf.parameters()]
     assert {p.device for p in weights} == {META}
+
+
+def test_a_step_copies_its_slot_indices_to_the_device_once(tiny_model, kinds_store, monkeypatch):
+    model = on_meta(tiny_model)
+    slots = SlotTable(8, model.shape, model.dtype, META, max_rank=64)
+    load = folder_loader(tiny_model, 64)
+    names = ["lora", "ia3", "bottleneck", "prompt"]
+    for slot, name in enumerate(names):
+        slots.install(slot, load(kinds_store / name))
+    copies = []
+    to = torch.Tensor.to
+
+    def counting_to(self, *args, **kwargs):
+        out = to(self, *args, **kwargs)
+        if self.device.type == "cpu" and out.device.type == "meta":
+            copies.append(tuple(self.shape))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    context = BatchContext(slots, [0, -1, 1, 2, 3, 2, 0])
+    assert context.delta_groups is not None and context.block_groups and context.residual_mask is None
+    assert context.delta_groups.stack_index.device == META
+    assert len(copies) == 1, copies
