@@ -652,11 +652,11 @@ def prepare_for(dtype: torch.dtype, device: torch.device) -> None:
 def _native_for(x: torch.Tensor, y: torch.Tensor, table: LowRankTable) -> NativeKernel | None:
     if table.native and x.is_cpu and y.is_cpu:
         return _kernel if _kernel_tried else native_kernel()
-    if table.dtype not in _KERNEL_DTYPES:
-        _warn_once("dtype", f"low-rank adapters in {table.dtype} use the torch path (the kernel: f32, bf16)")
-    else:
+    if not (x.is_cpu and y.is_cpu and table.device.type == "cpu"):
         _warn_once("device", f"low-rank adapters on {x.device} use the torch path (the kernel is CPU only)")
-    return None
+    elif table.dtype not in _KERNEL_DTYPES:
+        _warn_once("dtype", f"low-rank adapters in {table.dtype} use the torch path (the kernel: f32, bf16)")
+    return None  # or switched off for this table (--lowrank-path torch): as asked, no warning
 
 
 def _warn_once(reason: str, message: str) -> None:

@@ -23,7 +23,7 @@ from tests.adapter_factory import reference_steps_for
 from tests.helpers import compare_up_to_near_ties
 from tests.server.adapters.test_batched_reference import BOTTLENECKS, build_store, serve_mixed
 
-QUESTIONS = ("What is 2+2?", "What is the capital of France?")
+QUESTIONS = ("What is the capital of France?",)
 NEW_TOKENS = 8
 
 
@@ -33,6 +33,7 @@ def store(tmp_path_factory, default_model_dir, default_model):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the default model in 16 bits on a CPU without native bfloat16 is slow
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_every_kind_mixed_equals_float32_up_to_near_ties(

@@ -420,3 +420,16 @@ def test_calibration_stops_after_a_slow_bucket(monkeypatch):
     monkeypatch.setattr(lowrank_choice, "torch_groups", torch_path)
     entry = lowrank_choice.measure(Kernel(), (torch.float32, 16, 8))
     assert entry["buckets"][-1] == 16 and entry["big_group_rows"] == lowrank.NEVER_BIG
+
+
+def test_a_table_switched_to_torch_takes_the_gather_path_without_a_warning(monkeypatch, caplog):
+    """--lowrank-path torch on the CPU: as asked, so nothing to warn about (it is not a fallback)."""
+    monkeypatch.setattr(lowrank, "_warned", set())
+    table = make_table(16, 24, [2, 3], torch.float32)
+    table.native = False
+    calls = []
+    monkeypatch.setattr(lowrank, "gather_apply", lambda *args: calls.append(args))
+    x, y = torch.randn(2, 16), torch.zeros(2, 24)
+    with caplog.at_level(logging.WARNING, logger=lowrank.__name__):
+        low_rank_apply(x, y, table, RowGroups.build([0, 1]))
+    assert len(calls) == 1 and not caplog.records
