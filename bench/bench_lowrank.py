@@ -4,7 +4,7 @@ Every site (30 layers x q,k,v,o,gate,up,down = 210) has its own table of 64 rank
 adapters, so weights are distinct per site and do not stay in cache between steps, as in a
 real decode step; tables are stacked with ranks padded to 64 (--max-lora-rank's default), as
 the server keeps them. Prints markdown tables: per decode step over all sites, per prefill
-step, and a sweep of rows per group that the big-group threshold is chosen from. The two
+step, and a sweep of rows per group (the server measures its own at start-up: lowrank_choice.py). The two
 torch forms of issue 12 are both timed: gather + bmm (BGMV: each row gathers its slot's
 stacked weights; the device path) and segments (rows sorted by slot, one pair of matmuls per
 group, SGMV-like; the CPU's big-group path).
@@ -22,8 +22,9 @@ from functools import partial
 
 import torch
 
+from server.adapters import lowrank_choice
 from server.adapters.lowrank import (
-    BIG_GROUP_ROWS,
+    NEVER_BIG,
     LowRankTable,
     RowGroups,
     low_rank_apply,
@@ -42,7 +43,6 @@ LINEARS = {
     "down": (INTER, HIDDEN),
 }
 ADAPTERS, RANK, MAX_RANK = 64, 16, 64  # MAX_RANK: the server default --max-lora-rank
-NEVER_BIG = 1 << 30
 
 
 class Site:
@@ -63,7 +63,12 @@ class Site:
 
 
 def make_sites(dtype: torch.dtype) -> list[Site]:
-    return [Site(i, o, dtype) for _ in range(LAYERS) for i, o in LINEARS.values()]
+    """Every site, each table given the threshold the start-up calibration measured for its shape."""
+    found = lowrank_choice.calibrate([(dtype, i, o) for i, o in LINEARS.values()])
+    sites = [Site(i, o, dtype) for _ in range(LAYERS) for i, o in LINEARS.values()]
+    for site in sites:
+        site.table.big_group_rows = found[(dtype, site.table.in_features, site.table.out_features)]
+    return sites
 
 
 def zipf_slots(rows: int, generator: torch.Generator) -> torch.Tensor:
@@ -89,7 +94,9 @@ def median_ms(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, f
     return {label: statistics.median(t) for label, t in times_ms(steps, repeats).items()}
 
 
-def run_step(sites: list[Site], row_slots: torch.Tensor, how: str, big_group_rows: int) -> Callable[[], None]:
+def run_step(
+    sites: list[Site], row_slots: torch.Tensor, how: str, big_group_rows: int | None
+) -> Callable[[], None]:
     groups = RowGroups.build(row_slots, big_group_rows)
 
     def step() -> None:
@@ -145,10 +152,15 @@ def sweep(sites: list[Site], repeats: int) -> None:
     print()
 
 
-def read_bandwidth_gbs(repeats: int) -> float:
-    """What one plain streaming read over a large tensor reaches: the floor to compare with."""
+def read_bandwidth_gbs(repeats: int) -> dict[str, float]:
+    """What plain streaming reads over a large buffer reach (torch's threads): the ceiling to compare with.
+
+    sum reads 512 MiB; copy reads 512 MiB and writes as much, counted here as bytes read.
+    """
     big = torch.ones(128 << 20, dtype=torch.float32)  # 512 MiB
-    return big.nbytes / (median_ms({"amax": big.amax}, repeats)["amax"] / 1e3) / 1e9
+    dst = torch.empty_like(big)
+    ms = median_ms({"sum": big.sum, "copy": lambda: dst.copy_(big)}, repeats)
+    return {label: big.nbytes / (t / 1e3) / 1e9 for label, t in ms.items()}
 
 
 def main() -> None:
@@ -164,11 +176,16 @@ def main() -> None:
     kernel = native_kernel()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}")
     print(f"kernel: {kernel.path if kernel else 'unavailable'}")
-    print(f"big-group threshold: {BIG_GROUP_ROWS} rows")
-    print(f"streaming read (torch amax over 512 MiB): {read_bandwidth_gbs(args.repeats):.1f} GB/s\n")
+    stream = read_bandwidth_gbs(args.repeats)
+    print(f"streaming read over 512 MiB: sum {stream['sum']:.1f} GB/s, copy {stream['copy']:.1f} GB/s read\n")
 
     print(f"### decode: 64 rows, Zipf over {ADAPTERS} rank-{RANK} adapters, {LAYERS * len(LINEARS)} sites\n")
     sites = make_sites(dtype)
+    print("calibrated big_group_rows (groups this big go to torch):")
+    for i, o in LINEARS.values():
+        rows = lowrank_choice.big_group_rows((dtype, i, o))
+        print(f"- {i}x{o}: {'never' if rows == NEVER_BIG else rows}")
+    print()
     for site in sites:
         site.set_rows(64)
     decode = zipf_slots(64, gen)
@@ -177,7 +194,7 @@ def main() -> None:
         decode,
         args.repeats,
         [
-            ("native kernel", "native", BIG_GROUP_ROWS),
+            ("native kernel (calibrated per shape)", "native", None),
             ("torch gather + bmm (BGMV, the device path)", "torch", 0),
             ("torch segments (per-group matmuls, SGMV-like)", "native", 0),
             ("reference", "reference", 0),
@@ -193,7 +210,8 @@ def main() -> None:
         prefill,
         args.repeats,
         [
-            (f"auto (groups >= {BIG_GROUP_ROWS} rows to torch)", "native", BIG_GROUP_ROWS),
+            ("auto (calibrated per shape)", "native", None),
+            ("native kernel only", "native", NEVER_BIG),
             ("torch gather + bmm (BGMV, the device path)", "torch", 0),
             ("torch segments (per-group matmuls, SGMV-like)", "native", 0),
         ],

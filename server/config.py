@@ -109,6 +109,8 @@ class AdapterSettings(_Section):
 
     max_module_copy_bytes: ByteSize = Field(default=0, ge=0)
     """Largest copy of embed_tokens or lm_head (modules_to_save) one adapter may hold, e.g. 200MB; 0: none."""
+    lowrank_path: Literal["auto", "kernel", "torch"] = "auto"
+    """CPU low-rank math: auto (kernel or torch per group size, measured per CPU, cached), kernel, torch."""
 
     max_adapter_bytes: int = Field(default=1024**3, ge=1024)
     """Largest adapter upload (files, or an archive's contents) in bytes; larger ones answer 413."""

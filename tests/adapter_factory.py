@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,13 +23,19 @@ from peft import (
     VeraConfig,
     get_peft_model,
 )
-from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from peftserve_formats import bitfit
 from server.adapters.bottleneck import BottleneckReference, parse
-from server.base_model import ModelShape
-from tests.helpers import reference_greedy
+from server.base_model import ModelShape, model_shape
+from tests.helpers import reference_greedy, reference_steps
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -307,3 +316,53 @@ def reference_tokens(
             return reference_greedy(base, prompt_ids, max_new_tokens, stop_at_eos)
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
     return reference_greedy(model, prompt_ids, max_new_tokens, stop_at_eos)
+
+
+@contextlib.contextmanager
+def reference_model(
+    base_dir: Path, adapter_dir: Path | None, quantize: str = "none", device: str = "cpu"
+) -> Iterator[torch.nn.Module]:
+    """The float32 reference model for one adapter (None: the base alone), on `device`: PEFT for
+    PEFT kinds, our reference module for bottleneck ones. With `quantize` the base's linear layers
+    are bitsandbytes-quantized as the server quantizes them, computing in float32."""
+    if quantize == "none":
+        base = load_base(base_dir).to(device)
+    else:
+        bnb = (
+            BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+            )
+            if quantize == "nf4"
+            else BitsAndBytesConfig(load_in_8bit=True)
+        )
+        base = AutoModelForCausalLM.from_pretrained(
+            base_dir, dtype=torch.float32, quantization_config=bnb, device_map=device
+        ).eval()
+    if adapter_dir is None:
+        yield base
+        return
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if config["peft_type"] != "BOTTLENECK":
+        yield PeftModel.from_pretrained(base, adapter_dir).eval().to(device)
+        return
+    weights = parse(config, load_file(adapter_dir / "adapter_model.safetensors"), model_shape(base.config))
+    for key, site in weights.sites.items():
+        moved = {f.name: getattr(site, f.name) for f in dataclasses.fields(site)}
+        weights.sites[key] = type(site)(
+            **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()}
+        )
+    with BottleneckReference(base, weights).applied():
+        yield base
+
+
+def reference_steps_for(
+    base_dir: Path,
+    adapter_dir: Path | None,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    quantize: str = "none",
+    device: str = "cpu",
+) -> list[tuple[int | None, float, float]]:
+    """`reference_steps` (tokens with their float32 margins) of one adapter alone, or of the base."""
+    with reference_model(base_dir, adapter_dir, quantize, device) as model:
+        return reference_steps(model, prompt_ids, max_new_tokens)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -17,6 +18,17 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from server.api.app import create_app
 from server.base_model import LoadedModel, default_gguf_path, load_base_model, materialize_gguf
 from server.config import ModelSettings, Settings
+
+
+@pytest.fixture(scope="session")
+def test_device() -> str:
+    """Where device-aware tests run: PEFTSERVE_TEST_DEVICE (cuda in `make device-check`), default cpu."""
+    device = os.environ.get("PEFTSERVE_TEST_DEVICE", "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"PEFTSERVE_TEST_DEVICE={device}, but torch {torch.__version__} sees no CUDA device"
+        )
+    return device
 
 
 @pytest.fixture(scope="session")
@@ -53,8 +65,8 @@ def tiny_settings(tiny_model_dir: Path, **overrides) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tiny_model_dir: Path) -> LoadedModel:
-    return load_base_model(tiny_settings(tiny_model_dir).model)
+def tiny_model(tiny_model_dir: Path, test_device: str) -> LoadedModel:
+    return load_base_model(tiny_settings(tiny_model_dir, device=test_device).model)
 
 
 @pytest.fixture(scope="session")

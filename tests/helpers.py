@@ -47,14 +47,70 @@ def reference_greedy(
     """
     eos = _eos_ids(model) if stop_at_eos else set()
     tokens = list(prompt_ids)
+    device = next(model.parameters()).device
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            logits = model(input_ids=torch.tensor([tokens]), use_cache=False).logits  # (1, T, vocab)
+            logits = model(
+                input_ids=torch.tensor([tokens], device=device), use_cache=False
+            ).logits  # (1, T, vocab)
             token = int(logits[0, -1].argmax())
             if token in eos:
                 break
             tokens.append(token)
     return tokens[len(prompt_ids) :]
+
+
+NEAR_TIE_ULPS = 16
+"""A step of a float32 reference is a near tie when its top-2 logit margin is below this many
+epsilons of the serving dtype times the step's largest |logit|. Why 16: a bfloat16 or float16
+forward of SmolLM2-135M moves single logits by up to ~7 eps x max|logit| from float32 (measured,
+13 positions), and a margin shrinks by the moves of both logits."""
+
+
+def reference_steps(
+    model, prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bool = True
+) -> list[tuple[int | None, float, float]]:
+    """`reference_greedy` that keeps each step's (token, top-2 logit margin, max |logit|), so a
+    caller can tell a near tie from a real difference; the EOS step it stops at is kept with token
+    None (nothing emitted there). Run it on a float32 model."""
+    eos = _eos_ids(model) if stop_at_eos else set()
+    tokens, steps = list(prompt_ids), []
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(input_ids=torch.tensor([tokens], device=device), use_cache=False).logits[0, -1]
+            logits = logits.float()
+            top2 = logits.topk(2).values
+            token = int(logits.argmax())
+            steps.append(
+                (None if token in eos else token, float(top2[0] - top2[1]), float(logits.abs().max()))
+            )
+            if token in eos:
+                break
+            tokens.append(token)
+    return steps
+
+
+def compare_up_to_near_ties(
+    served: list[int], steps: list[tuple[int | None, float, float]], dtype: torch.dtype, what: str
+) -> int:
+    """Tokens served in `dtype` against a float32 reference's steps: equal until the first step
+    whose float32 margin is a near tie (NEAR_TIE_ULPS), where a low-precision run may legitimately
+    take the other token; nothing after it is compared. Returns how many steps were compared equal
+    (the caller checks enough were); a difference at a clear step fails, naming it."""
+    eps = torch.finfo(dtype).eps
+    expected = [t for t, _, _ in steps]
+    for i, (token, margin, scale) in enumerate(steps):
+        got = served[i] if i < len(served) else None  # None: served stopped (EOS) here
+        if margin < NEAR_TIE_ULPS * eps * scale:
+            return i
+        if got != token:
+            raise AssertionError(
+                f"{what}: step {i} served {got}, the float32 reference {token} (None: stop) with a clear "
+                f"margin {margin:.4g} (near-tie bound {NEAR_TIE_ULPS * eps * scale:.4g}); "
+                f"served {served}, expected {expected}"
+            )
+    return len(steps)
 
 
 def _eos_ids(model) -> set[int]:

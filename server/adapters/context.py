@@ -39,9 +39,6 @@ class BatchContext:
         self.slot_of = slot_of
         self.rotation_rows: dict[frozenset[int], RotationRows] = {}
         device = slots.device
-        # index into scale tables: slot, or the table's last row (ones) for the base model
-        scale_index = torch.tensor([s if s >= 0 else slots.num_slots for s in slot_of], dtype=torch.int64)
-        self.scale_index = scale_index.to(device, non_blocking=True)
         delta = {s for s in used if Hook.LINEAR_DELTA in slots.methods[s].hooks}
         self.delta_groups = self._groups(slot_of, delta, device)
         block = {s: slots.slot_data(s, Hook.BLOCK_OUTPUT) for s in used}
@@ -51,11 +48,22 @@ class BatchContext:
             for act in {a for a, _ in block.values()}
         }
         readers = {s for s, (_, reads_residual) in block.items() if reads_residual}
-        self.residual_mask = (
-            torch.tensor([s in readers for s in slot_of], dtype=slots.dtype).unsqueeze(1).to(device)
-            if readers
-            else None
-        )  # (N, 1)
+        # Every per-row index of this step, built on the host and copied in one transfer: the
+        # scale tables' (slot, or the table's last row of ones for the base model), each group
+        # set's stacked-table index, and which rows' bottleneck reads the residual.
+        groups = [g for g in (self.delta_groups, *self.block_groups.values()) if g is not None]
+        host = torch.stack(
+            [
+                torch.tensor([s if s >= 0 else slots.num_slots for s in slot_of], dtype=torch.int64),
+                *(g.stack_index_host() for g in groups),
+                torch.tensor([s in readers for s in slot_of], dtype=torch.int64),
+            ]
+        )  # (2 + groups, N)
+        rows = host if device.type == "cpu" else host.to(device, non_blocking=True)
+        self.scale_index = rows[0]
+        for g, row in zip(groups, rows[1:-1], strict=True):
+            g.use_stack_index(row)
+        self.residual_mask = rows[-1].to(slots.dtype).unsqueeze(1) if readers else None  # (N, 1)
 
     @staticmethod
     def _groups(slot_of: list[int], keep: set[int], device: torch.device) -> RowGroups | None:

@@ -12,9 +12,10 @@ vLLM's punica ops). `low_rank_apply` has two paths behind one interface:
   matmuls apply any mix of adapters at once, no Python loop over adapters, no host sync. It
   is the reference for every fast path and the path on every device but the CPU.
 - on the CPU, the rows grouped by slot once per step (`RowGroups`) go to a native C kernel
-  (lowrank_kernel.c) that reads each adapter's weights once per step; only groups of at least
-  BIG_GROUP_ROWS rows go to per-group torch matmuls. `set_native(False)` switches the kernel
-  off, so the CPU runs exactly the code a GPU runs.
+  (lowrank_kernel.c) that reads each adapter's weights once per step; groups of at least the
+  table's `big_group_rows` rows go to per-group torch matmuls instead. That threshold is not a
+  constant: lowrank_choice.py measures both paths per layer shape on this CPU at start-up.
+  `set_native(False)` switches the kernel off, so the CPU runs exactly the code a GPU runs.
 
 `low_rank_apply_reference` is the plain per-row loop the tests hold both to.
 
@@ -37,7 +38,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -53,16 +54,8 @@ Activation = Literal["relu", "gelu", "silu", "tanh"] | None
 _ACT_CODES: dict[str | None, int] = {None: 0, "relu": 1, "gelu": 2, "silu": 3, "tanh": 4}
 _KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
-BIG_GROUP_ROWS = 4096
-"""Groups with at least this many rows use torch matmuls instead of the native kernel.
-
-Measured with bench/bench_lowrank.py (rows-per-group sweep over one SmolLM2-135M layer,
-bf16, 2 threads, AMD EPYC with avx512_bf16): the kernel beat torch at every size tried,
-19x at 1 row per group, 3x at 128, still 1.5x at 1024 and 2048, because it fuses both
-products and writes y once where torch gathers, runs two skinny matmuls (K or N = rank) and
-scatters. So the threshold sits above the measured range; a CPU whose matmuls are much
-faster (AMX) would bring the crossover down into it.
-"""
+NEVER_BIG = 1 << 62
+"""A `big_group_rows` no group reaches: every group goes to the native kernel."""
 
 
 class LowRankError(ValueError):
@@ -81,8 +74,8 @@ class RowGroups:
     """A batch's rows grouped by adapter slot; built once per forward step, used by every site.
 
     Besides `order`, `starts` and `slots` it keeps what each call needs already split by
-    group size: Python spans for the torch path and a packed int32 array for the kernel, so
-    a call never reads tensor values.
+    group size (`split`, memoised per threshold): Python spans for the torch path and a packed
+    int32 array for the kernel, so a call never reads tensor values.
     """
 
     order: torch.Tensor  # (M,) int32: rows with slot >= 0, sorted by slot (stable)
@@ -91,22 +84,27 @@ class RowGroups:
     num_rows: int  # N, the batch size the groups were built for
     max_slot: int  # largest slot used, -1 when no row has an adapter
     spans: tuple[tuple[int, int, int], ...]  # (slot, lo, hi) per group, lo/hi into order
-    big_spans: tuple[tuple[int, int, int], ...]  # the spans of groups for the torch path
-    kernel_groups: torch.Tensor | None  # the other groups packed for the kernel, None if none
+    big_group_rows: int | None  # groups this big go to torch; None: each table's own threshold
     device: torch.device  # where the torch path's indices live
     slot_of: tuple[int, ...]  # (N,) the slot of every row, -1 for none
+    _packed: torch.Tensor = field(repr=False)  # every group in the kernel's layout
+    _splits: dict[int, tuple[tuple[tuple[int, int, int], ...], torch.Tensor | None]] = field(
+        default_factory=dict, repr=False
+    )
 
     @classmethod
     def build(
         cls,
         row_slots: torch.Tensor | list[int],
-        big_group_rows: int = BIG_GROUP_ROWS,
+        big_group_rows: int | None = None,
         device: torch.device | str | None = None,
     ) -> RowGroups:
         """Group rows by slot; `row_slots` is (N,) int, -1 meaning no adapter, best on the host.
 
-        `device` is where the torch path's indices go (default: row_slots' device); they are
-        built here on the host and copied there once, when first used.
+        `big_group_rows` fixes the kernel/torch threshold for every table (tests, benchmarks);
+        unset, each table's measured `big_group_rows` decides. `device` is where the torch
+        path's indices go (default: row_slots' device); they are built here on the host and
+        copied there once, when first used.
         """
         if isinstance(row_slots, torch.Tensor):
             if row_slots.dim() != 1 or row_slots.is_floating_point() or row_slots.is_complex():
@@ -126,7 +124,6 @@ class RowGroups:
             spans.append((slot, lo, hi))
             lo = hi
         packed = _pack_groups(order, spans)
-        small = [sp for sp in spans if sp[2] - sp[1] < big_group_rows]
         g = len(spans)
         return cls(
             order=packed[2 * g + 3 :],
@@ -135,22 +132,51 @@ class RowGroups:
             num_rows=len(slot_of),
             max_slot=spans[-1][0] if spans else -1,
             spans=tuple(spans),
-            big_spans=tuple(sp for sp in spans if sp[2] - sp[1] >= big_group_rows),
-            kernel_groups=None if not small else packed if len(small) == g else _pack_groups(order, small),
+            big_group_rows=big_group_rows,
             device=torch.device("cpu" if device is None else device),
             slot_of=tuple(slot_of),
+            _packed=packed,
         )
+
+    def split(self, big_group_rows: int) -> tuple[tuple[tuple[int, int, int], ...], torch.Tensor | None]:
+        """(spans of the groups for torch, the other groups packed for the kernel or None)."""
+        cached = self._splits.get(big_group_rows)
+        if cached is None:
+            big = tuple(sp for sp in self.spans if sp[2] - sp[1] >= big_group_rows)
+            small = [sp for sp in self.spans if sp[2] - sp[1] < big_group_rows]
+            order = self.order.tolist() if big and small else None
+            kernel = None if not small else self._packed if not big else _pack_groups(order, small)
+            cached = self._splits[big_group_rows] = (big, kernel)
+        return cached
+
+    @property
+    def big_spans(self) -> tuple[tuple[int, int, int], ...]:
+        """The groups for the torch path under this batch's fixed threshold (NEVER_BIG if unset)."""
+        return self.split(NEVER_BIG if self.big_group_rows is None else self.big_group_rows)[0]
+
+    @property
+    def kernel_groups(self) -> torch.Tensor | None:
+        """The other groups packed for the kernel, None if none."""
+        return self.split(NEVER_BIG if self.big_group_rows is None else self.big_group_rows)[1]
 
     @functools.cached_property
     def index(self) -> torch.Tensor:
         """(M,) `order` as int64 on the device, for the per-group torch path."""
         return self.order.to(self.device, torch.int64)
 
+    def stack_index_host(self) -> torch.Tensor:
+        """(N,) each row's index into the stacked tables (slot + 1; 0, all zeros, for none), on the host."""
+        return torch.tensor([s + 1 for s in self.slot_of], dtype=torch.int64)
+
     @functools.cached_property
     def stack_index(self) -> torch.Tensor:
-        """(N,) each row's index into the stacked tables (slot + 1; 0, all zeros, for none), on the device."""
-        index = torch.tensor([s + 1 for s in self.slot_of], dtype=torch.int64)
+        """`stack_index_host` on the device: copied on first use, unless `use_stack_index` gave it."""
+        index = self.stack_index_host()
         return index.to(self.device, non_blocking=True) if self.device.type != "cpu" else index
+
+    def use_stack_index(self, index: torch.Tensor) -> None:
+        """Take `stack_index` from the caller's one copy of every index a step needs (BatchContext)."""
+        self.__dict__["stack_index"] = index
 
 
 def _pack_groups(order: list[int], spans: list[tuple[int, int, int]]) -> torch.Tensor:
@@ -229,7 +255,10 @@ class LowRankTable:
         # Plain machine words over the same memory: set/clear write them without torch's
         # per-element indexing, which would cost more than the rest of an install.
         self._words = (ctypes.c_int64 * self._meta.numel()).from_address(self._meta.data_ptr())
-        self._native = dtype in _KERNEL_DTYPES and self.device.type == "cpu"
+        self.native = dtype in _KERNEL_DTYPES and self.device.type == "cpu"
+        """Whether calls may use the native kernel (False: the torch gather path, as on a GPU)."""
+        self.big_group_rows = NEVER_BIG
+        """Groups of at least this many rows take torch matmuls, the rest the kernel (lowrank_choice.py)."""
 
     def set(
         self,
@@ -383,11 +412,13 @@ def low_rank_apply(
     if kernel is None:
         gather_apply(x, y, table, groups.stack_index, act)
         return
+    fixed = groups.big_group_rows
+    big, small = groups.split(table.big_group_rows if fixed is None else fixed)
     # Big and small groups own disjoint rows, so their order does not matter, even in place.
-    if groups.big_spans:
-        _torch_groups(x, y, table, groups, groups.big_spans, act)
-    if groups.kernel_groups is not None:
-        kernel.apply(x, y, table, groups.kernel_groups, act)
+    if big:
+        torch_groups(x, y, table, groups, big, act)
+    if small is not None:
+        kernel.apply(x, y, table, small, act)
 
 
 GATHER_CHUNK_BYTES = 64 * 1024 * 1024
@@ -470,7 +501,7 @@ def _act_torch(h: torch.Tensor, act: Activation) -> torch.Tensor:
     return h
 
 
-def _torch_groups(
+def torch_groups(
     x: torch.Tensor,
     y: torch.Tensor,
     table: LowRankTable,
@@ -634,6 +665,11 @@ def native_kernel() -> NativeKernel | None:
     return _kernel
 
 
+def kernel_takes(dtype: torch.dtype) -> bool:
+    """Whether the native kernel has a path for tables of this dtype."""
+    return dtype in _KERNEL_DTYPES
+
+
 def prepare_for(dtype: torch.dtype, device: torch.device) -> None:
     """Build and load the native kernel now if tables of this dtype and device will use it."""
     if dtype in _KERNEL_DTYPES and device.type == "cpu":
@@ -641,13 +677,13 @@ def prepare_for(dtype: torch.dtype, device: torch.device) -> None:
 
 
 def _native_for(x: torch.Tensor, y: torch.Tensor, table: LowRankTable) -> NativeKernel | None:
-    if table._native and x.is_cpu and y.is_cpu:
+    if table.native and x.is_cpu and y.is_cpu:
         return _kernel if _kernel_tried else native_kernel()
-    if table.dtype not in _KERNEL_DTYPES:
-        _warn_once("dtype", f"low-rank adapters in {table.dtype} use the torch path (the kernel: f32, bf16)")
-    else:
+    if not (x.is_cpu and y.is_cpu and table.device.type == "cpu"):
         _warn_once("device", f"low-rank adapters on {x.device} use the torch path (the kernel is CPU only)")
-    return None
+    elif table.dtype not in _KERNEL_DTYPES:
+        _warn_once("dtype", f"low-rank adapters in {table.dtype} use the torch path (the kernel: f32, bf16)")
+    return None  # or switched off for this table (--lowrank-path torch): as asked, no warning
 
 
 def _warn_once(reason: str, message: str) -> None:

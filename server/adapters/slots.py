@@ -12,11 +12,11 @@ removes whatever was placed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from server.adapters import lowrank, pack
+from server.adapters import lowrank, lowrank_choice, pack
 from server.adapters.common import AdapterWeights
 from server.adapters.lowrank import LowRankTable
 from server.adapters.method import Hook, Method, Site
@@ -60,6 +60,8 @@ class SlotTable:
     device: torch.device
     max_rank: int
     """Every low-rank table pads ranks to this (--max-lora-rank)."""
+    lowrank_path: Literal["auto", "kernel", "torch"] = "auto"
+    """On the CPU, per group size: the faster path as measured, the kernel, or torch (--lowrank-path)."""
     lowrank: dict[tuple[Hook, Site], LowRankTable] = field(default_factory=dict)
     scales: dict[tuple[Hook, Site], ScaleTable] = field(default_factory=dict)
     rotations: dict[tuple[Hook, Site], list[RotationTable]] = field(default_factory=dict)
@@ -73,7 +75,15 @@ class SlotTable:
     _pending: list[pack.Copy] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        lowrank.prepare_for(self.dtype, self.device)  # compile at start-up, not on the first LoRA step
+        self._big_group_rows: dict[tuple[int, int], int] = {}
+        if self.lowrank_path != "torch":
+            lowrank.prepare_for(self.dtype, self.device)  # compile at start-up, not on the first LoRA step
+        if self.lowrank_path == "auto" and self.device.type == "cpu":
+            # Measure (or read from the cache) now, so no step waits for it; bottlenecks are (hidden, hidden).
+            h = self.shape.hidden_size
+            dims = sorted({*self.shape.linear_dims().values(), (h, h)})
+            found = lowrank_choice.calibrate([(self.dtype, *d) for d in dims])
+            self._big_group_rows = {d: found[(self.dtype, *d)] for d in dims}
         pack.prepare_for(self.device)
         n = self.num_slots
         self.methods, self.data = [None] * n, [{} for _ in range(n)]
@@ -109,6 +119,12 @@ class SlotTable:
         table = self.lowrank.get((hook, site))
         if table is None:
             table = LowRankTable(self.num_slots, *dims, self.dtype, self.device, max_rank=self.max_rank)
+            table.native = table.native and self.lowrank_path != "torch"
+            if self.lowrank_path == "auto" and table.native:
+                rows = self._big_group_rows.get(dims)
+                if rows is None:  # a shape not measured at start-up
+                    rows = lowrank_choice.big_group_rows((self.dtype, *dims))
+                table.big_group_rows = rows
             self.lowrank[(hook, site)] = table
         copies = table.prepare(slot, a, b, a_bias, b_bias, b_scale=b_scale)
         if self._pending is None:

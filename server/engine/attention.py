@@ -66,9 +66,14 @@ def paged_attention_reference(
     block_table: torch.Tensor,
     positions: torch.Tensor,
     scale: float,
+    span: int | None = None,
 ) -> torch.Tensor:
-    """q (B, heads, T, D) at positions (B, T) -> (B, heads, T, D); key j is seen from position p if j <= p."""
-    span = int(positions.max()) + 1
+    """q (B, heads, T, D) at positions (B, T) -> (B, heads, T, D); key j is seen from position p if j <= p.
+
+    span: max(positions) + 1, which the caller knows on the host; None reads it from `positions`,
+    a host sync on a GPU.
+    """
+    span = int(positions.max()) + 1 if span is None else span
     visible = torch.arange(span, device=q.device) <= positions.unsqueeze(-1)  # (B, T, L)
     keys, values = gather_blocks(k_pool, block_table, span), gather_blocks(v_pool, block_table, span)
     return sdpa_attention(q, keys, values, visible, scale)
@@ -81,13 +86,14 @@ def paged_decode_attention(
     block_table: torch.Tensor,
     positions: torch.Tensor,
     scale: float,
+    span: int | None = None,
     native: bool = True,
 ) -> torch.Tensor:
     """paged_attention_reference for T = 1: the native kernel where it runs, else gather + matmuls."""
     kernel = _native_kernel() if native and _kernel_runs(q, k_pool) else None
     if kernel is not None:
         return kernel.decode(q, k_pool, v_pool, block_table, positions, scale)
-    span = int(positions.max()) + 1
+    span = int(positions.max()) + 1 if span is None else span
     visible = torch.arange(span, device=q.device) <= positions.unsqueeze(-1)  # (B, 1, L)
     keys, values = gather_blocks(k_pool, block_table, span), gather_blocks(v_pool, block_table, span)
     return decode_attention(q, keys, values, visible, scale)

@@ -200,6 +200,7 @@ class Engine:
             model.dtype,
             model.device,
             max_rank=self.adapter_settings.max_lora_rank,
+            lowrank_path=self.adapter_settings.lowrank_path,
         )
         load = folder_loader(
             model,
@@ -696,12 +697,16 @@ class Engine:
         table = self._block_table(chunk, -(-(max(starts) + width) // size))
         real = torch.arange(width) < torch.tensor(lengths).unsqueeze(1)
         where = table.gather(1, positions // size) * size + positions % size
+        positions, lengths_d, table, where = to_device(
+            device, positions, torch.tensor(lengths), table, torch.where(real, where, NULL_BLOCK * size)
+        )
         step = StepInputs(
-            positions=positions.to(device),
-            lengths=torch.tensor(lengths, device=device),
-            block_table=table.to(device),
-            slots=torch.where(real, where, NULL_BLOCK * size).to(device),
+            positions=positions,
+            lengths=lengths_d,
+            block_table=table,
+            slots=where,
             adapters=adapters,
+            span=max(starts) + width,
         )
         hidden = self.decoder.hidden(embeds, step, self.cache)  # (B, T, hidden)
         logits = self.decoder.logits(
@@ -806,14 +811,20 @@ class Engine:
         device, size = self.model.device, self.cache.block_size
         positions = torch.tensor([[s.cached] for s in batch])  # (B, 1)
         table = self._block_table(batch, max(len(s.blocks) for s in batch))
-        step = StepInputs(
-            positions=positions.to(device),
-            lengths=torch.ones(len(batch), dtype=torch.long, device=device),
-            block_table=table.to(device),
-            slots=(table.gather(1, positions // size) * size + positions % size).to(device),
-            adapters=BatchContext(self.slots, [s.slot for s in batch]),
+        where = table.gather(1, positions // size) * size + positions % size
+        tokens = torch.tensor([[s.last_token()] for s in batch])  # (B, 1)
+        # Everything the step reads, built on the host and copied in one transfer.
+        positions, table, where, tokens, lengths = to_device(
+            device, positions, table, where, tokens, torch.ones(len(batch), dtype=torch.long)
         )
-        tokens = torch.tensor([[s.last_token()] for s in batch], device=device)
+        step = StepInputs(
+            positions=positions,
+            lengths=lengths,
+            block_table=table,
+            slots=where,
+            adapters=BatchContext(self.slots, [s.slot for s in batch]),
+            span=max(s.cached for s in batch) + 1,
+        )
         logits = self.decoder.forward(self.decoder.embed(tokens, step.adapters), step, self.cache)
         self.metrics.batch_size.observe(len(batch))
         for seq in batch:
@@ -909,3 +920,12 @@ class Engine:
         for seq in seqs:
             self._free_blocks(seq)
         self._running = [s for s in self._running if id(s) not in gone]
+
+
+def to_device(device: torch.device, *host: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """int64 host tensors on `device` in one transfer instead of one per tensor; on the CPU, as they are."""
+    if device.type == "cpu":
+        return host
+    flat = torch.cat([t.reshape(-1) for t in host]).to(device, non_blocking=True)
+    parts = flat.split([t.numel() for t in host])
+    return tuple(part.view(t.shape) for part, t in zip(parts, host, strict=True))

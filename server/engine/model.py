@@ -40,6 +40,9 @@ class StepInputs:
     adapters: BatchContext
     """Which adapter slot every token uses."""
 
+    span: int | None = None
+    """max(positions) + 1, from the host, so attention reads no tensor value (None: it does, a sync)."""
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     first, second = x.chunk(2, dim=-1)
@@ -122,6 +125,7 @@ class Decoder:
             step.block_table,
             step.positions,
             self.scale,
+            span=step.span,
         )
         out = out.transpose(1, 2).reshape(batch * tokens, shape.num_heads * shape.head_dim)
         return ctx.linear(index, "o_proj", attn.o_proj, out)

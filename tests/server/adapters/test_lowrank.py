@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import time
 
 import pytest
 import torch
 
-from server.adapters import lowrank
+from server.adapters import lowrank, lowrank_choice
 from server.adapters.lowrank import (
     KernelBuildError,
     LowRankError,
@@ -19,6 +21,8 @@ from server.adapters.lowrank import (
     low_rank_apply,
     low_rank_apply_reference,
 )
+from server.adapters.method import Hook
+from server.adapters.slots import SlotTable
 from server.config import EngineSettings
 from server.engine.engine import Engine
 
@@ -55,7 +59,7 @@ def check(
     act: str | None = None,
     in_place: bool = False,
     use_native: bool = True,
-    big_group_rows: int = lowrank.BIG_GROUP_ROWS,
+    big_group_rows: int = lowrank.NEVER_BIG,
     seed: int = 1,
 ) -> torch.Tensor:
     """Run fast and reference on the same inputs, assert they agree and that y moved."""
@@ -141,7 +145,8 @@ def test_all_rows_one_slot_takes_the_big_group_path(dtype):
     assert groups.kernel_groups is None
     assert groups.big_spans == ((1, 0, len(rows)),)
     check(make_table(64, 96, [4, 16], dtype, biases=True), rows, act="gelu", big_group_rows=BIG)
-    assert RowGroups.build(torch.tensor([0] * lowrank.BIG_GROUP_ROWS)).kernel_groups is None
+    assert RowGroups.build(torch.tensor([0] * 5), big_group_rows=5).kernel_groups is None
+    assert RowGroups.build(torch.tensor([0] * 5)).kernel_groups is not None  # unset: never big
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -200,11 +205,11 @@ def test_cleared_and_wiped_slot_is_no_adapter():
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler")
 @pytest.mark.parametrize(
     "flags",
-    [("-march=x86-64",), ("-march=native", "-mno-avx512bf16")],
-    ids=["portable", "avx512-without-bf16"],
+    [("-march=x86-64",), ("-march=haswell",), ("-march=native", "-mno-avx512bf16")],
+    ids=["portable", "avx2", "avx512-without-bf16"],
 )
 def test_other_kernel_builds_match_reference(flags, monkeypatch, tmp_path):
-    """The scalar fallback and the AVX-512 path without bf16 dot products."""
+    """The scalar fallback, the AVX2 path and the AVX-512 path without bf16 dot products."""
     monkeypatch.setenv("PEFTSERVE_CACHE", str(tmp_path))
     base = tuple(f for f in lowrank.CFLAGS if not f.startswith("-march"))
     try:
@@ -337,3 +342,104 @@ def test_switched_off_kernel_takes_the_gather_path(monkeypatch):
     finally:
         lowrank.set_native(True)
     assert len(calls) == 1 and calls[0][3].tolist() == [1, 0], "row slot + 1, 0 for none"
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler")
+def test_calibration_is_measured_once_then_read_from_the_kernels_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("PEFTSERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(lowrank, "_kernel", NativeKernel(build_kernel()))
+    monkeypatch.setattr(lowrank, "_kernel_tried", True)
+    monkeypatch.setattr(lowrank_choice, "_loaded", {})
+    shapes = [(torch.float32, 48, 40), (torch.bfloat16, 40, 24)]
+    found = lowrank_choice.calibrate(shapes)
+    path = lowrank_choice.calibration_file(lowrank.native_kernel().path)
+    assert path.parent == lowrank.native_kernel().path.parent and path.is_relative_to(tmp_path)
+    entries = json.loads(path.read_text())
+    assert sorted(entries) == ["bfloat16 40x24", "float32 48x40"]
+    for shape, entry in zip(shapes, (entries["float32 48x40"], entries["bfloat16 40x24"]), strict=True):
+        assert found[shape] == entry["big_group_rows"]
+        assert found[shape] == lowrank.NEVER_BIG or found[shape] in lowrank_choice.BUCKETS
+        assert len(entry["kernel_us"]) == len(entry["torch_us"]) == len(entry["buckets"]) >= 1
+
+    def no_measuring(*args):
+        raise AssertionError("measured a shape the cache holds")
+
+    monkeypatch.setattr(lowrank_choice, "measure", no_measuring)
+    monkeypatch.setattr(lowrank_choice, "_loaded", {})  # a new process: only the file is left
+    assert lowrank_choice.calibrate(shapes) == found
+    assert lowrank_choice.calibrate([(torch.float16, 48, 40)]) == {(torch.float16, 48, 40): lowrank.NEVER_BIG}
+
+
+def test_calibration_takes_the_first_bucket_from_which_torch_stays_faster(monkeypatch):
+    """Torch wins at 8 (noise), loses at 16, wins from 32 on: the threshold is 32; measuring stops at 64."""
+    timed = []
+    torch_wins = {8, 32, 64, 128}
+
+    def fake_torch_groups(x, y, table, groups, spans, act):
+        timed.append(len(groups.order) // lowrank_choice.GROUPS)
+        if timed[-1] not in torch_wins:
+            time.sleep(2e-3)
+
+    class SlowKernel:
+        def apply(self, x, y, table, packed, act):
+            if len(x) // lowrank_choice.GROUPS in torch_wins:
+                time.sleep(2e-3)
+
+    monkeypatch.setattr(lowrank_choice, "torch_groups", fake_torch_groups)
+    monkeypatch.setattr(lowrank_choice, "SLOW_S", 1.0)
+    entry = lowrank_choice.measure(SlowKernel(), (torch.float32, 16, 8))
+    assert entry["big_group_rows"] == 32
+    assert entry["buckets"] == [1, 2, 4, 8, 16, 32, 64] and max(timed) == 64
+
+
+def test_a_slot_table_gives_its_tables_the_measured_threshold_or_the_chosen_path(tiny_model, monkeypatch):
+    dims = tiny_model.shape.linear_dims()["q_proj"]
+    monkeypatch.setattr(lowrank_choice, "calibrate", lambda shapes: dict.fromkeys(shapes, 7))
+    rank = 2
+    a, b = (
+        torch.ones(rank, dims[0], dtype=tiny_model.dtype),
+        torch.ones(rank, dims[1], dtype=tiny_model.dtype),
+    )
+    for path, native, rows in (
+        ("auto", True, 7),
+        ("kernel", True, lowrank.NEVER_BIG),
+        ("torch", False, None),
+    ):
+        slots = SlotTable(
+            2, tiny_model.shape, tiny_model.dtype, tiny_model.device, max_rank=4, lowrank_path=path
+        )
+        slots.set_lowrank(0, Hook.LINEAR_DELTA, (0, "q_proj"), dims, a, b)
+        table = slots.lowrank[(Hook.LINEAR_DELTA, (0, "q_proj"))]
+        assert table.native is (native and lowrank.kernel_takes(tiny_model.dtype))
+        if native and table.native:
+            assert table.big_group_rows == rows
+
+
+def test_calibration_stops_after_a_slow_bucket(monkeypatch):
+    """The kernel wins throughout, both paths slow from 16 rows per group on: measuring stops there."""
+    monkeypatch.setattr(lowrank_choice, "SLOW_S", 0.05)
+
+    def torch_path(x, *args):
+        time.sleep(0.07 if len(x) // lowrank_choice.GROUPS >= 16 else 0.002)
+
+    class Kernel:
+        def apply(self, x, *args):
+            if len(x) // lowrank_choice.GROUPS >= 16:
+                time.sleep(0.06)
+
+    monkeypatch.setattr(lowrank_choice, "torch_groups", torch_path)
+    entry = lowrank_choice.measure(Kernel(), (torch.float32, 16, 8))
+    assert entry["buckets"][-1] == 16 and entry["big_group_rows"] == lowrank.NEVER_BIG
+
+
+def test_a_table_switched_to_torch_takes_the_gather_path_without_a_warning(monkeypatch, caplog):
+    """--lowrank-path torch on the CPU: as asked, so nothing to warn about (it is not a fallback)."""
+    monkeypatch.setattr(lowrank, "_warned", set())
+    table = make_table(16, 24, [2, 3], torch.float32)
+    table.native = False
+    calls = []
+    monkeypatch.setattr(lowrank, "gather_apply", lambda *args: calls.append(args))
+    x, y = torch.randn(2, 16), torch.zeros(2, 24)
+    with caplog.at_level(logging.WARNING, logger=lowrank.__name__):
+        low_rank_apply(x, y, table, RowGroups.build([0, 1]))
+    assert len(calls) == 1 and not caplog.records
