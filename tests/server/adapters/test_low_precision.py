@@ -32,10 +32,21 @@ def store(tmp_path_factory, default_model_dir, default_model):
     return build_store(tmp_path_factory.mktemp("store"), default_model_dir, default_model.shape)
 
 
+ON_GPU = torch.device(os.environ.get("PEFTSERVE_TEST_DEVICE", "cpu")).type == "cuda"
+CASES = (
+    [(dtype, quantize) for dtype in ("bfloat16", "float16", "float32") for quantize in ("none", "nf4")]
+    if ON_GPU
+    # On the CPU: float32, and float16 with nf4, which the CPU refuses. 16-bit compute on a CPU
+    # without native bfloat16 is emulated, many times slower, and its logits drift past the
+    # near-tie bound at most steps, so there the comparison would prove nothing: GPUs run it
+    # (`make device-check`).
+    else [("float32", "none"), ("float32", "nf4"), ("float16", "nf4")]
+)
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # the default model in 16 bits on a CPU without native bfloat16 is slow
-@pytest.mark.parametrize("quantize", ["none", "nf4"])
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize(("dtype", "quantize"), CASES)
 def test_every_kind_mixed_equals_float32_up_to_near_ties(
     dtype, quantize, default_model_dir, store, test_device
 ):
