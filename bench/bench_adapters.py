@@ -409,6 +409,8 @@ def report(results: dict[str, float], args, model: LoadedModel) -> dict:
     k_max = f"engine K={max(int(k) for k in args.ks.split(','))}"
     for num, den, goal in TARGETS:
         num = k_max if num == "engine K=max" else num
+        if num not in results or den not in results:  # a configuration this run left out (--ks)
+            continue
         label = f"{num} / {den}"
         ratio = results[num] / results[den]
         ratios[label] = ratio

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from bench.adapters import write_lora_store, zipf_choices
-from bench.bench_adapters import NEW_METHODS
+from bench.bench_adapters import NEW_METHODS, report
 from server.adapters.common import read_tensors_reference
 from server.adapters.loader import describe, folder_loader, reference_folder_loader
 from server.base_model import linear_module
@@ -71,3 +72,26 @@ def test_new_method_writers_load_here_and_in_peft_alike(kind, tiny_model, tiny_m
         expected = peft(input_ids=ids).logits
         assert not torch.allclose(load_base(tiny_model_dir)(input_ids=ids).logits, expected, atol=1e-4)
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_report_leaves_out_targets_of_configurations_not_run(tiny_model):
+    """`--ks 64` runs no K=1, which the merged target divides by: the report skips that target."""
+    results = {
+        "engine, no adapters": 10.0,
+        "engine K=64": 9.0,
+        "engine, all kinds": 8.0,
+        "engine, lora-00 merged (--merge-adapter)": 10.0,
+        "adapter load (s, median)": 0.05,
+        "PEFT set_adapter + generate": 1.0,
+        "PEFT adapter_names batch": 2.0,
+    }
+    args = argparse.Namespace(requests=4, new_tokens=2, zipf_s=1.0, ks="64")
+    ratios = report(results, args, tiny_model)["ratios"]
+    assert ratios == pytest.approx(
+        {
+            "engine K=64 / engine, no adapters": 0.9,
+            "engine K=64 / PEFT set_adapter + generate": 9.0,
+            "engine K=64 / PEFT adapter_names batch": 4.5,
+            "engine, all kinds / engine, no adapters": 0.8,
+        }
+    )
