@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from peftserve_formats import bitfit
 from server.base_model import ModelShape
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -31,21 +32,110 @@ def _write(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path
     return folder
 
 
-def write_lora(folder: Path, shape: ModelShape, rank: int = 16, seed: int = 0, dora: bool = False) -> Path:
-    """LoRA (or DoRA) of `rank` on every linear layer."""
-    gen = torch.Generator().manual_seed(seed)
+def write_lora(
+    folder: Path,
+    shape: ModelShape,
+    rank: int = 16,
+    seed: int = 0,
+    dora: bool = False,
+    lora_bias: bool = False,
+    targets: tuple[str, ...] = ALL_LINEAR,
+) -> Path:
+    """LoRA (or DoRA) of `rank` on `targets` of every layer; `lora_bias` also trains lora_B's bias."""
+    tensors = _lora_tensors(shape, rank, torch.Generator().manual_seed(seed), targets, dora, lora_bias)
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets)}
+    if dora:
+        config["use_dora"] = True
+    if lora_bias:
+        config["lora_bias"] = True
+    return _write(folder, config, tensors)
+
+
+def _lora_tensors(
+    shape: ModelShape, rank: int, gen: torch.Generator, targets: tuple[str, ...], dora: bool, lora_bias: bool
+) -> dict[str, torch.Tensor]:
+    dims = shape.linear_dims()
     tensors = {}
     for layer in range(shape.num_layers):
-        for module, (fan_in, fan_out) in shape.linear_dims().items():
+        for module in targets:
+            fan_in, fan_out = dims[module]
             name = _peft_name(layer, module)
             tensors[f"{name}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) / fan_in**0.5
             tensors[f"{name}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * 0.01
             if dora:
                 tensors[f"{name}.lora_magnitude_vector"] = 1 + 0.05 * torch.randn(fan_out, generator=gen)
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(ALL_LINEAR)}
-    if dora:
-        config["use_dora"] = True
+            if lora_bias:
+                tensors[f"{name}.lora_B.bias"] = 0.01 * torch.randn(fan_out, generator=gen)
+    return tensors
+
+
+def write_lora_embed_head(folder: Path, shape: ModelShape, rank: int = 16, seed: int = 0) -> Path:
+    """LoRA of `rank` on embed_tokens, lm_head and every q_proj, without the copies of the base's
+    embedding and lm_head that PEFT also saves by default (`save_embedding_layers`): unchanged,
+    the server skips them, and each is a whole vocab x hidden matrix."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab, hidden = shape.vocab_size, shape.hidden_size
+    tensors = _lora_tensors(shape, rank, gen, ("q_proj",), dora=False, lora_bias=False)
+    embed, head = "base_model.model.model.embed_tokens", "base_model.model.lm_head"
+    tensors[f"{embed}.lora_embedding_A"] = torch.randn(rank, vocab, generator=gen)  # (r, vocab)
+    tensors[f"{embed}.lora_embedding_B"] = torch.randn(hidden, rank, generator=gen) * 0.01 / rank**0.5
+    tensors[f"{head}.lora_A.weight"] = torch.randn(rank, hidden, generator=gen) / hidden**0.5
+    tensors[f"{head}.lora_B.weight"] = torch.randn(vocab, rank, generator=gen) * 0.01
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": ["q_proj", "embed_tokens", "lm_head"],
+    }
     return _write(folder, config, tensors)
+
+
+def write_trainable_tokens(folder: Path, shape: ModelShape, tokens: int = 16, seed: int = 0) -> Path:
+    """PEFT's TRAINABLE_TOKENS: new embeddings for `tokens` random ids (above the first 1000, where
+    the special tokens live). Only the embedding's rows are saved; on a base whose lm_head is tied
+    to the embedding PEFT also saves the same rows under lm_head, which the server does not need."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = sorted((1000 + torch.randperm(shape.vocab_size - 1000, generator=gen)[:tokens]).tolist())
+    rows = torch.randn(tokens, shape.hidden_size, generator=gen) * 0.05
+    config = {"peft_type": "TRAINABLE_TOKENS", "token_indices": ids, "target_modules": "model.embed_tokens"}
+    return _write(folder, config, {"base_model.model.model.embed_tokens.trainable_tokens_delta": rows})
+
+
+def write_ln_tuning(folder: Path, shape: ModelShape, seed: int = 0) -> Path:
+    """PEFT's LN_TUNING on both norms of every layer and the final norm. Its weights replace the
+    base's: values near 1 (not the base's plus noise, which would need the base)."""
+    gen = torch.Generator().manual_seed(seed)
+    names = [
+        f"base_model.model.model.layers.{layer}.{norm}"
+        for layer in range(shape.num_layers)
+        for norm in ("input_layernorm", "post_attention_layernorm")
+    ] + ["base_model.model.model.norm"]
+    tensors = {
+        f"{name}.ln_tuning_layers.weight": 1 + 0.05 * torch.randn(shape.hidden_size, generator=gen)
+        for name in names
+    }
+    config = {
+        "peft_type": "LN_TUNING",
+        "target_modules": ["input_layernorm", "post_attention_layernorm", "norm"],
+    }
+    return _write(folder, config, tensors)
+
+
+def write_bitfit(
+    folder: Path, shape: ModelShape, seed: int = 0, targets: tuple[str, ...] = ALL_LINEAR
+) -> Path:
+    """BitFit in our format (peftserve_formats/bitfit.py): a bias on `targets` of every layer."""
+    gen = torch.Generator().manual_seed(seed)
+    dims = shape.linear_dims()
+    tensors = {
+        bitfit.tensor_name(layer, module): 0.01 * torch.randn(dims[module][1], generator=gen)
+        for layer in range(shape.num_layers)
+        for module in targets
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps(bitfit.to_config(targets), indent=2))
+    save_file(tensors, folder / "adapter_model.safetensors")
+    return folder
 
 
 def write_ia3(folder: Path, shape: ModelShape, seed: int = 0) -> Path:

@@ -34,12 +34,16 @@ import torch
 from bench import many_adapters
 from bench.adapters import (
     write_adalora,
+    write_bitfit,
     write_bottleneck,
     write_ia3,
+    write_ln_tuning,
     write_lora,
+    write_lora_embed_head,
     write_lora_store,
     write_oft,
     write_prompt,
+    write_trainable_tokens,
     write_vera,
     zipf_choices,
 )
@@ -68,7 +72,11 @@ NEW_METHODS: dict[str, Callable[[Path, ModelShape, int], Path]] = {
     "adalora": lambda f, shape, s: write_adalora(f, shape, 16, s),
     "vera": lambda f, shape, s: write_vera(f, shape, 64, s),
     "oft": lambda f, shape, s: write_oft(f, shape, 32, s),
-    # methods-a (embedding/lm_head LoRA, trainable tokens, biases, LN tuning, modules_to_save): add here
+    "lora_embed_head": lambda f, shape, s: write_lora_embed_head(f, shape, 16, s),
+    "lora_bias": lambda f, shape, s: write_lora(f, shape, 16, s, lora_bias=True),
+    "trainable_tokens": lambda f, shape, s: write_trainable_tokens(f, shape, 16, s),
+    "ln_tuning": lambda f, shape, s: write_ln_tuning(f, shape, s),
+    "bitfit": lambda f, shape, s: write_bitfit(f, shape, s),
 }
 ALONE_K = 8
 
@@ -408,8 +416,8 @@ def report(results: dict[str, float], args, model: LoadedModel) -> dict:
     k_max = f"engine K={max(int(k) for k in args.ks.split(','))}"
     for num, den, goal in TARGETS:
         num = k_max if num == "engine K=max" else num
-        if num not in results or den not in results:
-            continue  # a baseline left out (--no-baselines)
+        if num not in results or den not in results:  # left out of this run (--ks, --no-baselines)
+            continue
         label = f"{num} / {den}"
         ratio = results[num] / results[den]
         ratios[label] = ratio

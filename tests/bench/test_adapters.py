@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 
 from bench.adapters import write_lora_store, zipf_choices
-from bench.bench_adapters import NEW_METHODS
+from bench.bench_adapters import NEW_METHODS, report
 from server.adapters.common import read_tensors_reference
 from server.adapters.loader import describe, folder_loader, reference_folder_loader
-from server.adapters.methods import method_of
 from server.base_model import linear_module
+from server.registry.merge import export_merged
 from tests.adapter_factory import load_base
 
 
@@ -49,17 +51,47 @@ def test_zipf_choices_favour_the_first_ranks():
 
 @pytest.mark.parametrize("kind", list(NEW_METHODS))
 def test_new_method_writers_load_here_and_in_peft_alike(kind, tiny_model, tiny_model_dir, tmp_path):
+    """Each writer's adapter loads in our loader; merged by us, it gives PEFT's logits (BitFit is
+    our format, which PEFT does not read: there the merged model's biases are the file's)."""
     folder = NEW_METHODS[kind](tmp_path / kind, tiny_model.shape, 3)
     weights = folder_loader(tiny_model, 64)(folder)
-    peft = PeftModel.from_pretrained(load_base(tiny_model_dir), folder).eval()
-    merged = load_base(tiny_model_dir)
-    method = method_of(weights)
+    merged = load_base(export_merged(tiny_model, weights, tmp_path / "merged"))
+    trained = json.loads((folder / "adapter_config.json").read_text()).get("token_indices", [])
+    ids = torch.tensor([tiny_model.tokenizer("The cat sat on the mat").input_ids + trained[:4]])
     with torch.no_grad():
-        for layer in range(tiny_model.shape.num_layers):
-            for name in tiny_model.shape.linear_dims():
-                linear = linear_module(merged, layer, name)
-                linear.weight.copy_(method.fold(weights, (layer, name), linear.weight.float(), None)[0])
-        ids = torch.tensor([tiny_model.tokenizer("The cat sat on the mat").input_ids])
-        torch.testing.assert_close(
-            merged(input_ids=ids).logits, peft(input_ids=ids).logits, rtol=1e-4, atol=1e-4
-        )
+        if kind == "bitfit":
+            saved = load_file(folder / "adapter_model.safetensors")
+            for layer in range(tiny_model.shape.num_layers):
+                for name in tiny_model.shape.linear_dims():
+                    bias = linear_module(merged, layer, name).bias
+                    assert bias.equal(saved[f"layers.{layer}.{name}.bias"])
+            expected = load_base(tiny_model_dir)(input_ids=ids).logits
+            assert not torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-4)
+            return
+        peft = PeftModel.from_pretrained(load_base(tiny_model_dir), folder).eval()
+        expected = peft(input_ids=ids).logits
+        assert not torch.allclose(load_base(tiny_model_dir)(input_ids=ids).logits, expected, atol=1e-4)
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_report_leaves_out_targets_of_configurations_not_run(tiny_model):
+    """`--ks 64` runs no K=1, which the merged target divides by: the report skips that target."""
+    results = {
+        "engine, no adapters": 10.0,
+        "engine K=64": 9.0,
+        "engine, all kinds": 8.0,
+        "engine, lora-00 merged (--merge-adapter)": 10.0,
+        "adapter load (s, median)": 0.05,
+        "PEFT set_adapter + generate": 1.0,
+        "PEFT adapter_names batch": 2.0,
+    }
+    args = argparse.Namespace(requests=4, new_tokens=2, zipf_s=1.0, ks="64")
+    ratios = report(results, args, tiny_model)["ratios"]
+    assert ratios == pytest.approx(
+        {
+            "engine K=64 / engine, no adapters": 0.9,
+            "engine K=64 / PEFT set_adapter + generate": 9.0,
+            "engine K=64 / PEFT adapter_names batch": 4.5,
+            "engine, all kinds / engine, no adapters": 0.8,
+        }
+    )
