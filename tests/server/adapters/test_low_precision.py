@@ -19,7 +19,7 @@ import torch
 
 from server.base_model import ModelLoadError, load_base_model
 from server.config import Settings
-from tests.adapter_factory import reference_steps_for
+from tests.adapter_factory import EXTRA_KINDS, PEFT_KINDS, reference_steps_for
 from tests.helpers import compare_up_to_near_ties
 from tests.server.adapters.test_batched_reference import BOTTLENECKS, build_store, serve_mixed
 
@@ -65,7 +65,7 @@ def test_every_kind_mixed_equals_float32_up_to_near_ties(
         for c in chats
     ]
     served = serve_mixed(model, store, prompts)
-    assert len({n for n, _ in served}) == 1 + len(BOTTLENECKS) + 7
+    assert len({n for n, _ in served}) == len(PEFT_KINDS) + len(EXTRA_KINDS) + len(BOTTLENECKS) + 2
     compared = total = 0
     failures: dict[str, str] = {}
     for (name, i), tokens in served.items():
