@@ -266,7 +266,7 @@ def apply_bitfit(model: torch.nn.Module, adapter_dir: Path) -> None:
         layer, module = model.model.layers[int(match.group(1))], match.group(2)
         block = layer.mlp if module in ("gate_proj", "up_proj", "down_proj") else layer.self_attn
         linear = getattr(block, module)
-        linear.bias = torch.nn.Parameter(value.clone())
+        linear.bias = torch.nn.Parameter(value.to(linear.weight.device, torch.float32).clone())
 
 
 def reference_logprobs(base_dir: Path, adapter_dir: Path | None, ids: list[int]) -> torch.Tensor:
@@ -342,6 +342,10 @@ def reference_model(
         yield base
         return
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if config["peft_type"] == bitfit.PEFT_TYPE:  # our format: PEFT has no BitFit
+        apply_bitfit(base, adapter_dir)
+        yield base
+        return
     if config["peft_type"] != "BOTTLENECK":
         yield PeftModel.from_pretrained(base, adapter_dir).eval().to(device)
         return
