@@ -81,7 +81,7 @@ def pack(
             )
     total = sum(a.numel() + b.numel() for a, b in factors.values())
     buffer = torch.empty(total, dtype=dtype)
-    weights = LoraWeights(peft_type=peft_type, config=config)
+    weights = LoraWeights(peft_type=peft_type, config=config, packed=True)
     offset = 0
     for site, (a, b) in sorted(factors.items()):
         rank = a.shape[0]

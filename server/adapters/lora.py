@@ -73,6 +73,8 @@ class LoraWeights(AdapterWeights):
     sites: dict[tuple[int, str], LoraSite] = field(default_factory=dict)
     """Decoder linears, lm_head (HEAD_SITE) and embed_tokens (EMBED_SITE, a (r, vocab), b (r, hidden))."""
     extras: Extras = field(default_factory=Extras)
+    packed: bool = False
+    """Every site already in one buffer of its own, scaling folded in (`own`, or as_lora.pack)."""
 
     @property
     def rank(self) -> int | None:
@@ -95,6 +97,8 @@ class LoraWeights(AdapterWeights):
 
         One allocation for the whole adapter; every site's tensors become views into it.
         """
+        if self.packed and all(site.a.dtype == dtype for site in self.sites.values()):
+            return
         sites = self.sites.values()
         total = sum(
             s.a.numel() + s.b.numel() + (0 if s.dora_scale is None else s.dora_scale.numel()) for s in sites
@@ -114,6 +118,7 @@ class LoraWeights(AdapterWeights):
                 dora = buffer.as_strided((out_features,), (1,), offset)
                 site.dora_scale = dora.copy_(site.dora_scale)
                 offset += out_features
+        self.packed = True
 
 
 def _pattern_value(patterns: Any, field: str, module_path: str, default: Any) -> Any:
