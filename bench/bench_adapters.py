@@ -117,9 +117,9 @@ def run_engine(engine: Engine, prompts, adapters, new_tokens: int) -> float:
     return tokens / (time.perf_counter() - started)
 
 
-def engine_median(model, store, prompts, adapters, new_tokens, repeats) -> float:
+def engine_median(model, store, prompts, adapters, new_tokens, repeats, settings: AdapterSettings) -> float:
     """Median tokens/s of one engine after a warm-up run (which loads the adapters)."""
-    engine = Engine(model, EngineSettings(max_batch_size=64), AdapterSettings(), Store(store))
+    engine = Engine(model, EngineSettings(max_batch_size=64), settings, Store(store))
     engine.start()
     try:
         run_engine(engine, prompts, adapters, new_tokens)
@@ -277,6 +277,12 @@ def main() -> None:
         help="seconds before a large-part run gives up on its requests",
     )
     parser.add_argument(
+        "--lowrank-path",
+        choices=["auto", "kernel", "torch"],
+        default=AdapterSettings().lowrank_path,
+        help="the engine's CPU low-rank path (--lowrank-path of the server): torch switches the kernel off",
+    )
+    parser.add_argument(
         "--no-baselines",
         action="store_true",
         help="small part: the engine only, without plain generate and PEFT (make device-check)",
@@ -361,24 +367,23 @@ def run_small(args, model: LoadedModel) -> dict:
     results: dict[str, float] = Progress()
     with tempfile.TemporaryDirectory(prefix="peftserve-bench-") as tmp:
         lora_store, mix_store, mix_names = build_stores(Path(tmp), model, max(ks))
-        nt, rep = args.new_tokens, args.repeats
-        results["engine, no adapters"] = engine_median(
-            model, lora_store, prompts, [None] * len(prompts), nt, rep
-        )
+        nt, settings = args.new_tokens, AdapterSettings(lowrank_path=args.lowrank_path)
+
+        def timed(store: Path, adapters: list[str | None]) -> float:
+            return engine_median(model, store, prompts, adapters, nt, args.repeats, settings)
+
+        results["engine, no adapters"] = timed(lora_store, [None] * len(prompts))
         for k in ks:
             names = [f"lora-{i:02d}" for i in zipf_choices(len(prompts), k, args.zipf_s, seed=k)]
-            results[f"engine K={k}"] = engine_median(model, lora_store, prompts, names, nt, rep)
+            results[f"engine K={k}"] = timed(lora_store, names)
         mix = [mix_names[i] for i in zipf_choices(len(prompts), len(mix_names), args.zipf_s, seed=99)]
-        results["engine, all kinds"] = engine_median(model, mix_store, prompts, mix, nt, rep)
+        results["engine, all kinds"] = timed(mix_store, mix)
         for kind in NEW_METHODS:
             alone = [f"{kind}-{i}" for i in zipf_choices(len(prompts), ALONE_K, args.zipf_s, seed=7)]
-            results[f"engine, {ALONE_K} {kind}"] = engine_median(
-                model, Path(tmp) / f"only-{kind}", prompts, alone, nt, rep
-            )
+            results[f"engine, {ALONE_K} {kind}"] = timed(Path(tmp) / f"only-{kind}", alone)
         # Last, as it changes the model's weights: lora-00 folded in, served as the base (--merge-adapter).
         fold_into(model, folder_loader(model, 64)(lora_store / "lora-00"))
-        merged = engine_median(model, lora_store, prompts, [None] * len(prompts), nt, rep)
-        results["engine, lora-00 merged (--merge-adapter)"] = merged
+        results["engine, lora-00 merged (--merge-adapter)"] = timed(lora_store, [None] * len(prompts))
         sample = [f"lora-{i:02d}" for i in range(min(9, max(ks)))]
         results["adapter load (s, median)"] = adapter_load_median(model, lora_store, sample)
         if args.no_baselines:
@@ -400,7 +405,7 @@ def report(results: dict[str, float], args, model: LoadedModel) -> dict:
     print(
         f"\n{args.requests} requests, 32-128 prompt tokens, {args.new_tokens} new tokens each, "
         f"Zipf s={args.zipf_s}, {str(model.dtype).removeprefix('torch.')}, "
-        f"{torch.get_num_threads()} threads\n"
+        f"{torch.get_num_threads()} threads, --lowrank-path {args.lowrank_path}\n"
     )
     print("| configuration | tokens/s | vs engine, no adapters |")
     print("| --- | --- | --- |")
@@ -434,6 +439,7 @@ def report(results: dict[str, float], args, model: LoadedModel) -> dict:
             "ks": args.ks,
             "dtype": str(model.dtype),
             "threads": torch.get_num_threads(),
+            "lowrank_path": args.lowrank_path,
             "machine": platform.processor() or platform.machine(),
         },
     }

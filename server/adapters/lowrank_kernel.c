@@ -33,9 +33,14 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define LR_AVX512 1
 #include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LR_AVX2 1
+#include <immintrin.h>
 #endif
 
 #define LR_INLINE static inline __attribute__((always_inline))
+/* The plain C paths: the only ones on some CPUs, the ragged ends on others, unused on AVX-512. */
+#define LR_PLAIN static __attribute__((unused))
 
 /* Fully unrolled small loops let the compiler keep the tiles' accumulator arrays in
  * registers; without it GCC keeps them on the stack and the tiles run at half speed. */
@@ -230,6 +235,28 @@ LR_INLINE void pf_top_up(lr_prefetch *pf) {
  * dots[n][k] = ar[k] . xr[n] over `in` elements, for NR rows and 4 rank rows of A.
  */
 
+/* dots[n][k] += ar[k] . xr[n] over elements [i0, in): the plain C path, and the vector paths'
+ * ragged ends. */
+LR_PLAIN void shrink_f32_rest(int nr, const float *const *xr, const float *const *ar, int64_t i0, int64_t in,
+                            float (*dots)[LR_RANKS]) {
+    for (int n = 0; n < nr; n++)
+        for (int k = 0; k < LR_RANKS; k++) {
+            float s = 0.0f;
+            for (int64_t i = i0; i < in; i++) s += ar[k][i] * xr[n][i];
+            dots[n][k] += s;
+        }
+}
+
+LR_PLAIN void shrink_bf16_rest(int nr, const uint16_t *const *xr, const uint16_t *const *ar, int64_t i0, int64_t in,
+                             float (*dots)[LR_RANKS]) {
+    for (int n = 0; n < nr; n++)
+        for (int k = 0; k < LR_RANKS; k++) {
+            float s = 0.0f;
+            for (int64_t i = i0; i < in; i++) s += bf16_to_f32(ar[k][i]) * bf16_to_f32(xr[n][i]);
+            dots[n][k] += s;
+        }
+}
+
 #ifdef LR_AVX512
 
 LR_INLINE __mmask16 mask16(int64_t left) {
@@ -364,28 +391,116 @@ LR_INLINE void shrink_bf16_nr(const int NR, const uint16_t *const *xr, const uin
     for (int n = 0; n < NR; n++) _mm_storeu_ps(dots[n], reduce4(acc[0][n], acc[1][n], acc[2][n], acc[3][n]));
 }
 
+#elif defined(LR_AVX2)
+
+/* AVX2 has 16 registers of 8 floats: tiles of at most 2 rows (a 4-row tile runs as two), 4
+ * rank rows, one accumulator each. bf16 is widened as on AVX-512, even and odd elements apart. */
+
+LR_INLINE float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+LR_INLINE __m256 bf16x8_even(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+
+LR_INLINE __m256 bf16x8_odd(__m256i v) {
+    return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+/* 8 (f32) or 16 (bf16) elements of 4 rank rows are 2 cache lines: one pf_step2 per block. */
+LR_INLINE void shrink_f32_2(const int NR, const float *const *xr, const float *const *ar, int64_t in,
+                            float (*dots)[LR_RANKS], const char **pp, const char *pf_end) {
+    __m256 acc[LR_RANKS][2];
+    LR_UNROLL
+    for (int k = 0; k < LR_RANKS; k++)
+        LR_UNROLL
+        for (int n = 0; n < NR; n++) acc[k][n] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= in; i += 8) {
+        pf_step2(pp, pf_end);
+        __m256 xv[2];
+        LR_UNROLL
+        for (int n = 0; n < NR; n++) xv[n] = _mm256_loadu_ps(xr[n] + i);
+        LR_UNROLL
+        for (int k = 0; k < LR_RANKS; k++) {
+            __m256 av = _mm256_loadu_ps(ar[k] + i);
+            LR_UNROLL
+            for (int n = 0; n < NR; n++) acc[k][n] = _mm256_fmadd_ps(av, xv[n], acc[k][n]);
+        }
+    }
+    LR_UNROLL
+    for (int n = 0; n < NR; n++)
+        LR_UNROLL
+        for (int k = 0; k < LR_RANKS; k++) dots[n][k] = hsum8(acc[k][n]);
+    if (i < in) shrink_f32_rest(NR, xr, ar, i, in, dots);
+}
+
+LR_INLINE void shrink_bf16_2(const int NR, const uint16_t *const *xr, const uint16_t *const *ar, int64_t in,
+                             float (*dots)[LR_RANKS], const char **pp, const char *pf_end) {
+    __m256 acc[LR_RANKS][2];
+    LR_UNROLL
+    for (int k = 0; k < LR_RANKS; k++)
+        LR_UNROLL
+        for (int n = 0; n < NR; n++) acc[k][n] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= in; i += 16) {
+        pf_step2(pp, pf_end);
+        __m256 xe[2], xo[2];
+        LR_UNROLL
+        for (int n = 0; n < NR; n++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xr[n] + i));
+            xe[n] = bf16x8_even(xv);
+            xo[n] = bf16x8_odd(xv);
+        }
+        LR_UNROLL
+        for (int k = 0; k < LR_RANKS; k++) {
+            __m256i av = _mm256_loadu_si256((const __m256i *)(ar[k] + i));
+            __m256 ae = bf16x8_even(av), ao = bf16x8_odd(av);
+            LR_UNROLL
+            for (int n = 0; n < NR; n++) {
+                acc[k][n] = _mm256_fmadd_ps(ae, xe[n], acc[k][n]);
+                acc[k][n] = _mm256_fmadd_ps(ao, xo[n], acc[k][n]);
+            }
+        }
+    }
+    LR_UNROLL
+    for (int n = 0; n < NR; n++)
+        LR_UNROLL
+        for (int k = 0; k < LR_RANKS; k++) dots[n][k] = hsum8(acc[k][n]);
+    if (i < in) shrink_bf16_rest(NR, xr, ar, i, in, dots);
+}
+
+LR_INLINE void shrink_f32_nr(const int NR, const float *const *xr, const float *const *ar, int64_t in,
+                             float dots[LR_ROWS][LR_RANKS], lr_prefetch *pf) {
+    const char *pp = pf->p;
+    shrink_f32_2(NR < 2 ? NR : 2, xr, ar, in, dots, &pp, pf->end);
+    if (NR > 2) shrink_f32_2(NR - 2, xr + 2, ar, in, dots + 2, &pp, pf->end);
+    pf->p = pp;
+}
+
+LR_INLINE void shrink_bf16_nr(const int NR, const uint16_t *const *xr, const uint16_t *const *ar, int64_t in,
+                              float dots[LR_ROWS][LR_RANKS], lr_prefetch *pf) {
+    const char *pp = pf->p;
+    shrink_bf16_2(NR < 2 ? NR : 2, xr, ar, in, dots, &pp, pf->end);
+    if (NR > 2) shrink_bf16_2(NR - 2, xr + 2, ar, in, dots + 2, &pp, pf->end);
+    pf->p = pp;
+}
+
 #else /* portable */
 
 LR_INLINE void shrink_f32_nr(const int NR, const float *const *xr, const float *const *ar, int64_t in,
                              float dots[LR_ROWS][LR_RANKS], lr_prefetch *pf) {
     (void)pf;
-    for (int n = 0; n < NR; n++)
-        for (int k = 0; k < LR_RANKS; k++) {
-            float s = 0.0f;
-            for (int64_t i = 0; i < in; i++) s += ar[k][i] * xr[n][i];
-            dots[n][k] = s;
-        }
+    memset(dots, 0, sizeof(float) * LR_ROWS * LR_RANKS);
+    shrink_f32_rest(NR, xr, ar, 0, in, dots);
 }
 
 LR_INLINE void shrink_bf16_nr(const int NR, const uint16_t *const *xr, const uint16_t *const *ar, int64_t in,
                               float dots[LR_ROWS][LR_RANKS], lr_prefetch *pf) {
     (void)pf;
-    for (int n = 0; n < NR; n++)
-        for (int k = 0; k < LR_RANKS; k++) {
-            float s = 0.0f;
-            for (int64_t i = 0; i < in; i++) s += bf16_to_f32(ar[k][i]) * bf16_to_f32(xr[n][i]);
-            dots[n][k] = s;
-        }
+    memset(dots, 0, sizeof(float) * LR_ROWS * LR_RANKS);
+    shrink_bf16_rest(NR, xr, ar, 0, in, dots);
 }
 
 #endif
@@ -423,6 +538,39 @@ static void shrink_tile(const lr_job *job, int nr, const char *const *xr, const 
  * The outputs stay in registers across all r ranks, so a B tile is read once per group and
  * reused by every row of the tile.
  */
+
+/* The plain C path, and the vector paths' short last tiles. */
+LR_PLAIN void expand_f32_plain(int NR, int64_t cols, const float *b, int64_t out, int64_t r, const float *u,
+                             const float *bias, float *const *yr) {
+    float acc[LR_ROWS][LR_COLS] = {{0.0f}};
+    for (int64_t k = 0; k < r; k++)
+        LR_UNROLL
+        for (int n = 0; n < NR; n++) {
+            float un = u[n * r + k];
+            for (int64_t c = 0; c < cols; c++) acc[n][c] += un * b[k * out + c];
+        }
+    LR_UNROLL
+    for (int n = 0; n < NR; n++)
+        for (int64_t c = 0; c < cols; c++) yr[n][c] += acc[n][c] + (bias ? bias[c] : 0.0f);
+}
+
+LR_PLAIN void expand_bf16_plain(int NR, int64_t cols, const uint16_t *b, int64_t out, int64_t r,
+                              const float *u, const uint16_t *bias, uint16_t *const *yr) {
+    float acc[LR_ROWS][LR_COLS] = {{0.0f}};
+    for (int64_t k = 0; k < r; k++)
+        LR_UNROLL
+        for (int n = 0; n < NR; n++) {
+            float un = u[n * r + k];
+            for (int64_t c = 0; c < cols; c++) acc[n][c] += un * bf16_to_f32(b[k * out + c]);
+        }
+    LR_UNROLL
+    for (int n = 0; n < NR; n++)
+        for (int64_t c = 0; c < cols; c++) {
+            float delta = acc[n][c] + (bias ? bf16_to_f32(bias[c]) : 0.0f);
+            yr[n][c] = f32_to_bf16(bf16_to_f32(yr[n][c]) + delta);
+        }
+}
+
 
 #ifdef LR_AVX512
 
@@ -502,39 +650,148 @@ LR_INLINE void expand_bf16_nr(const int NR, int64_t cols, const uint16_t *b, int
     }
 }
 
+#elif defined(LR_AVX2)
+
+/* float32 -> bf16 bits in the high half of each lane, rounding to nearest even; NaN stays a
+ * (quiet) NaN. */
+LR_INLINE __m256i bf16x8_round_high(__m256 v) {
+    __m256i bits = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    __m256i quiet = _mm256_or_si256(bits, _mm256_set1_epi32(0x400000));
+    __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(quiet), nan));
+}
+
+LR_INLINE __m256i bf16x8_pack(__m256 even, __m256 odd) {
+    __m256i lo = _mm256_srli_epi32(bf16x8_round_high(even), 16);
+    __m256i hi = _mm256_and_si256(bf16x8_round_high(odd), _mm256_set1_epi32((int)0xffff0000u));
+    return _mm256_or_si256(lo, hi);
+}
+
+/* 32 columns for NR <= 2 rows: 8 accumulators; a rank's 32 columns are 2 (f32) or 1 (bf16)
+ * cache lines. */
+LR_INLINE void expand_f32_2(const int NR, const float *b, int64_t out, int64_t r, const float *u, int64_t u_stride,
+                            const float *bias, float *const *yr, const char **pp, const char *pf_end) {
+    __m256 acc[2][4];
+    LR_UNROLL
+    for (int n = 0; n < NR; n++)
+        LR_UNROLL
+        for (int v = 0; v < 4; v++) acc[n][v] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < r; k++) {
+        pf_step2(pp, pf_end);
+        __m256 un[2];
+        LR_UNROLL
+        for (int n = 0; n < NR; n++) un[n] = _mm256_broadcast_ss(u + n * u_stride + k);
+        LR_UNROLL
+        for (int v = 0; v < 4; v++) {
+            __m256 bv = _mm256_loadu_ps(b + k * out + 8 * v);
+            LR_UNROLL
+            for (int n = 0; n < NR; n++) acc[n][v] = _mm256_fmadd_ps(bv, un[n], acc[n][v]);
+        }
+    }
+    LR_UNROLL
+    for (int v = 0; v < 4; v++) {
+        __m256 bb = bias ? _mm256_loadu_ps(bias + 8 * v) : _mm256_setzero_ps();
+        LR_UNROLL
+        for (int n = 0; n < NR; n++) {
+            float *p = yr[n] + 8 * v;
+            _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), _mm256_add_ps(acc[n][v], bb)));
+        }
+    }
+}
+
+/* acc[n][2h] holds the even and acc[n][2h+1] the odd columns of 16-column half h. */
+LR_INLINE void expand_bf16_2(const int NR, const uint16_t *b, int64_t out, int64_t r, const float *u,
+                             int64_t u_stride, const uint16_t *bias, uint16_t *const *yr, const char **pp,
+                             const char *pf_end) {
+    __m256 acc[2][4];
+    LR_UNROLL
+    for (int n = 0; n < NR; n++)
+        LR_UNROLL
+        for (int v = 0; v < 4; v++) acc[n][v] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < r; k++) {
+        if (k & 1) pf_step2(pp, pf_end);
+        __m256 un[2];
+        LR_UNROLL
+        for (int n = 0; n < NR; n++) un[n] = _mm256_broadcast_ss(u + n * u_stride + k);
+        LR_UNROLL
+        for (int h = 0; h < 2; h++) {
+            __m256i w = _mm256_loadu_si256((const __m256i *)(b + k * out + 16 * h));
+            __m256 we = bf16x8_even(w), wo = bf16x8_odd(w);
+            LR_UNROLL
+            for (int n = 0; n < NR; n++) {
+                acc[n][2 * h] = _mm256_fmadd_ps(we, un[n], acc[n][2 * h]);
+                acc[n][2 * h + 1] = _mm256_fmadd_ps(wo, un[n], acc[n][2 * h + 1]);
+            }
+        }
+    }
+    LR_UNROLL
+    for (int h = 0; h < 2; h++) {
+        __m256i bb = bias ? _mm256_loadu_si256((const __m256i *)(bias + 16 * h)) : _mm256_setzero_si256();
+        LR_UNROLL
+        for (int n = 0; n < NR; n++) {
+            uint16_t *p = yr[n] + 16 * h;
+            __m256i yv = _mm256_loadu_si256((const __m256i *)p);
+            __m256 even = _mm256_add_ps(bf16x8_even(yv), _mm256_add_ps(acc[n][2 * h], bf16x8_even(bb)));
+            __m256 odd = _mm256_add_ps(bf16x8_odd(yv), _mm256_add_ps(acc[n][2 * h + 1], bf16x8_odd(bb)));
+            _mm256_storeu_si256((__m256i *)p, bf16x8_pack(even, odd));
+        }
+    }
+}
+
+/* A full tile is two halves of 32 columns, each over pairs of rows, so half a B tile stays in
+ * L1 while every row uses it; a short last tile takes the plain path. */
+LR_INLINE void expand_f32_nr(const int NR, int64_t cols, const float *b, int64_t out, int64_t r, const float *u,
+                             const float *bias, float *const *yr, lr_prefetch *pf) {
+    if (cols != LR_COLS) {
+        expand_f32_plain(NR, cols, b, out, r, u, bias, yr);
+        return;
+    }
+    const char *pp = pf->p;
+    for (int h = 0; h < 2; h++)
+        for (int n0 = 0; n0 < NR; n0 += 2) {
+            float *yh[2] = {yr[n0] + 32 * h, n0 + 1 < NR ? yr[n0 + 1] + 32 * h : NULL};
+            const float *bh = bias ? bias + 32 * h : NULL;
+            if (NR - n0 >= 2)
+                expand_f32_2(2, b + 32 * h, out, r, u + n0 * r, r, bh, yh, &pp, pf->end);
+            else
+                expand_f32_2(1, b + 32 * h, out, r, u + n0 * r, r, bh, yh, &pp, pf->end);
+        }
+    pf->p = pp;
+}
+
+LR_INLINE void expand_bf16_nr(const int NR, int64_t cols, const uint16_t *b, int64_t out, int64_t r,
+                              const float *u, const uint16_t *bias, uint16_t *const *yr, lr_prefetch *pf) {
+    if (cols != LR_COLS) {
+        expand_bf16_plain(NR, cols, b, out, r, u, bias, yr);
+        return;
+    }
+    const char *pp = pf->p;
+    for (int h = 0; h < 2; h++)
+        for (int n0 = 0; n0 < NR; n0 += 2) {
+            uint16_t *yh[2] = {yr[n0] + 32 * h, n0 + 1 < NR ? yr[n0 + 1] + 32 * h : NULL};
+            const uint16_t *bh = bias ? bias + 32 * h : NULL;
+            if (NR - n0 >= 2)
+                expand_bf16_2(2, b + 32 * h, out, r, u + n0 * r, r, bh, yh, &pp, pf->end);
+            else
+                expand_bf16_2(1, b + 32 * h, out, r, u + n0 * r, r, bh, yh, &pp, pf->end);
+        }
+    pf->p = pp;
+}
+
 #else /* portable */
 
 LR_INLINE void expand_f32_nr(const int NR, int64_t cols, const float *b, int64_t out, int64_t r, const float *u,
                              const float *bias, float *const *yr, lr_prefetch *pf) {
     (void)pf;
-    float acc[LR_ROWS][LR_COLS] = {{0.0f}};
-    for (int64_t k = 0; k < r; k++)
-        LR_UNROLL
-        for (int n = 0; n < NR; n++) {
-            float un = u[n * r + k];
-            for (int64_t c = 0; c < cols; c++) acc[n][c] += un * b[k * out + c];
-        }
-    LR_UNROLL
-    for (int n = 0; n < NR; n++)
-        for (int64_t c = 0; c < cols; c++) yr[n][c] += acc[n][c] + (bias ? bias[c] : 0.0f);
+    expand_f32_plain(NR, cols, b, out, r, u, bias, yr);
 }
 
 LR_INLINE void expand_bf16_nr(const int NR, int64_t cols, const uint16_t *b, int64_t out, int64_t r,
                               const float *u, const uint16_t *bias, uint16_t *const *yr, lr_prefetch *pf) {
     (void)pf;
-    float acc[LR_ROWS][LR_COLS] = {{0.0f}};
-    for (int64_t k = 0; k < r; k++)
-        LR_UNROLL
-        for (int n = 0; n < NR; n++) {
-            float un = u[n * r + k];
-            for (int64_t c = 0; c < cols; c++) acc[n][c] += un * bf16_to_f32(b[k * out + c]);
-        }
-    LR_UNROLL
-    for (int n = 0; n < NR; n++)
-        for (int64_t c = 0; c < cols; c++) {
-            float delta = acc[n][c] + (bias ? bf16_to_f32(bias[c]) : 0.0f);
-            yr[n][c] = f32_to_bf16(bf16_to_f32(yr[n][c]) + delta);
-        }
+    expand_bf16_plain(NR, cols, b, out, r, u, bias, yr);
 }
 
 #endif

@@ -209,7 +209,7 @@ def test_cleared_and_wiped_slot_is_no_adapter():
     ids=["portable", "avx2", "avx512-without-bf16"],
 )
 def test_other_kernel_builds_match_reference(flags, monkeypatch, tmp_path):
-    """The scalar fallback (portable and AVX2 builds) and the AVX-512 path without bf16 dot products."""
+    """The scalar fallback, the AVX2 path and the AVX-512 path without bf16 dot products."""
     monkeypatch.setenv("PEFTSERVE_CACHE", str(tmp_path))
     base = tuple(f for f in lowrank.CFLAGS if not f.startswith("-march"))
     try:
