@@ -89,7 +89,7 @@ def check_against_references(
     for (name, i), tokens in served.items():
         if model.device.type != "cpu":
             steps = reference_steps_for(base_dir, store / name if name else None, prompts[i], NEW_TOKENS)
-            compare_up_to_near_ties(tokens, steps, torch.float32, f"{name or 'base'} on prompt {i}")
+            compare_up_to_near_ties(tokens, steps, f"{name or 'base'} on prompt {i}")
             continue
         if name is None:
             expected = reference_greedy(model.hf, prompts[i], NEW_TOKENS)
