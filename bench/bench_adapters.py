@@ -57,6 +57,7 @@ from server.engine.request import Finished
 from server.engine.sampler import SamplingParams
 from server.registry.merge import fold_into
 from server.registry.store import Store
+from server.torch_threads import on_own_thread
 
 # (numerator, denominator, goal); "engine K=max" is the engine with the largest K.
 TARGETS = [
@@ -120,7 +121,7 @@ def run_engine(engine: Engine, prompts, adapters, new_tokens: int) -> float:
 
 def engine_median(model, store, prompts, adapters, new_tokens, repeats, settings: AdapterSettings) -> float:
     """Median tokens/s of one engine after a warm-up run (which loads the adapters)."""
-    engine = Engine(model, EngineSettings(max_batch_size=64), settings, Store(store))
+    engine = on_own_thread(Engine, model, EngineSettings(max_batch_size=64), settings, Store(store))
     engine.start()
     try:
         run_engine(engine, prompts, adapters, new_tokens)
@@ -303,7 +304,9 @@ def main() -> None:
         args.parts, args.large_ks, args.large_requests, args.large_new_tokens = "large", "200,1000", 64, 8
         args.large_slots, args.large_cpu_memory = 8, "64MiB"
     torch.manual_seed(0)
-    model = load_base_model(Settings.load({"dtype": args.dtype}).model)
+    # The main thread runs no parallel torch work before the last engine run, as in the server:
+    # see server/torch_threads.py.
+    model = on_own_thread(load_base_model, Settings.load({"dtype": args.dtype}).model)
     payload: dict = {}
     parts = set(args.parts.split(","))
     if "large" in parts:  # first: the small part folds an adapter into the model's weights at its end
@@ -324,19 +327,21 @@ def run_large(args, model: LoadedModel) -> dict:
     with tempfile.TemporaryDirectory(prefix="peftserve-bench-many-") as tmp:
         store = Path(tmp) / "store"
         started = time.perf_counter()
-        write_lora_store(store, model.shape, max(ks))
+        on_own_thread(write_lora_store, store, model.shape, max(ks))
         print(
             f"{time.strftime('%H:%M:%S')} wrote {max(ks)} adapters in {time.perf_counter() - started:.1f} s",
             file=sys.stderr,
         )
         nt, limit = args.large_new_tokens, args.time_limit
-        base = many_adapters.base_rate(model, store, prompts, nt, limit)
+        base = on_own_thread(many_adapters.base_rate, model, store, prompts, nt, limit)
         print(f"{time.strftime('%H:%M:%S')} many adapters, no adapters: {base:.3g} tokens/s", file=sys.stderr)
         for k in ks:
             view = store if k == max(ks) else _first(store, k, Path(tmp) / f"k{k}")
             for s in (float(x) for x in args.large_zipf_s.split(",")):
                 ranks = zipf_choices(len(prompts), k, s, seed=k)
-                result = many_adapters.run_churn(model, view, prompts, ranks, k, s, nt, adapters, limit)
+                result = on_own_thread(
+                    many_adapters.run_churn, model, view, prompts, ranks, k, s, nt, adapters, limit
+                )
                 done = f"{result.completed}/{result.requests} completed"
                 print(
                     f"{time.strftime('%H:%M:%S')} K={k} s={s}: {result.tokens_per_s:.3g} tokens/s, {done}",
@@ -372,7 +377,7 @@ def run_small(args, model: LoadedModel) -> dict:
     prompts = make_prompts(args.requests, model.shape.vocab_size, seed=1)
     results: dict[str, float] = Progress()
     with tempfile.TemporaryDirectory(prefix="peftserve-bench-") as tmp:
-        lora_store, mix_store, mix_names = build_stores(Path(tmp), model, max(ks))
+        lora_store, mix_store, mix_names = on_own_thread(build_stores, Path(tmp), model, max(ks))
         nt, settings = args.new_tokens, AdapterSettings(lowrank_path=args.lowrank_path)
 
         def timed(store: Path, adapters: list[str | None]) -> float:
@@ -388,7 +393,7 @@ def run_small(args, model: LoadedModel) -> dict:
             alone = [f"{kind}-{i}" for i in zipf_choices(len(prompts), ALONE_K, args.zipf_s, seed=7)]
             results[f"engine, {ALONE_K} {kind}"] = timed(Path(tmp) / f"only-{kind}", alone)
         # Last, as it changes the model's weights: lora-00 folded in, served as the base (--merge-adapter).
-        fold_into(model, folder_loader(model, 64)(lora_store / "lora-00"))
+        on_own_thread(lambda: fold_into(model, folder_loader(model, 64)(lora_store / "lora-00")))
         results["engine, lora-00 merged (--merge-adapter)"] = timed(lora_store, [None] * len(prompts))
         sample = [f"lora-{i:02d}" for i in range(min(9, max(ks)))]
         results["adapter load (s, median)"] = adapter_load_median(model, lora_store, sample)

@@ -40,6 +40,7 @@ from server.engine.request import Delta, Finished
 from server.engine.sampler import SamplingParams
 from server.metrics import Metrics
 from server.registry.store import Store
+from server.torch_threads import on_own_thread
 
 PAGED = "block_size" in EngineSettings.model_fields
 
@@ -80,7 +81,9 @@ def run(engine: Engine, jobs, params: SamplingParams) -> tuple[list[float], floa
 def engine_for(model, store, metrics=None, **settings) -> Engine:
     if not PAGED:
         settings = {k: v for k, v in settings.items() if k in EngineSettings.model_fields}
-    engine = Engine(model, EngineSettings(max_batch_size=64, **settings), AdapterSettings(), store, metrics)
+    engine = on_own_thread(
+        Engine, model, EngineSettings(max_batch_size=64, **settings), AdapterSettings(), store, metrics
+    )
     engine.start()
     return engine
 
@@ -154,7 +157,7 @@ def part_chat(model: LoadedModel, root: Path, results: dict) -> None:
     shape, gen = model.shape, torch.Generator().manual_seed(7)
     store = root / "chat"
     for k in range(8):
-        write_lora(store / f"chat-{k}", shape, rank=16, seed=100 + k)
+        on_own_thread(write_lora, store / f"chat-{k}", shape, 16, 100 + k)
     system = random_prompt(gen, shape.vocab_size, 600, 600)
     jobs = [(system + random_prompt(gen, shape.vocab_size, 20, 60), f"chat-{i % 8}") for i in range(64)]
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
@@ -183,7 +186,7 @@ def part_adapters(model: LoadedModel, root: Path, results: dict, repeats: int) -
     shape, gen = model.shape, torch.Generator().manual_seed(1)
     store = root / "lora"
     for k in range(64):
-        write_lora(store / f"lora-{k:02d}", shape, rank=16, seed=k)
+        on_own_thread(write_lora, store / f"lora-{k:02d}", shape, 16, k)
     prompts = [random_prompt(gen, shape.vocab_size, 32, 128) for _ in range(64)]
     names = [f"lora-{i:02d}" for i in zipf_choices(64, 64, 1.0, seed=64)]
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
@@ -214,13 +217,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of the adapters part (median)")
     args = parser.parse_args()
     parts = args.parts.split(",")
-    model = load_base_model(Settings.load({"dtype": args.dtype}).model)
+    # This thread runs no parallel torch work while engines run, as in the server: server/torch_threads.py.
+    model = on_own_thread(load_base_model, Settings.load({"dtype": args.dtype}).model)
     results: dict[str, float] = Progress()
     with tempfile.TemporaryDirectory(prefix="peftserve-bench-") as tmp:
         if "memory" in parts:  # first, so the peak RSS is this part's
             part_memory(model, results, args.budget)
         if "attention" in parts:
-            part_attention(model, results)
+            on_own_thread(part_attention, model, results)
         if "chat" in parts:
             part_chat(model, Path(tmp), results)
         if "adapters" in parts:

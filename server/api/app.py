@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import signal
 import threading
@@ -30,6 +31,7 @@ from server.engine.engine import Engine
 from server.metrics import Metrics, StoreSnapshot
 from server.registry.merge import MergeJobs, archive_builder, fold_into
 from server.registry.store import Store, parse_adapter_flag
+from server.torch_threads import on_own_thread
 
 log = logging.getLogger("peftserve")
 
@@ -93,20 +95,22 @@ def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         warn_if_open(settings.server)
-        loaded = model if model is not None else load_base_model(settings.model)
+        # Torch work off this thread, each on one that exits after it: see server/torch_threads.py.
+        loaded = model if model is not None else on_own_thread(load_base_model, settings.model)
         adapters = settings.adapters
+        validate = folder_loader(
+            loaded, adapters.max_lora_rank, max_copy_bytes=adapters.max_module_copy_bytes
+        )
         store = Store(
             adapters.store,
             dict(parse_adapter_flag(a) for a in adapters.adapter),
-            validate=folder_loader(
-                loaded, adapters.max_lora_rank, max_copy_bytes=adapters.max_module_copy_bytes
-            ),
+            validate=functools.partial(on_own_thread, validate),
             lookup=adapters.adapter_dir,
         )
         store.watch(adapters.store_refresh)
         source: Store | None = store
         if adapters.merge_adapter:
-            loaded = dedicate(loaded, store, adapters.merge_adapter, adapters.max_lora_rank)
+            loaded = on_own_thread(dedicate, loaded, store, adapters.merge_adapter, adapters.max_lora_rank)
             source = None  # one adapter, folded into the base: nothing else is served
         app.state.settings = settings
         app.state.metrics = Metrics()
@@ -114,13 +118,16 @@ def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
         app.state.merges = MergeJobs(archive_builder(store, loaded))
         app.state.metrics.watch_store(lambda: StoreSnapshot(**dataclasses.asdict(store.stats())))
         app.state.dedicated = adapters.merge_adapter is not None
-        eng = Engine(
-            loaded,
-            settings.engine,
-            adapters,
-            source=source,
-            metrics=app.state.metrics,
-            chat_template=chat_template,
+        eng = on_own_thread(
+            functools.partial(
+                Engine,
+                loaded,
+                settings.engine,
+                adapters,
+                source=source,
+                metrics=app.state.metrics,
+                chat_template=chat_template,
+            )
         )
         eng.start()
         app.state.engine = eng

@@ -1,8 +1,9 @@
 """Adapter memory tiers: disk store -> CPU cache (LRU, sized in bytes) -> device slots.
 
 The engine thread decides which adapter goes into which slot (the scheduler's plan; this class
-carries it out) and evicts; everything else of a load happens on one background loader thread,
-so running requests keep decoding meanwhile: reading and checking the file, copying it straight
+carries it out) and evicts; everything else of a load happens on a background loader thread (one at a
+time, in order; the thread exits when no load is left, see server/torch_threads.py), so running
+requests keep decoding meanwhile: reading and checking the file, copying it straight
 into the slot's rows (from the file's mapping, no copy in between), and only then, once the
 engine has been told the slot is ready, packing a copy of its own for the CPU cache. An adapter
 already in the CPU cache is copied into the slot from there. While it loads, a slot is used by
@@ -18,13 +19,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from server.adapters.common import AdapterRef, AdapterWeights
 from server.adapters.slots import SlotTable
 from server.engine.scheduler import Slot
 from server.metrics import Metrics
+from server.torch_threads import SerialWorker
 
 log = logging.getLogger("peftserve.adapters")
 
@@ -67,7 +68,7 @@ class AdapterTiers:
         self._done: queue.SimpleQueue[tuple[int, AdapterRef, Exception | None, str, float]] = (
             queue.SimpleQueue()
         )
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peftserve-adapter-loader")
+        self._loader = SerialWorker("peftserve-adapter-loader")
         self._clock = 0
 
     def states(self) -> list[Slot]:
@@ -146,8 +147,8 @@ class AdapterTiers:
             return list(self.cpu)
 
     def settle(self) -> None:
-        """Wait until the loader thread has done everything asked of it so far."""
-        self._loader.submit(lambda: None).result()
+        """Wait until the loader thread has done everything asked of it so far, and has exited."""
+        self._loader.join()
 
     def _remember(self, key: str, weights: AdapterWeights) -> None:
         """Keep a parsed adapter within the byte budget; one larger than all of it is not kept."""
@@ -179,4 +180,4 @@ class AdapterTiers:
         self.slots[slot].last_used = self._clock
 
     def shutdown(self) -> None:
-        self._loader.shutdown(wait=False, cancel_futures=True)
+        self._loader.shutdown()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import shutil
 import tarfile
 import threading
@@ -34,6 +33,7 @@ from server.adapters.common import AdapterError, AdapterRef, AdapterWeights
 from server.adapters.methods import method_by_type, method_of
 from server.base_model import LoadedModel, dense_weight, linear_module
 from server.registry.store import Store, sha256_file
+from server.torch_threads import SerialWorker
 
 log = logging.getLogger("peftserve.registry")
 
@@ -199,16 +199,15 @@ class MergeJob:
 
 
 class MergeJobs:
-    """Merge exports run one at a time on a daemon thread; the latest KEEP_JOBS are remembered."""
+    """Merge exports run one at a time on a thread that exits when none is left (server/torch_threads.py);
+    the latest KEEP_JOBS are remembered."""
 
     def __init__(self, build: Callable[[AdapterRef], Path]) -> None:
         self._build = build
         self._jobs: OrderedDict[str, MergeJob] = OrderedDict()
         self._refs: dict[str, AdapterRef] = {}
         self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="peftserve-merge", daemon=True)
-        self._thread.start()
+        self._worker = SerialWorker("peftserve-merge")
 
     def submit(self, ref: AdapterRef) -> MergeJob:
         """Queue an export of `ref` (refused at once if its kind cannot merge); a pending one is reused."""
@@ -225,7 +224,7 @@ class MergeJobs:
             while len(self._jobs) > KEEP_JOBS:
                 old, _ = self._jobs.popitem(last=False)
                 self._refs.pop(old, None)
-        self._queue.put(job.id)
+        self._worker.submit(self._run, job.id)
         return job
 
     def get(self, job_id: str) -> MergeJob:
@@ -234,27 +233,27 @@ class MergeJobs:
             return self._jobs[job_id]
 
     def stop(self) -> None:
-        self._queue.put(None)
+        """Run no more jobs (the one running finishes)."""
+        self._worker.shutdown()
 
-    def _run(self) -> None:
-        while (job_id := self._queue.get()) is not None:
-            with self._lock:
-                job, ref = self._jobs.get(job_id), self._refs.get(job_id)
-            if job is None or ref is None:
-                continue
-            job.status = "running"
-            try:
-                archive = self._build(ref)
-                job.sha256 = sha256_file(archive)
-                job.size_bytes = archive.stat().st_size
-                job.status = "succeeded"
-            except AdapterError as exc:
-                job.error, job.status = str(exc), "failed"
-            except Exception as exc:  # a job must end, and say why, whatever went wrong
-                log.exception("merge job %s (%s) failed", job.id, job.model)
-                job.error, job.status = (
-                    f"the merge failed: {type(exc).__name__}; see the server log",
-                    "failed",
-                )
-            job.finished = int(time.time())
-            log.info("merge job %s (%s): %s", job.id, job.model, job.status)
+    def _run(self, job_id: str) -> None:
+        with self._lock:
+            job, ref = self._jobs.get(job_id), self._refs.get(job_id)
+        if job is None or ref is None:
+            return
+        job.status = "running"
+        try:
+            archive = self._build(ref)
+            job.sha256 = sha256_file(archive)
+            job.size_bytes = archive.stat().st_size
+            job.status = "succeeded"
+        except AdapterError as exc:
+            job.error, job.status = str(exc), "failed"
+        except Exception as exc:  # a job must end, and say why, whatever went wrong
+            log.exception("merge job %s (%s) failed", job.id, job.model)
+            job.error, job.status = (
+                f"the merge failed: {type(exc).__name__}; see the server log",
+                "failed",
+            )
+        job.finished = int(time.time())
+        log.info("merge job %s (%s): %s", job.id, job.model, job.status)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import socket
+import threading
 
 import httpx
 
+from server.api import app as app_module
+from server.engine.engine import Engine
 from server.engine.request import Finished
 from server.engine.sampler import SamplingParams
+from tests.adapter_factory import make_peft_adapter
 from tests.conftest import LiveServer, tiny_settings
 from tests.helpers import wait_until
 
@@ -84,3 +88,32 @@ def test_shutdown_ends_running_requests(tiny_model_dir, tiny_model):
     server.__exit__(None, None, None)
     events = handle.drain()
     assert isinstance(events[-1], Finished) and events[-1].reason == "abort"
+
+
+def test_startup_and_upload_validation_run_torch_work_on_threads_that_exit(
+    monkeypatch, tiny_model_dir, tmp_path
+):
+    """A thread that ran torch work keeps an OpenMP pool while it lives, and more pools than CPUs
+    slow every op of the engine (server/torch_threads.py): the server's event loop thread must not
+    load the model, build the engine or validate uploads itself."""
+    ran_on: dict[str, list[threading.Thread]] = {"load": [], "engine": [], "validate": []}
+
+    def spy(name, fn):
+        def recorded(*args, **kwargs):
+            ran_on[name].append(threading.current_thread())
+            return fn(*args, **kwargs)
+
+        return recorded
+
+    monkeypatch.setattr(app_module, "load_base_model", spy("load", app_module.load_base_model))
+    monkeypatch.setattr(Engine, "__init__", spy("engine", Engine.__init__))
+    loader = app_module.folder_loader
+    monkeypatch.setattr(app_module, "folder_loader", lambda *a, **k: spy("validate", loader(*a, **k)))
+    folder = make_peft_adapter(tiny_model_dir, "lora", tmp_path / "lora")
+    with LiveServer(tiny_settings(tiny_model_dir, store=tmp_path / "store"), None) as live:
+        files = [("file", (p.name, p.read_bytes())) for p in sorted(folder.glob("adapter*"))]
+        uploaded = httpx.post(f"{live.url}/v1/adapters", data={"name": "a"}, files=files, timeout=60)
+        assert uploaded.status_code == 201, uploaded.text
+        threads = [t for name in ("load", "engine", "validate") for t in ran_on[name]]
+        assert [len(ran_on[name]) for name in ("load", "engine", "validate")] == [1, 1, 1]
+        assert not any(t.is_alive() for t in threads), [t.name for t in threads]

@@ -127,3 +127,13 @@ def test_slot_data_is_a_copy_not_a_view_of_the_parsed_adapter(tiny_model, tiny_m
         data = table.data[slot]
         held = [t for value in data.values() for t in (value if isinstance(value, tuple) else (value,))]
         assert [torch.equal(x, y) for x, y in zip(held, kept, strict=True)] == [True] * len(kept)
+
+
+def test_the_loader_thread_exits_once_its_loads_are_done(tiny_model, tiny_model_dir, tmp_path):
+    """A thread that ran torch work keeps an OpenMP pool while it lives, which slows the engine's
+    every op (server/torch_threads.py): the loader must not outlive its loads."""
+    tiers, _ = make_tiers(tiny_model, cpu_bytes=1 << 30)
+    for ref in refs(tiny_model_dir, tmp_path, ["lora", "ia3"]):
+        bring(tiers, ref)  # ends with settle()
+        loaders = [t.name for t in threading.enumerate() if t.name.startswith("peftserve-adapter-loader")]
+        assert loaders == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
+import threading
 from pathlib import Path
 
 import httpx
@@ -12,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from server.adapters.common import AdapterRef
 from server.adapters.loader import folder_loader
 from server.api.app import dedicate
 from server.base_model import dense_weight, linear_module, load_base_model
@@ -19,7 +21,7 @@ from server.cli import main
 from server.config import AdapterSettings, EngineSettings, Settings
 from server.engine.engine import Engine
 from server.engine.sampler import SamplingParams
-from server.registry.merge import MergeError, export_merged, fold_into
+from server.registry.merge import MergeError, MergeJobs, export_merged, fold_into
 from server.registry.store import Store
 from tests.adapter_factory import (
     COPY_BYTES,
@@ -185,6 +187,18 @@ def test_merge_over_http_is_a_background_job(tmp_path, tiny_model_dir, tiny_mode
     (folder,) = (tmp_path / "download").iterdir()
     prompt = tiny_model.tokenizer("Hello").input_ids
     assert merged_tokens(folder, prompt) == served_tokens(tiny_model, adapters, "dora", prompt)
+
+
+def test_merge_jobs_run_on_a_thread_that_exits_when_none_is_left(tmp_path):
+    """A thread that ran torch work keeps an OpenMP pool while it lives, which slows the engine's
+    every op (server/torch_threads.py): the merge thread must not outlive its jobs."""
+    archive = tmp_path / "merged.tar.gz"
+    archive.write_bytes(b"merged")
+    jobs = MergeJobs(lambda ref: archive)
+    job = jobs.submit(AdapterRef("a", 1, tmp_path, "LORA"))
+    wait_until(lambda: jobs.get(job.id).status == "succeeded", timeout=60)
+    wait_until(lambda: not any(t.name == "peftserve-merge" for t in threading.enumerate()), timeout=60)
+    jobs.stop()
 
 
 def test_a_failed_merge_job_says_why(tmp_path, tiny_model_dir, tiny_model, adapters):

@@ -1,0 +1,103 @@
+"""Torch work off the engine thread runs on threads that exit, so their OpenMP pools go with them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from concurrent.futures import CancelledError
+
+import pytest
+
+from server.torch_threads import SerialWorker, on_own_thread
+
+
+def alive(name: str) -> bool:
+    return any(t.name == name for t in threading.enumerate())
+
+
+def test_a_worker_runs_calls_in_order_and_its_thread_exits_when_none_is_left():
+    worker = SerialWorker("peftserve-test-worker")
+    gate, order = threading.Event(), []
+    first = worker.submit(lambda: gate.wait(10) and order.append(1))
+    rest = [worker.submit(order.append, i) for i in (2, 3)]
+    assert alive("peftserve-test-worker")
+    gate.set()
+    first.result(10)
+    [f.result(10) for f in rest]
+    worker.join()
+    assert order == [1, 2, 3] and not alive("peftserve-test-worker")
+    assert worker.submit(lambda: 4).result(10) == 4  # a new thread for new work
+    worker.join()
+    assert not alive("peftserve-test-worker")
+
+
+def test_a_failing_call_reaches_its_caller_and_the_worker_goes_on():
+    worker = SerialWorker("peftserve-test-failing")
+    failed = worker.submit(lambda: 1 / 0)
+    after = worker.submit(lambda: "next")
+    with pytest.raises(ZeroDivisionError):
+        failed.result(10)
+    assert after.result(10) == "next"
+
+
+def test_shutdown_cancels_queued_calls_lets_the_running_one_finish_and_refuses_new_ones():
+    worker = SerialWorker("peftserve-test-shutdown")
+    started, gate = threading.Event(), threading.Event()
+    running = worker.submit(lambda: started.set() or (gate.wait(10) and "done"))
+    queued = worker.submit(lambda: "never")
+    started.wait(10)
+    worker.shutdown()
+    gate.set()
+    assert running.result(10) == "done"
+    with pytest.raises(CancelledError):
+        queued.result(10)
+    with pytest.raises(RuntimeError, match="shut down"):
+        worker.submit(lambda: None)
+    worker.join()
+
+
+def test_on_own_thread_returns_the_result_or_raises_and_leaves_no_thread():
+    before = set(threading.enumerate())
+    assert on_own_thread(lambda x: (x, threading.current_thread().name), 3)[0] == 3
+    assert on_own_thread(lambda: threading.current_thread()) is not threading.current_thread()
+    with pytest.raises(KeyError):
+        on_own_thread({}.__getitem__, "missing")
+    assert set(threading.enumerate()) == before
+
+
+# In a fresh process: OS threads (/proc/self/task) after a parallel torch op on another thread.
+POOLS = """
+import os, threading, time
+import torch
+from server.torch_threads import on_own_thread
+
+def os_threads():
+    return len(os.listdir("/proc/self/task"))
+
+def parallel_op():
+    torch.ones(4096, 4096).sum()  # far above torch's grain size: runs on the thread's OpenMP pool
+
+torch.set_num_threads(2)
+start = os_threads()
+on_own_thread(parallel_op)
+time.sleep(0.2)  # the OS thread is on its way out once Python's is joined
+after_own = os_threads()
+stay, done = threading.Event(), threading.Event()
+def long_lived():
+    parallel_op()
+    done.set()
+    stay.wait()
+threading.Thread(target=long_lived, daemon=True).start()
+done.wait()
+print(start, after_own, os_threads())
+"""
+
+
+def test_a_thread_that_exits_takes_its_openmp_pool_with_it_and_a_living_one_keeps_it():
+    out = subprocess.run(
+        [sys.executable, "-c", POOLS], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+    start, after_own, with_long_lived = map(int, out.split())
+    assert after_own == start  # the worker and its pool are gone
+    assert with_long_lived >= start + 2  # the living thread and at least one OpenMP worker of its own
