@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -101,3 +102,18 @@ def test_a_thread_that_exits_takes_its_openmp_pool_with_it_and_a_living_one_keep
     start, after_own, with_long_lived = map(int, out.split())
     assert after_own == start  # the worker and its pool are gone
     assert with_long_lived >= start + 2  # the living thread and at least one OpenMP worker of its own
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"), [({}, "30000 PASSIVE"), ({"GOMP_SPINCOUNT": "5"}, "5 PASSIVE")]
+)
+def test_the_server_package_sets_openmp_waiting_before_torch_loads_unless_told(given, expected):
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = (
+        "import os, server, sys; assert 'torch' not in sys.modules; "
+        "print(os.environ['GOMP_SPINCOUNT'], os.environ['OMP_WAIT_POLICY'])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**env, **given}, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == expected.split()
