@@ -1,14 +1,14 @@
 """Adapter memory tiers: disk store -> CPU cache (LRU, sized in bytes) -> device slots.
 
 The engine thread decides which adapter goes into which slot (the scheduler's plan; this class
-carries it out) and evicts; everything else of a load happens on a background loader thread (one at a
-time, in order; the thread exits when no load is left, see server/torch_threads.py), so running
-requests keep decoding meanwhile: reading and checking the file, copying it straight
-into the slot's rows (from the file's mapping, no copy in between), and only then, once the
-engine has been told the slot is ready, packing a copy of its own for the CPU cache. An adapter
-already in the CPU cache is copied into the slot from there. While it loads, a slot is used by
-no sequence and never evicted (the scheduler's invariants), so the loader writes its rows while
-the engine runs forward passes over the other slots.
+carries it out) and evicts; everything else of a load happens on a background loader thread
+(one load at a time, in order; the thread exits when no load is left, see
+server/torch_threads.py), so running requests keep decoding meanwhile: reading and checking the
+file, copying it straight into the slot's rows (from the file's mapping, no copy in between),
+and only then, once the engine has been told the slot is ready, packing a copy of its own for
+the CPU cache. An adapter already in the CPU cache is copied into the slot from there. While it
+loads, a slot is used by no sequence and never evicted (the scheduler's invariants), so the
+loader writes its rows while the engine runs forward passes over the other slots.
 """
 
 from __future__ import annotations
