@@ -12,16 +12,23 @@ adapter loader thread each held a pool; with only the engine's, 181-202 tokens/s
 
 So start-up work (model load, engine construction), adapter loads, uploads' validation and
 merges each run on a thread that exits when its work is done (`SerialWorker`, `on_own_thread`),
-and the engine thread is the only one left holding a pool while it serves.
+and the engine thread is the only one left holding a pool while it serves. Adapter loads, which
+under churn keep their thread busy for as long as the churn lasts, also run `single_threaded`:
+no pool at all.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any, TypeVar
+
+import torch
 
 T = TypeVar("T")
 
@@ -91,3 +98,28 @@ def on_own_thread(fn: Callable[..., T], *args: Any) -> T:
     result = worker.submit(fn, *args).result()
     worker.join()
     return result
+
+
+def single_threaded() -> None:
+    """Run this thread's parallel torch ops on it alone, with no OpenMP pool; other threads keep theirs.
+
+    torch.set_num_threads cannot do it: it also sets the count that every thread started later
+    takes. OpenMP's omp_set_num_threads is per thread, and MKL follows it unless
+    torch.set_num_threads was called in this process (Ray replicas do): then MKL's own matmuls
+    on this thread still run in parallel. Where torch's OpenMP runtime cannot be found (not
+    libgomp, not Linux) this does nothing, and only the thread's exit frees its pool.
+    """
+    torch.get_num_threads()  # torch's per-thread lazy set-up, which would undo the call below
+    omp = _libgomp()
+    if omp is not None:
+        omp.omp_set_num_threads(1)
+
+
+@functools.cache
+def _libgomp() -> ctypes.CDLL | None:
+    """The libgomp torch loaded (torch wheels bundle their own), through the process's memory map."""
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        return None
+    paths = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line}
+    return ctypes.CDLL(paths.pop()) if len(paths) == 1 else None

@@ -34,6 +34,7 @@ import torch
 
 from server.adapters import lowrank
 from server.adapters.lowrank import NEVER_BIG, LowRankTable, NativeKernel, RowGroups, torch_groups
+from server.torch_threads import on_own_thread
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,11 @@ def big_group_rows(shape: Shape) -> int:
     """The measured threshold for this shape: groups of at least this many rows go to torch.
 
     Reads the cache, measures (and caches) a shape seen for the first time; NEVER_BIG, no
-    measurement, when the kernel is not available or does not take this dtype.
+    measurement, when the kernel is not available or does not take this dtype. It runs on a
+    thread of its own, which has the engine's thread count: the caller may be the adapter loader,
+    which runs single-threaded (server/torch_threads.py).
     """
-    return calibrate([shape])[shape]
+    return on_own_thread(calibrate, [shape])[shape]
 
 
 def calibrate(shapes: list[Shape]) -> dict[Shape, int]:

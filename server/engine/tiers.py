@@ -25,7 +25,7 @@ from server.adapters.common import AdapterRef, AdapterWeights
 from server.adapters.slots import SlotTable
 from server.engine.scheduler import Slot
 from server.metrics import Metrics
-from server.torch_threads import SerialWorker
+from server.torch_threads import SerialWorker, single_threaded
 
 log = logging.getLogger("peftserve.adapters")
 
@@ -98,6 +98,7 @@ class AdapterTiers:
 
     def _bring(self, slot: int, ref: AdapterRef) -> None:
         """On the loader thread: fill `slot` with `ref`, tell the engine, then cache a copy."""
+        single_threaded()  # loads can run back to back for long: no OpenMP pool beside the engine's
         started = time.perf_counter()
         with self._lock:
             cached = self.cpu.get(ref.key)

@@ -117,3 +117,33 @@ def test_the_server_package_sets_openmp_waiting_before_torch_loads_unless_told(g
         [sys.executable, "-c", code], env={**env, **given}, capture_output=True, text=True, check=True
     ).stdout
     assert out.split() == expected.split()
+
+
+SINGLE = """
+import os, threading
+import torch
+from server.torch_threads import single_threaded
+
+start = os.listdir("/proc/self/task")
+stay, done, seen = threading.Event(), threading.Event(), []
+def loader():
+    single_threaded()
+    x = torch.ones(2048, 2048)
+    x.sum(), x @ x[:, :64], x.to(torch.bfloat16, copy=True)  # torch's own loops and MKL's
+    seen.append(torch.get_num_threads())
+    done.set()
+    stay.wait()
+threading.Thread(target=loader, daemon=True).start()
+done.wait()
+print(len(start), len(os.listdir("/proc/self/task")), seen[0], torch.get_num_threads())
+"""
+
+
+def test_a_single_threaded_thread_holds_no_openmp_pool_and_leaves_the_others_their_threads():
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}  # every thread's default, as in the server
+    out = subprocess.run(
+        [sys.executable, "-c", SINGLE], env=env, capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+    start, with_loader, loader_threads, main_threads = map(int, out.split())
+    assert with_loader == start + 1  # the thread itself, no OpenMP worker
+    assert (loader_threads, main_threads) == (1, 2)

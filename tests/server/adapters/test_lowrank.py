@@ -25,6 +25,7 @@ from server.adapters.method import Hook
 from server.adapters.slots import SlotTable
 from server.config import EngineSettings
 from server.engine.engine import Engine
+from server.torch_threads import on_own_thread, single_threaded
 
 ACTS = [None, "relu", "gelu", "silu", "tanh"]
 BIG = 24  # a small big-group threshold keeps the reference loop short
@@ -443,3 +444,20 @@ def test_a_table_switched_to_torch_takes_the_gather_path_without_a_warning(monke
     with caplog.at_level(logging.WARNING, logger=lowrank.__name__):
         low_rank_apply(x, y, table, RowGroups.build([0, 1]))
     assert len(calls) == 1 and not caplog.records
+
+
+def test_a_shape_first_seen_by_the_single_threaded_loader_is_measured_with_the_engines_threads(monkeypatch):
+    seen = []
+
+    def calibrate(shapes):
+        seen.append(torch.get_num_threads())
+        return dict.fromkeys(shapes, 7)
+
+    monkeypatch.setattr(lowrank_choice, "calibrate", calibrate)
+
+    def on_the_loader():
+        single_threaded()
+        return lowrank_choice.big_group_rows((torch.float32, 8, 8))
+
+    assert on_own_thread(on_the_loader) == 7
+    assert seen == [torch.get_num_threads()] and seen[0] > 1

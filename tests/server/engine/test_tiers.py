@@ -137,3 +137,13 @@ def test_the_loader_thread_exits_once_its_loads_are_done(tiny_model, tiny_model_
         bring(tiers, ref)  # ends with settle()
         loaders = [t.name for t in threading.enumerate() if t.name.startswith("peftserve-adapter-loader")]
         assert loaders == []
+
+
+def test_adapter_loads_run_single_threaded(tiny_model, tiny_model_dir, tmp_path):
+    """Under churn the loader runs for as long as the churn lasts: it must hold no OpenMP pool."""
+    tiers, _ = make_tiers(tiny_model, cpu_bytes=1 << 30)
+    load, threads = tiers._load, []
+    tiers._load = lambda ref: threads.append(torch.get_num_threads()) or load(ref)
+    (ref,) = refs(tiny_model_dir, tmp_path, ["lora"])
+    bring(tiers, ref)
+    assert threads == [1] and torch.get_num_threads() > 1
