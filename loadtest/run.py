@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seed of the workload's draws (default {DEFAULT_SEED})",
     )
     load.add_argument(
+        "--warm",
+        action="store_true",
+        help="before the timed run, send each adapter one 1-token request, so every adapter is loaded "
+        "and the run measures steady state rather than cold start",
+    )
+    load.add_argument(
         "--drain-timeout",
         type=int,
         default=60,
@@ -326,11 +332,23 @@ def verdict_line(requests: int, failures: int, locust_code: int, server_ok: bool
     return "OK: every request succeeded"
 
 
+def warm_up(url: str, models: list[str]) -> None:
+    """One 1-token completion per model, in turn: each adapter is loaded before the timed run."""
+    print(f"warming {len(models)} model(s): one 1-token request each", flush=True)
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for model in models:
+            reply = client.post("/v1/completions", json={"model": model, "prompt": "Hello", "max_tokens": 1})
+            if reply.status_code != 200:
+                raise SetupError(f"warm-up request for {model} answered {reply.status_code}: {reply.text}")
+
+
 def load_and_report(
     url: str, args: argparse.Namespace, results: Path, adapters: int, server: ServerProcess | None = None
 ) -> int:
     """Run locust against a ready server (ours, if `server` is given), then summarize. The exit code."""
     ranking = list_models(url)
+    if args.warm:
+        warm_up(url, ranking)
     locust_code = run_locust(url, args, results)
     problems = server_problems(server) if server is not None else []
     server_lines = [*save_metrics(url, results), *problems]
@@ -343,6 +361,7 @@ def load_and_report(
     title = (
         f"peftserve load test: {args.users} users for {args.duration} s, {adapters} adapters, "
         f"Zipf s={args.zipf_s:g}, max_tokens {args.min_tokens}-{args.max_tokens}"
+        + (", adapters warmed first" if args.warm else "")
     )
     draw_summary(records, results / "summary.png", title, ranking=ranking, zipf_s=args.zipf_s)
     lines = [title, *format_summary(summary), *server_lines]

@@ -375,3 +375,20 @@ def reference_steps_for(
     """`reference_steps` (tokens with their float32 margins) of one adapter alone, or of the base."""
     with reference_model(base_dir, adapter_dir, quantize, device) as model:
         return reference_steps(model, prompt_ids, max_new_tokens)
+
+
+BOTTLENECKS = {
+    "houlsby": dict(placement="houlsby", activation="gelu"),
+    "pfeiffer": dict(placement="pfeiffer", activation="relu", adapter_input="residual_stream"),
+}
+
+
+def build_store(root: Path, base_dir: Path, shape: ModelShape) -> Path:
+    """A store folder with one adapter of every kind (PEFT kinds, both bottleneck placements,
+    BitFit) for the base in `base_dir`, each named after its kind."""
+    for seed, kind in enumerate([*PEFT_KINDS, *EXTRA_KINDS]):
+        make_peft_adapter(base_dir, kind, root / kind, seed=seed)
+    for seed, (name, options) in enumerate(BOTTLENECKS.items(), start=100):
+        make_bottleneck_adapter(shape, root / name, seed=seed, **options)
+    make_bitfit_adapter(shape, root / "bitfit", seed=200)
+    return root

@@ -83,6 +83,16 @@ def kinds_store(
     return root
 
 
+@pytest.fixture(scope="session")
+def default_store(
+    tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path, default_model: LoadedModel
+) -> Path:
+    """A store folder with one adapter of every kind for the default model, named after its kind."""
+    from tests.adapter_factory import build_store
+
+    return build_store(tmp_path_factory.mktemp("default-kinds"), default_model_dir, default_model.shape)
+
+
 MANY_ADAPTERS = 200
 
 

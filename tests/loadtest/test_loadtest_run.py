@@ -1,5 +1,5 @@
-"""The headless runner: a 15-second locust run against a real server process finishes with zero
-failures and writes its reports."""
+"""The headless runner: a 15-second locust run against a real server process (its adapters warmed
+first) finishes with zero failures and writes its reports."""
 
 from __future__ import annotations
 
@@ -36,11 +36,14 @@ def test_a_fifteen_second_headless_run_has_no_failures(
             "24",
             "--results",
             str(results),
+            "--warm",
         ]
     )
     out = capsys.readouterr().out
     assert code == 0, out + (results / "locust.log").read_text()
     assert "OK: every request succeeded" in out
+    # Each adapter was loaded once, by the warm-up, and never again: the run itself found them loaded.
+    assert "adapters warmed first" in out and "adapter loads 3 (disk 3), 0 evictions" in out
 
     records = read_requests(results / "locust_requests.csv")
     assert len(records) >= 10 and all(r.ok for r in records)

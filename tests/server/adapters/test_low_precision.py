@@ -37,17 +37,12 @@ from transformers import AutoTokenizer
 
 from server.base_model import ModelLoadError, load_base_model
 from server.config import Settings
-from tests.adapter_factory import EXTRA_KINDS, PEFT_KINDS, reference_model
+from tests.adapter_factory import BOTTLENECKS, EXTRA_KINDS, PEFT_KINDS, reference_model
 from tests.helpers import compare_up_to_near_ties, margin_drift, reference_steps
-from tests.server.adapters.test_batched_reference import BOTTLENECKS, build_store, serve_mixed
+from tests.server.adapters.test_batched_reference import serve_mixed
 
 QUESTIONS = ("What is the capital of France?",)
 NEW_TOKENS = 8
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, default_model_dir, default_model):
-    return build_store(tmp_path_factory.mktemp("store"), default_model_dir, default_model.shape)
 
 
 ON_GPU = torch.device(os.environ.get("PEFTSERVE_TEST_DEVICE", "cpu")).type == "cuda"
@@ -74,7 +69,7 @@ so no honest bound compares them; on the CPU bfloat16 compares 69-71 of 153 step
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize(("dtype", "quantize"), CASES)
 def test_every_kind_mixed_equals_float32_up_to_near_ties(
-    dtype, quantize, default_model_dir, store, references, test_device
+    dtype, quantize, default_model_dir, default_store, references, test_device
 ):
     if quantize != "none":
         pytest.importorskip("bitsandbytes")
@@ -86,14 +81,14 @@ def test_every_kind_mixed_equals_float32_up_to_near_ties(
     model = load_base_model(settings.model)
     assert model.dtype == getattr(torch, dtype) and model.device.type == torch.device(test_device).type
     prompts = chat_prompts(model.tokenizer)
-    served = serve_mixed(model, store, prompts)
+    served = serve_mixed(model, default_store, prompts)
     del model
     names = sorted({n for n, _ in served}, key=str)
     assert len(names) == len(PEFT_KINDS) + len(EXTRA_KINDS) + len(BOTTLENECKS) + 2
     compared = total = 0
     failures: dict[str, str] = {}
     for name in names:
-        adapter = store / name if name else None
+        adapter = default_store / name if name else None
         reference = references(adapter, quantize)
         steps = reference.steps
         drifts = reference.drifts.get(getattr(torch, dtype), [0.0] * len(steps))
