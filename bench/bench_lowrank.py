@@ -5,9 +5,10 @@ adapters, so weights are distinct per site and do not stay in cache between step
 real decode step; tables are stacked with ranks padded to 64 (--max-lora-rank's default), as
 the server keeps them. Prints markdown tables: per decode step over all sites, per prefill
 step, and a sweep of rows per group (the server measures its own at start-up: lowrank_choice.py). The two
-torch forms of issue 12 are both timed: gather + bmm (BGMV: each row gathers its slot's
-stacked weights; the device path) and segments (rows sorted by slot, one pair of matmuls per
-group, SGMV-like; the CPU's big-group path).
+torch forms of issue 12 are both timed: segmented gather + bmm (rows sorted by slot and cut
+into equal segments, each gathering its slot's stacked weights, no loop over adapters: one row
+per segment at decode, which is BGMV; the device path) and per-group matmuls (one pair of
+matmuls per group, a Python loop over groups; the CPU's big-group path).
 
     python bench/bench_lowrank.py [--repeats 7] [--dtype bfloat16]
 """
@@ -195,8 +196,8 @@ def main() -> None:
         args.repeats,
         [
             ("native kernel (calibrated per shape)", "native", None),
-            ("torch gather + bmm (BGMV, the device path)", "torch", 0),
-            ("torch segments (per-group matmuls, SGMV-like)", "native", 0),
+            ("torch segmented gather + bmm (the device path)", "torch", 0),
+            ("torch per-group matmuls (the CPU's big groups)", "native", 0),
             ("reference", "reference", 0),
         ],
     )
@@ -212,8 +213,8 @@ def main() -> None:
         [
             ("auto (calibrated per shape)", "native", None),
             ("native kernel only", "native", NEVER_BIG),
-            ("torch gather + bmm (BGMV, the device path)", "torch", 0),
-            ("torch segments (per-group matmuls, SGMV-like)", "native", 0),
+            ("torch segmented gather + bmm (the device path)", "torch", 0),
+            ("torch per-group matmuls (the CPU's big groups)", "native", 0),
         ],
     )
     if not args.skip_sweep:

@@ -48,22 +48,25 @@ class BatchContext:
             for act in {a for a, _ in block.values()}
         }
         readers = {s for s, (_, reads_residual) in block.items() if reads_residual}
-        # Every per-row index of this step, built on the host and copied in one transfer: the
-        # scale tables' (slot, or the table's last row of ones for the base model), each group
-        # set's stacked-table index, and which rows' bottleneck reads the residual.
+        # Every index of this step, built on the host and copied in one transfer: the scale
+        # tables' (slot, or the table's last row of ones for the base model), which rows'
+        # bottleneck reads the residual, and each group set's segments for the torch path.
         groups = [g for g in (self.delta_groups, *self.block_groups.values()) if g is not None]
-        host = torch.stack(
+        layouts = [g.segments_host(slots.max_rank) for g in groups]
+        host = torch.cat(
             [
                 torch.tensor([s if s >= 0 else slots.num_slots for s in slot_of], dtype=torch.int64),
-                *(g.stack_index_host() for g in groups),
                 torch.tensor([s in readers for s in slot_of], dtype=torch.int64),
+                *(buffer for _, buffer in layouts),
             ]
-        )  # (2 + groups, N)
-        rows = host if device.type == "cpu" else host.to(device, non_blocking=True)
-        self.scale_index = rows[0]
-        for g, row in zip(groups, rows[1:-1], strict=True):
-            g.use_stack_index(row)
-        self.residual_mask = rows[-1].to(slots.dtype).unsqueeze(1) if readers else None  # (N, 1)
+        )  # (2N + the segment buffers,)
+        moved = host if device.type == "cpu" else host.to(device, non_blocking=True)
+        n = len(slot_of)
+        pieces = moved.split([n, n, *(buffer.shape[0] for _, buffer in layouts)])
+        self.scale_index = pieces[0]
+        self.residual_mask = pieces[1].to(slots.dtype).unsqueeze(1) if readers else None  # (N, 1)
+        for g, (length, _), buffer in zip(groups, layouts, pieces[2:], strict=True):
+            g.use_segments(slots.max_rank, length, buffer)
 
     @staticmethod
     def _groups(slot_of: list[int], keep: set[int], device: torch.device) -> RowGroups | None:

@@ -8,9 +8,11 @@ with a_s of shape (r_s, in) and b_s of shape (r_s, out). A `LowRankTable` keeps 
 weights stacked and preallocated, ranks padded with zeros to --max-lora-rank (the layout of
 vLLM's punica ops). `low_rank_apply` has two paths behind one interface:
 
-- the torch path (BGMV semantics): each row gathers its slot's stacked A and B and two batched
-  matmuls apply any mix of adapters at once, no Python loop over adapters, no host sync. It
-  is the reference for every fast path and the path on every device but the CPU.
+- the torch path (SGMV semantics, in torch): rows sorted by slot are cut into equal segments,
+  each segment gathers its slot's stacked A and B, and two batched matmuls apply any mix of
+  adapters at once, no Python loop over adapters, no host sync. At decode a segment is one row
+  (BGMV); at prefill, as long as a prompt, so weights are gathered per segment, not per token.
+  It is the reference for every fast path and the path on every device but the CPU.
 - on the CPU, the rows grouped by slot once per step (`RowGroups`) go to a native C kernel
   (lowrank_kernel.c) that reads each adapter's weights once per step; groups of at least the
   table's `big_group_rows` rows go to per-group torch matmuls instead. That threshold is not a
@@ -91,6 +93,7 @@ class RowGroups:
     _splits: dict[int, tuple[tuple[tuple[int, int, int], ...], torch.Tensor | None]] = field(
         default_factory=dict, repr=False
     )
+    _segments: dict[int, Segments] = field(default_factory=dict, repr=False)  # per max_rank
 
     @classmethod
     def build(
@@ -164,19 +167,64 @@ class RowGroups:
         """(M,) `order` as int64 on the device, for the per-group torch path."""
         return self.order.to(self.device, torch.int64)
 
-    def stack_index_host(self) -> torch.Tensor:
-        """(N,) each row's index into the stacked tables (slot + 1; 0, all zeros, for none), on the host."""
-        return torch.tensor([s + 1 for s in self.slot_of], dtype=torch.int64)
+    def segments_host(self, max_rank: int) -> tuple[int, torch.Tensor]:
+        """The gather path's layout for tables of this max rank: (segment length, its one host buffer).
 
-    @functools.cached_property
-    def stack_index(self) -> torch.Tensor:
-        """`stack_index_host` on the device: copied on first use, unless `use_stack_index` gave it."""
-        index = self.stack_index_host()
-        return index.to(self.device, non_blocking=True) if self.device.type != "cpu" else index
+        Each group's rows (sorted by slot) are cut into segments of L rows, the last one padded
+        by repeating its first row. The length minimises what the path moves per step: L * (in +
+        out) values per segment's rows plus max_rank * (in + out) weights gathered per segment,
+        i.e. padded rows + max_rank * segments. At decode (a row or two per group) that is L = 1,
+        BGMV; for a prefill, segments as long as the prompts. See `Segments` for the buffer.
+        """
+        sizes = [hi - lo for _, lo, hi in self.spans]
+        candidates = [1 << k for k in range(max(sizes, default=1).bit_length() + 1)]
 
-    def use_stack_index(self, index: torch.Tensor) -> None:
-        """Take `stack_index` from the caller's one copy of every index a step needs (BatchContext)."""
-        self.__dict__["stack_index"] = index
+        def moved(length: int) -> int:
+            count = sum(-(-n // length) for n in sizes)
+            return count * length + max_rank * count
+
+        length = min(candidates, key=moved)
+        order = self.order.tolist()
+        stack, rows, positions = [], [], []
+        for slot, lo, hi in self.spans:
+            for start in range(lo, hi, length):
+                piece = order[start : min(start + length, hi)]
+                positions.extend(range(len(rows), len(rows) + len(piece)))
+                rows.extend(piece + piece[:1] * (length - len(piece)))
+                stack.append(slot + 1)
+        return length, torch.tensor([*stack, *rows, *positions, *order], dtype=torch.int64)
+
+    def segments(self, max_rank: int) -> Segments:
+        """`segments_host` on the device: copied on first use, unless `use_segments` gave it."""
+        found = self._segments.get(max_rank)
+        if found is None:
+            length, host = self.segments_host(max_rank)
+            buffer = host.to(self.device, non_blocking=True) if self.device.type != "cpu" else host
+            found = self._segments[max_rank] = Segments.of(length, buffer, len(self.order))
+        return found
+
+    def use_segments(self, max_rank: int, length: int, buffer: torch.Tensor) -> None:
+        """Take `segments(max_rank)` from the caller's one copy of every index a step needs (BatchContext)."""
+        self._segments[max_rank] = Segments.of(length, buffer, len(self.order))
+
+
+class Segments(NamedTuple):
+    """Rows with an adapter as S segments of `length` rows of one slot each: the gather path's input.
+
+    One int64 buffer on the device holds, in turn, the four index tensors below."""
+
+    length: int
+    stack_index: torch.Tensor  # (S,) each segment's index into the stacked tables: slot + 1
+    rows: torch.Tensor  # (S * length,) the row of x each position reads (padding repeats a row)
+    positions: torch.Tensor  # (M,) where each row with an adapter sits among the S * length positions
+    targets: torch.Tensor  # (M,) that row: `order`
+
+    @classmethod
+    def of(cls, length: int, buffer: torch.Tensor, rows_with_adapter: int) -> Segments:
+        m = rows_with_adapter
+        count = (buffer.shape[0] - 2 * m) // (length + 1)
+        stack, rows, positions, targets = buffer.split([count, count * length, m, m])
+        return cls(length, stack, rows, positions, targets)
 
 
 def _pack_groups(order: list[int], spans: list[tuple[int, int, int]]) -> torch.Tensor:
@@ -410,7 +458,7 @@ def low_rank_apply(
         return
     kernel = _native_for(x, y, table) if use_native and _native_enabled else None
     if kernel is None:
-        gather_apply(x, y, table, groups.stack_index, act)
+        gather_apply(x, y, table, groups.segments(table.max_rank), act)
         return
     fixed = groups.big_group_rows
     big, small = groups.split(table.big_group_rows if fixed is None else fixed)
@@ -426,27 +474,33 @@ GATHER_CHUNK_BYTES = 64 * 1024 * 1024
 
 
 def gather_apply(
-    x: torch.Tensor, y: torch.Tensor, table: LowRankTable, index: torch.Tensor, act: Activation = None
+    x: torch.Tensor, y: torch.Tensor, table: LowRankTable, seg: Segments, act: Activation = None
 ) -> None:
-    """The torch path, BGMV semantics: every row gathers its slot's stacked weights, two bmm.
+    """The torch path: each segment of rows gathers its slot's stacked weights, two bmm, no loop
+    over adapters (SGMV semantics over padded segments; BGMV when segments are one row long).
 
-    index: (N,) int64 on the table's device, a row's slot + 1, 0 (all-zero weights) for none.
     The matmuls run in the table's dtype, so the rank-r intermediate is rounded to that dtype
-    between them, as PEFT's own layers do. Rows without an adapter get exactly + 0.
+    between them, as PEFT's own layers do. Rows without an adapter are not touched (+ exactly 0).
+    Every x row is read before any y row is written, so `x is y` is fine.
     """
-    n = x.shape[0]
-    per_row = table.max_rank * (table.in_features + table.out_features) * table.a.element_size()
-    chunk = max(1, GATHER_CHUNK_BYTES // per_row)
-    for lo in range(0, n, chunk):  # a fixed bound on memory, not a loop over adapters
-        idx = index[lo : lo + chunk]  # (m,)
-        h = torch.bmm(table.a.index_select(0, idx), x[lo : lo + chunk].unsqueeze(2)).squeeze(2)  # (m, r_max)
+    count, length, in_f, out_f = seg.stack_index.shape[0], seg.length, table.in_features, table.out_features
+    size = table.a.element_size()
+    per_segment = (table.max_rank + length) * (in_f + out_f) * size
+    chunk = max(1, GATHER_CHUNK_BYTES // per_segment)
+    deltas = x.new_empty(count * length, out_f)  # (S * L, out)
+    for lo in range(0, count, chunk):  # a fixed bound on memory, not a loop over adapters
+        idx = seg.stack_index[lo : lo + chunk]  # (s,)
+        rows = seg.rows[lo * length : (lo + chunk) * length]  # (s * L,)
+        xs = x.index_select(0, rows).view(-1, length, in_f)  # (s, L, in)
+        h = torch.bmm(xs, table.a.index_select(0, idx).transpose(1, 2))  # (s, L, r_max)
         if table.has_bias:
-            h = h + table.a_bias.index_select(0, idx)
+            h = h + table.a_bias.index_select(0, idx).unsqueeze(1)
         h = _act_torch(h, act)
-        d = torch.bmm(h.unsqueeze(1), table.b.index_select(0, idx)).squeeze(1)  # (m, out)
+        d = torch.bmm(h, table.b.index_select(0, idx))  # (s, L, out)
         if table.has_bias:
-            d = d + table.b_bias.index_select(0, idx)
-        y[lo : lo + chunk] += d
+            d = d + table.b_bias.index_select(0, idx).unsqueeze(1)
+        deltas[lo * length : (lo + chunk) * length] = d.view(-1, out_f)
+    y.index_add_(0, seg.targets, deltas.index_select(0, seg.positions))
 
 
 def low_rank_apply_reference(

@@ -13,9 +13,10 @@ the CPU (model name and feature flags from /proc/cpuinfo), the compiler flags an
 source, and the file name adds torch's version and the thread count. A later start reads the
 file and measures nothing.
 
-The torch gather path (BGMV, `gather_apply`) is not a candidate here: on a CPU it copies every
-row's weights before multiplying, so it loses to the kernel at decode and to per-group matmuls
-at prefill (bench/bench_lowrank.py measures all three); it is the path off the CPU.
+The torch gather path (`gather_apply`) is not a candidate here: on a CPU it copies each
+segment's padded weights before multiplying, so it loses to the kernel at decode and to
+per-group matmuls at prefill (bench/bench_lowrank.py measures all three); it is the path off
+the CPU.
 """
 
 from __future__ import annotations

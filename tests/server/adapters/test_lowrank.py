@@ -111,16 +111,43 @@ def test_ranks_differ_per_slot_and_rows_without_adapter(dtype, use_native):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("act", ACTS)
-def test_biases_and_activations(dtype, act):
+@pytest.mark.parametrize("use_native", [True, False])
+def test_biases_and_activations(dtype, act, use_native):
     table = make_table(96, 160, [4, 8, 5, 16], dtype, biases=True)
-    check(table, [3, 0, 1, 2, 2, -1, 0, 3, 3, 1], act=act)
+    check(table, [3, 0, 1, 2, 2, -1, 0, 3, 3, 1], act=act, use_native=use_native)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("act", [None, "relu", "gelu"])
-def test_in_place_bottleneck(dtype, act):
+@pytest.mark.parametrize("use_native", [True, False])
+def test_in_place_bottleneck(dtype, act, use_native):
     table = make_table(128, 128, [8, 64, 3], dtype, biases=True)
-    check(table, [0, 1, 2, -1, 1, 1, 0, 2, 2, 2, 2, 2, 1], act=act, in_place=True)
+    check(table, [0, 1, 2, -1, 1, 1, 0, 2, 2, 2, 2, 2, 1], act=act, in_place=True, use_native=use_native)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_gather_path_on_prefill_sized_groups(in_place):
+    """Segments as long as the prompts, one padded, beside a one-row group and rows without adapter."""
+    table = make_table(64, 64, [8, 4, 16], torch.float32, biases=True)
+    check(table, [0] * 37 + [-1] * 3 + [1] * 20 + [2], act="gelu", in_place=in_place, use_native=False)
+
+
+def test_gather_path_segments_are_one_row_at_decode_and_long_at_prefill():
+    decode = RowGroups.build([3, 0, -1, 1, 2])
+    seg = decode.segments(64)
+    assert seg.length == 1, "one row per group: BGMV, no padding"
+    assert seg.stack_index.tolist() == [1, 2, 3, 4] and seg.targets.tolist() == [1, 3, 4, 0]
+    assert seg.rows.tolist() == seg.targets.tolist() and seg.positions.tolist() == [0, 1, 2, 3]
+
+    row_slots = [0] * 100 + [-1] * 5 + [1] * 30 + [2]
+    seg = RowGroups.build(row_slots).segments(64)
+    count = seg.stack_index.shape[0]
+    assert seg.length > 1 and count <= 5, "weights gathered per segment, not per token"
+    rows = seg.rows.view(count, seg.length)
+    for k in range(count):  # every position of a segment, padding too, reads a row of its slot
+        assert {row_slots[r] for r in rows[k].tolist()} == {seg.stack_index[k].item() - 1}
+    assert seg.rows[seg.positions].tolist() == seg.targets.tolist()
+    assert sorted(seg.targets.tolist()) == [n for n, s in enumerate(row_slots) if s >= 0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -342,7 +369,9 @@ def test_switched_off_kernel_takes_the_gather_path(monkeypatch):
         low_rank_apply(torch.zeros(2, 16), torch.zeros(2, 8), table, groups)
     finally:
         lowrank.set_native(True)
-    assert len(calls) == 1 and calls[0][3].tolist() == [1, 0], "row slot + 1, 0 for none"
+    segments = calls[0][3]
+    assert len(calls) == 1 and segments.stack_index.tolist() == [1], "slot + 1"
+    assert segments.targets.tolist() == [0], "the row without an adapter is left out"
 
 
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler")

@@ -100,5 +100,5 @@ def test_a_step_copies_its_slot_indices_to_the_device_once(tiny_model, kinds_sto
     monkeypatch.setattr(torch.Tensor, "to", counting_to)
     context = BatchContext(slots, [0, -1, 1, 2, 3, 2, 0])
     assert context.delta_groups is not None and context.block_groups and context.residual_mask is None
-    assert context.delta_groups.stack_index.device == META
+    assert context.delta_groups.segments(slots.max_rank).stack_index.device == META
     assert len(copies) == 1, copies
