@@ -50,22 +50,25 @@ class BatchContext:
         readers = {s for s, (_, reads_residual) in block.items() if reads_residual}
         # Every index of this step, built on the host and copied in one transfer: the scale
         # tables' (slot, or the table's last row of ones for the base model), which rows'
-        # bottleneck reads the residual, and each group set's segments for the torch path.
+        # bottleneck reads the residual and, off the CPU, each group set's segments for the
+        # torch path. On the CPU the kernel needs no segments: a table on the torch path builds
+        # them on first use (`RowGroups.segments`), and there is no copy to save.
         groups = [g for g in (self.delta_groups, *self.block_groups.values()) if g is not None]
-        layouts = [g.segments_host(slots.max_rank) for g in groups]
+        on_cpu = device.type == "cpu"
+        layouts = [] if on_cpu else [(g, *g.segments_host(slots.max_rank)) for g in groups]
         host = torch.cat(
             [
                 torch.tensor([s if s >= 0 else slots.num_slots for s in slot_of], dtype=torch.int64),
                 torch.tensor([s in readers for s in slot_of], dtype=torch.int64),
-                *(buffer for _, buffer in layouts),
+                *(buffer for _, _, buffer in layouts),
             ]
         )  # (2N + the segment buffers,)
-        moved = host if device.type == "cpu" else host.to(device, non_blocking=True)
+        moved = host if on_cpu else host.to(device, non_blocking=True)
         n = len(slot_of)
-        pieces = moved.split([n, n, *(buffer.shape[0] for _, buffer in layouts)])
+        pieces = moved.split([n, n, *(buffer.shape[0] for _, _, buffer in layouts)])
         self.scale_index = pieces[0]
         self.residual_mask = pieces[1].to(slots.dtype).unsqueeze(1) if readers else None  # (N, 1)
-        for g, (length, _), buffer in zip(groups, layouts, pieces[2:], strict=True):
+        for (g, length, _), buffer in zip(layouts, pieces[2:], strict=True):
             g.use_segments(slots.max_rank, length, buffer)
 
     @staticmethod

@@ -16,6 +16,7 @@ import torch
 
 from server.adapters.context import BatchContext
 from server.adapters.loader import folder_loader
+from server.adapters.lowrank import RowGroups
 from server.adapters.slots import SlotTable
 from server.config import AdapterSettings, EngineSettings
 from server.engine import engine as engine_module
@@ -102,3 +103,18 @@ def test_a_step_copies_its_slot_indices_to_the_device_once(tiny_model, kinds_sto
     assert context.delta_groups is not None and context.block_groups and context.residual_mask is None
     assert context.delta_groups.segments(slots.max_rank).stack_index.device == META
     assert len(copies) == 1, copies
+
+
+def test_on_the_cpu_a_step_builds_no_torch_path_segments_the_kernel_does_not_use(
+    tiny_model, kinds_store, monkeypatch
+):
+    slots = SlotTable(8, tiny_model.shape, tiny_model.dtype, tiny_model.device, max_rank=64)
+    load = folder_loader(tiny_model, 64)
+    for slot, name in enumerate(["lora", "bottleneck"]):
+        slots.install(slot, load(kinds_store / name))
+    built = []
+    segments_host = RowGroups.segments_host
+    monkeypatch.setattr(RowGroups, "segments_host", lambda self, r: built.append(r) or segments_host(self, r))
+    context = BatchContext(slots, [0, -1, 1, 0])
+    assert context.delta_groups is not None and context.block_groups and built == []
+    assert context.delta_groups.segments(64).targets.tolist() == [0, 3] and built == [64]  # on first use
