@@ -1,11 +1,13 @@
-"""Random, non-zero adapters of every kind for a base model folder, and their references."""
+"""Random, non-zero adapters of every kind for a base model folder, their references, and serving
+them all in one mixed batch."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -35,7 +37,11 @@ from transformers import (
 from peftserve_formats import bitfit
 from server.adapters.bottleneck import BottleneckReference, parse
 from server.base_model import ModelShape, model_shape
-from tests.helpers import reference_greedy, reference_steps
+from server.config import AdapterSettings, EngineSettings
+from server.engine.engine import Engine
+from server.engine.sampler import SamplingParams
+from server.registry.store import Store
+from tests.helpers import reference_greedy, reference_steps, run_until_done, token_ids
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -367,14 +373,62 @@ def reference_model(
 def reference_steps_for(
     base_dir: Path,
     adapter_dir: Path | None,
-    prompt_ids: list[int],
+    prompt_ids: list[int] | tuple[int, ...],
     max_new_tokens: int,
     quantize: str = "none",
     device: str = "cpu",
 ) -> list[tuple[int | None, float, float]]:
-    """`reference_steps` (tokens with their float32 margins) of one adapter alone, or of the base."""
+    """`reference_steps` (tokens with their float32 margins) of one adapter alone, or of the base.
+
+    Computed once per session for its arguments: the default model's take ~2 s each, and the
+    low-rank paths, dtypes and modules that check every kind compare against the same ones."""
+    return _reference_steps(base_dir, adapter_dir, tuple(prompt_ids), max_new_tokens, quantize, device)
+
+
+@functools.cache  # keyed by every argument in one form, defaults included
+def _reference_steps(
+    base_dir: Path,
+    adapter_dir: Path | None,
+    prompt_ids: tuple[int, ...],
+    max_new_tokens: int,
+    quantize: str,
+    device: str,
+) -> list[tuple[int | None, float, float]]:
     with reference_model(base_dir, adapter_dir, quantize, device) as model:
-        return reference_steps(model, prompt_ids, max_new_tokens)
+        return reference_steps(model, list(prompt_ids), max_new_tokens)
+
+
+def chat_prompts(tokenizer, questions: Iterable[str]) -> list[list[int]]:
+    """Each question as a one-turn chat prompt, ready for the assistant's answer."""
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for q in questions
+    ]
+
+
+DEFAULT_MODEL_QUESTIONS = ("What is the capital of France?", "Name a fruit.")
+"""The chat prompts every kind is served on with the default model in float32
+(test_batched_reference); test_low_precision serves the first, so its float32 references are
+the same `reference_steps_for` calls."""
+
+
+def serve_mixed(
+    model, store: Path, prompts: list[list[int]], max_new_tokens: int, **adapter_settings
+) -> dict:
+    """Every (adapter of `store` or None for the base, prompt index) pair submitted at once to one
+    engine: the greedy tokens of each."""
+    adapter_settings = {"max_module_copy_bytes": COPY_BYTES, **adapter_settings}
+    engine = Engine(
+        model, EngineSettings(max_batch_size=64), AdapterSettings(**adapter_settings), Store(store)
+    )
+    names = [ref.name for ref in engine.source.names()]
+    jobs = [(name, i) for i in range(len(prompts)) for name in [None, *names]]
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+    handles = [engine.submit(prompts[i], params, engine.resolve_model(n) if n else None) for n, i in jobs]
+    results = run_until_done(engine, handles)
+    return {job: token_ids(events) for job, events in zip(jobs, results, strict=True)}
 
 
 BOTTLENECKS = {

@@ -52,8 +52,8 @@ def reference_greedy(
     with torch.no_grad():
         for _ in range(max_new_tokens):
             logits = model(
-                input_ids=torch.tensor([tokens], device=device), use_cache=False
-            ).logits  # (1, T, vocab)
+                input_ids=torch.tensor([tokens], device=device), use_cache=False, logits_to_keep=1
+            ).logits  # (1, 1, vocab)
             token = int(logits[0, -1].argmax())
             if token in eos:
                 break
@@ -107,7 +107,9 @@ def reference_steps(
     device = next(model.parameters()).device
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            logits = model(input_ids=torch.tensor([tokens], device=device), use_cache=False).logits[0, -1]
+            logits = model(
+                input_ids=torch.tensor([tokens], device=device), use_cache=False, logits_to_keep=1
+            ).logits[0, -1]
             logits = logits.float()
             top2 = logits.topk(2).values
             token = int(logits.argmax())

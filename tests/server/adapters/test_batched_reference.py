@@ -8,7 +8,6 @@ torch gather path (the code every other device runs) is held to the same referen
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import pytest
@@ -24,16 +23,18 @@ from server.registry.store import Store
 from tests.adapter_factory import (
     BIAS_KINDS,
     BOTTLENECKS,
-    COPY_BYTES,
+    DEFAULT_MODEL_QUESTIONS,
     EXTRA_KINDS,
     PEFT_KINDS,
     build_store,
+    chat_prompts,
     load_base,
     make_biased_tied_model,
     make_bitfit_adapter,
     make_peft_adapter,
     reference_steps_for,
     reference_tokens,
+    serve_mixed,
 )
 from tests.conftest import tiny_settings
 from tests.helpers import compare_up_to_near_ties, reference_greedy, run_until_done, token_ids
@@ -56,46 +57,18 @@ def tiny_store(tmp_path_factory, tiny_model_dir, tiny_model) -> Path:
     return build_store(tmp_path_factory.mktemp("store"), tiny_model_dir, tiny_model.shape)
 
 
-def serve_mixed(model, store: Path, prompts: list[list[int]], **adapter_settings) -> dict:
-    """Every (adapter or base, prompt) pair submitted at once; greedy tokens of each."""
-    adapter_settings = {"max_module_copy_bytes": COPY_BYTES, **adapter_settings}
-    engine = Engine(
-        model, EngineSettings(max_batch_size=64), AdapterSettings(**adapter_settings), Store(store)
-    )
-    names = [ref.name for ref in engine.source.names()]
-    jobs = [(name, i) for i in range(len(prompts)) for name in [None, *names]]
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
-    handles = [engine.submit(prompts[i], params, engine.resolve_model(n) if n else None) for n, i in jobs]
-    results = run_until_done(engine, handles)
-    return {job: token_ids(events) for job, events in zip(jobs, results, strict=True)}
-
-
-# Both low-rank paths are held to the same references, which do not depend on the path: each is
-# computed once per (base, adapter, prompt) in the session (the default model's take ~2 minutes).
-@functools.cache
-def cached_reference_tokens(base_dir: Path, adapter: Path | None, prompt: tuple[int, ...]) -> list[int]:
-    if adapter is None:
-        return reference_greedy(load_base(base_dir), list(prompt), NEW_TOKENS)
-    return reference_tokens(base_dir, adapter, list(prompt), NEW_TOKENS)
-
-
-@functools.cache
-def cached_reference_steps(base_dir: Path, adapter: Path | None, prompt: tuple[int, ...]) -> list:
-    return reference_steps_for(base_dir, adapter, list(prompt), NEW_TOKENS)
-
-
 def check_against_references(
     model, base_dir: Path, store: Path, prompts: list[list[int]], served: dict
 ) -> None:
     """Equal tokens on the CPU; on another device (PEFTSERVE_TEST_DEVICE) float32 sums in another
     order, so equal up to the first near tie of the CPU's float32 reference."""
     for (name, i), tokens in served.items():
-        adapter, prompt = store / name if name else None, tuple(prompts[i])
+        adapter = store / name if name else None
+        steps = reference_steps_for(base_dir, adapter, prompts[i], NEW_TOKENS)
         if model.device.type != "cpu":
-            steps = cached_reference_steps(base_dir, adapter, prompt)
             compare_up_to_near_ties(tokens, steps, f"{name or 'base'} on prompt {i}")
             continue
-        assert tokens == cached_reference_tokens(base_dir, adapter, prompt), f"{name or 'base'} on prompt {i}"
+        assert tokens == [t for t, _, _ in steps if t is not None], f"{name or 'base'} on prompt {i}"
     for name in {n for n, _ in served if n}:
         assert any(served[(name, i)] != served[(None, i)] for i in range(len(prompts))), (
             f"{name} changed nothing"
@@ -104,7 +77,7 @@ def check_against_references(
 
 def test_every_kind_mixed_in_one_batch_equals_its_reference(tiny_model, tiny_model_dir, tiny_store):
     prompts = [tiny_model.tokenizer(t).input_ids for t in ("Hello there", "The cat sat on the", "1 2 3")]
-    served = serve_mixed(tiny_model, tiny_store, prompts)
+    served = serve_mixed(tiny_model, tiny_store, prompts, NEW_TOKENS)
     assert len({n for n, _ in served}) == len(PEFT_KINDS) + len(EXTRA_KINDS) + len(BOTTLENECKS) + 2
     check_against_references(tiny_model, tiny_model_dir, tiny_store, prompts, served)
 
@@ -127,13 +100,15 @@ def test_bias_and_tied_embedding_kinds_mixed_equal_their_references(biased_tied)
     model, base_dir, store = biased_tied
     assert model.hf.get_output_embeddings().weight is model.hf.get_input_embeddings().weight
     prompts = [model.tokenizer(t).input_ids for t in ("Hello there", "The cat sat on the")]
-    served = serve_mixed(model, store, prompts)
+    served = serve_mixed(model, store, prompts, NEW_TOKENS)
     check_against_references(model, base_dir, store, prompts, served)
 
 
 def test_three_times_more_adapters_than_slots(tiny_model, tiny_model_dir, tiny_store):
     prompts = [tiny_model.tokenizer("Once upon a time").input_ids]
-    served = serve_mixed(tiny_model, tiny_store, prompts, max_active_adapters=3, cpu_adapter_memory=20_000)
+    served = serve_mixed(
+        tiny_model, tiny_store, prompts, NEW_TOKENS, max_active_adapters=3, cpu_adapter_memory=20_000
+    )
     check_against_references(tiny_model, tiny_model_dir, tiny_store, prompts, served)
 
 
@@ -178,14 +153,8 @@ def test_lora_mixed_batch_equals_peft_adapter_names(tiny_model, tiny_model_dir, 
 @pytest.mark.slow
 def test_default_model_every_kind_mixed_equals_its_reference(default_model, default_model_dir, default_store):
     store = default_store
-    chat = [[{"role": "user", "content": q}] for q in ("What is 2+2?", "Name a fruit.")]
-    prompts = [
-        default_model.tokenizer.apply_chat_template(
-            c, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        for c in chat
-    ]
+    prompts = chat_prompts(default_model.tokenizer, DEFAULT_MODEL_QUESTIONS)
     # Ranks (4 to 16 here) padded to 16, not the default 64: the torch gather path copies padded
     # weights, and at 64 it serves this batch in ~60 s on 2 cores against ~43 s at 16.
-    served = serve_mixed(default_model, store, prompts, max_lora_rank=16)
+    served = serve_mixed(default_model, store, prompts, NEW_TOKENS, max_lora_rank=16)
     check_against_references(default_model, default_model_dir, store, prompts, served)

@@ -27,6 +27,7 @@ JSON line (bench/device_check.py prints them as a table)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -37,11 +38,19 @@ from transformers import AutoTokenizer
 
 from server.base_model import ModelLoadError, load_base_model
 from server.config import Settings
-from tests.adapter_factory import BOTTLENECKS, EXTRA_KINDS, PEFT_KINDS, reference_model
-from tests.helpers import compare_up_to_near_ties, margin_drift, reference_steps
-from tests.server.adapters.test_batched_reference import serve_mixed
+from tests.adapter_factory import (
+    BOTTLENECKS,
+    DEFAULT_MODEL_QUESTIONS,
+    EXTRA_KINDS,
+    PEFT_KINDS,
+    chat_prompts,
+    reference_model,
+    reference_steps_for,
+    serve_mixed,
+)
+from tests.helpers import compare_up_to_near_ties, margin_drift
 
-QUESTIONS = ("What is the capital of France?",)
+QUESTIONS = DEFAULT_MODEL_QUESTIONS[:1]
 NEW_TOKENS = 8
 
 
@@ -49,12 +58,14 @@ ON_GPU = torch.device(os.environ.get("PEFTSERVE_TEST_DEVICE", "cpu")).type == "c
 CASES = (
     [(dtype, quantize) for dtype in ("bfloat16", "float16", "float32") for quantize in ("none", "nf4")]
     if ON_GPU
-    # On the CPU: float32 and bfloat16 on the base as it is, and float16 with nf4, which the CPU
-    # refuses. float16 on this CPU serves ~2.6x slower than bfloat16 (the torch path, no kernel):
-    # GPUs run it (`make device-check`). float32 on an nf4 base passes on the CPU too (every kind,
-    # 350 s for the module with it); it is left to GPUs to keep the suite short, and
-    # tests/server/engine/test_quantized.py serves nf4 on the CPU.
-    else [("float32", "none"), ("bfloat16", "none"), ("float16", "nf4")]
+    # On the CPU: bfloat16 on the base as it is, and float16 with nf4, which the CPU refuses.
+    # float32 on the base as it is is test_batched_reference's default-model test, which asks for
+    # equal tokens against these same references (and on both low-rank paths). float16 on this CPU
+    # serves ~2.6x slower than bfloat16 (the torch path, no kernel): GPUs run it (`make
+    # device-check`). float32 on an nf4 base passes on the CPU too (every kind, 350 s for the module
+    # with it); it is left to GPUs to keep the suite short, and tests/server/engine/test_quantized.py
+    # serves nf4 on the CPU.
+    else [("bfloat16", "none"), ("float16", "nf4")]
 )
 MIN_COMPARED = {"float32": 1 / 2, "bfloat16": 1 / 3, "float16": 1 / 3}
 """The share of steps that must be compared (clear, and not past a near tie the served run took
@@ -80,8 +91,8 @@ def test_every_kind_mixed_equals_float32_up_to_near_ties(
         return
     model = load_base_model(settings.model)
     assert model.dtype == getattr(torch, dtype) and model.device.type == torch.device(test_device).type
-    prompts = chat_prompts(model.tokenizer)
-    served = serve_mixed(model, default_store, prompts)
+    prompts = chat_prompts(model.tokenizer, QUESTIONS)
+    served = serve_mixed(model, default_store, prompts, NEW_TOKENS)
     del model
     names = sorted({n for n, _ in served}, key=str)
     assert len(names) == len(PEFT_KINDS) + len(EXTRA_KINDS) + len(BOTTLENECKS) + 2
@@ -107,14 +118,6 @@ def test_every_kind_mixed_equals_float32_up_to_near_ties(
     assert compared >= total * MIN_COMPARED[dtype], f"only {compared} of {total} steps were clear enough"
 
 
-def chat_prompts(tokenizer) -> list[list[int]]:
-    chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    return [
-        tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False)
-        for c in chats
-    ]
-
-
 Steps = list[tuple[int | None, float, float]]
 """One row's float32 reference steps (tests/helpers.py `reference_steps`)."""
 
@@ -138,21 +141,18 @@ the reference model is cast from one to the next."""
 
 @pytest.fixture(scope="module")
 def references(default_model_dir, test_device):
-    """(adapter folder or None, quantize) -> its Reference; computed once for every dtype."""
-    prompts = chat_prompts(AutoTokenizer.from_pretrained(default_model_dir))
-    cache: dict = {}
+    """(adapter folder or None, quantize) -> its Reference."""
+    prompts = chat_prompts(AutoTokenizer.from_pretrained(default_model_dir), QUESTIONS)
 
+    @functools.cache
     def reference_of(adapter: Path | None, quantize: str) -> Reference:
-        if (adapter, quantize) not in cache:
-            with reference_model(default_model_dir, adapter, quantize, test_device) as model:
-                steps = [reference_steps(model, p, NEW_TOKENS) for p in prompts]
-                if quantize == "none":
-                    drifts = row_drifts(model, prompts, steps, test_device)
-            if quantize != "none":  # an nf4 base cannot be cast: the drift of the unquantized one
-                with reference_model(default_model_dir, adapter, "none", test_device) as model:
-                    drifts = row_drifts(model, prompts, steps, test_device)
-            cache[(adapter, quantize)] = Reference(steps, drifts)
-        return cache[(adapter, quantize)]
+        steps = [
+            reference_steps_for(default_model_dir, adapter, p, NEW_TOKENS, quantize, test_device)
+            for p in prompts
+        ]
+        # An nf4 base cannot be cast: the drift of the unquantized one, over the nf4 tokens.
+        with reference_model(default_model_dir, adapter, "none", test_device) as model:
+            return Reference(steps, row_drifts(model, prompts, steps, test_device))
 
     return reference_of
 
@@ -169,18 +169,21 @@ def row_drifts(
         # The logits each step decided on: from the last prompt token on, counted from the end
         # (prompt-learning kinds put their virtual tokens first).
         runs.append(
-            (torch.tensor([prompt + generated], device=device), -len(generated) - 1, len(prompt_steps))
+            (torch.tensor([prompt + generated], device=device), len(generated) + 1, len(prompt_steps))
         )
     drifts: dict[torch.dtype, list[float]] = {}
     with torch.no_grad():
         exact = [
-            model(input_ids=ids, use_cache=False).logits[0, at:][:n] for ids, at, n in runs
+            model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits[0, -keep:][:n]
+            for ids, keep, n in runs
         ]  # (steps, vocab)
         for dtype in LOW_DTYPES:
             model.to(dtype)
             drifts[dtype] = [
-                margin_drift(logits, model(input_ids=ids, use_cache=False).logits[0, at:][:n])
-                for (ids, at, n), logits in zip(runs, exact, strict=True)
+                margin_drift(
+                    logits, model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits[0, -keep:][:n]
+                )
+                for (ids, keep, n), logits in zip(runs, exact, strict=True)
             ]
     return drifts
 
