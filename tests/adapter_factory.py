@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -370,32 +369,32 @@ def reference_model(
         yield base
 
 
+Steps = list[tuple[int | None, float, float]]
+"""One prompt's reference steps: (token or None at EOS, top-2 margin, max |logit|) (`reference_steps`)."""
+
+_STEPS: dict[tuple, Steps] = {}
+
+
 def reference_steps_for(
     base_dir: Path,
     adapter_dir: Path | None,
-    prompt_ids: list[int] | tuple[int, ...],
+    prompts: list[list[int]],
     max_new_tokens: int,
     quantize: str = "none",
     device: str = "cpu",
-) -> list[tuple[int | None, float, float]]:
-    """`reference_steps` (tokens with their float32 margins) of one adapter alone, or of the base.
+) -> list[Steps]:
+    """`reference_steps` (tokens with their float32 margins) of one adapter alone, or of the base,
+    on each prompt.
 
-    Computed once per session for its arguments: the default model's take ~2 s each, and the
-    low-rank paths, dtypes and modules that check every kind compare against the same ones."""
-    return _reference_steps(base_dir, adapter_dir, tuple(prompt_ids), max_new_tokens, quantize, device)
-
-
-@functools.cache  # keyed by every argument in one form, defaults included
-def _reference_steps(
-    base_dir: Path,
-    adapter_dir: Path | None,
-    prompt_ids: tuple[int, ...],
-    max_new_tokens: int,
-    quantize: str,
-    device: str,
-) -> list[tuple[int | None, float, float]]:
-    with reference_model(base_dir, adapter_dir, quantize, device) as model:
-        return reference_steps(model, list(prompt_ids), max_new_tokens)
+    Computed once per session per prompt, with one model load for those not yet computed: the
+    default model's take ~2 s each, and the low-rank paths, dtypes and modules that check every
+    kind compare against the same ones."""
+    keys = [(base_dir, adapter_dir, tuple(p), max_new_tokens, quantize, device) for p in prompts]
+    if missing := [key for key in keys if key not in _STEPS]:
+        with reference_model(base_dir, adapter_dir, quantize, device) as model:
+            for key in missing:
+                _STEPS[key] = reference_steps(model, list(key[2]), max_new_tokens)
+    return [_STEPS[key] for key in keys]
 
 
 def chat_prompts(tokenizer, questions: Iterable[str]) -> list[list[int]]:

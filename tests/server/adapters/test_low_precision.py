@@ -43,6 +43,7 @@ from tests.adapter_factory import (
     DEFAULT_MODEL_QUESTIONS,
     EXTRA_KINDS,
     PEFT_KINDS,
+    Steps,
     chat_prompts,
     reference_model,
     reference_steps_for,
@@ -118,10 +119,6 @@ def test_every_kind_mixed_equals_float32_up_to_near_ties(
     assert compared >= total * MIN_COMPARED[dtype], f"only {compared} of {total} steps were clear enough"
 
 
-Steps = list[tuple[int | None, float, float]]
-"""One row's float32 reference steps (tests/helpers.py `reference_steps`)."""
-
-
 @dataclasses.dataclass
 class Reference:
     """One adapter's (or the base's) float32 reference, per prompt: its steps, and the
@@ -146,10 +143,7 @@ def references(default_model_dir, test_device):
 
     @functools.cache
     def reference_of(adapter: Path | None, quantize: str) -> Reference:
-        steps = [
-            reference_steps_for(default_model_dir, adapter, p, NEW_TOKENS, quantize, test_device)
-            for p in prompts
-        ]
+        steps = reference_steps_for(default_model_dir, adapter, prompts, NEW_TOKENS, quantize, test_device)
         # An nf4 base cannot be cast: the drift of the unquantized one, over the nf4 tokens.
         with reference_model(default_model_dir, adapter, "none", test_device) as model:
             return Reference(steps, row_drifts(model, prompts, steps, test_device))
