@@ -60,8 +60,8 @@ CASES = (
     [(dtype, quantize) for dtype in ("bfloat16", "float16", "float32") for quantize in ("none", "nf4")]
     if ON_GPU
     # On the CPU: bfloat16 on the base as it is, and float16 with nf4, which the CPU refuses.
-    # float32 on the base as it is is test_batched_reference's default-model test, which asks for
-    # equal tokens against these same references (and on both low-rank paths). float16 on this CPU
+    # float32 on the unquantized base is test_batched_reference's default-model test, which asks
+    # for equal tokens against these same references, on both low-rank paths. float16 on this CPU
     # serves ~2.6x slower than bfloat16 (the torch path, no kernel): GPUs run it (`make
     # device-check`). float32 on an nf4 base passes on the CPU too (every kind, 350 s for the module
     # with it); it is left to GPUs to keep the suite short, and tests/server/engine/test_quantized.py
