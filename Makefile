@@ -53,9 +53,8 @@ serve: install
 	$(BIN)/peftserve serve $(ARGS)
 
 ## test: install what the tests need, lint, and run the whole suite (slow tests included)
-# The tests import torch before server/__init__.py can choose passive OpenMP threads, so say it here.
 test: install-dev lint
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Examples per API operation for `make fuzz` (`make test` runs the same test with 8).
 FUZZ_EXAMPLES ?= 200
@@ -63,7 +62,7 @@ FUZZ_SEED ?= 1
 
 ## fuzz: schemathesis (--checks all) against a live server's OpenAPI schema, with and without keys
 fuzz: install-dev
-	OMP_WAIT_POLICY=PASSIVE FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SEED=$(FUZZ_SEED) \
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SEED=$(FUZZ_SEED) \
 		$(PY) -m pytest tests/server/api/test_fuzz.py -s -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: install-dev
