@@ -119,6 +119,12 @@ def test_the_server_package_sets_openmp_waiting_before_torch_loads_unless_told(g
     assert out.split() == expected.split()
 
 
+def test_the_suite_itself_loaded_server_before_torch():
+    """So the engine under test waits for work as a served one does (tests/__init__.py)."""
+    loaded = list(sys.modules)  # in the order imports began
+    assert loaded.index("server") < loaded.index("torch")
+
+
 SINGLE = """
 import os, threading
 import torch
