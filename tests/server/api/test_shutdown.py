@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
 import socket
@@ -32,8 +31,7 @@ def start_server(model_dir: Path, port: int, log: Path) -> subprocess.Popen:
         "--served-name", "tiny", "--store", str(log.parent / "store"),
     ]  # fmt: skip
     root = Path(__file__).resolve().parents[3]
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    process = subprocess.Popen(command, cwd=root, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, cwd=root, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while True:
         assert process.poll() is None, log.read_text()
