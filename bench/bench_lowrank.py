@@ -10,7 +10,7 @@ into equal segments, each gathering its slot's stacked weights, no loop over ada
 per segment at decode, which is BGMV; the device path) and per-group matmuls (one pair of
 matmuls per group, a Python loop over groups; the CPU's big-group path).
 
-    python bench/bench_lowrank.py [--repeats 7] [--dtype bfloat16]
+    python -m bench.bench_lowrank [--repeats 7] [--dtype bfloat16]
 """
 
 from __future__ import annotations

@@ -2,16 +2,19 @@
 
 The native kernel (lowrank_kernel.c) reads an adapter's weights once and fuses both products,
 so it wins where a group has few rows (decode); torch's matmuls win where a group has many
-(prefill), and where that crossover lies depends on the CPU: about 40 rows per group in float32
-on an AVX2-only EPYC, above 2048 in bfloat16 on an AVX-512-BF16 one. So at start-up, for each
-layer shape (dtype, in, out) the model has, `calibrate` times both paths on `GROUPS` adapters of
-rank `RANK` for rows-per-group buckets 1, 2, 4, ... and takes the first bucket from which torch
-stays faster as that shape's `LowRankTable.big_group_rows`.
+(prefill), and where that crossover lies depends on the CPU and on how its threads wait: above
+2048 rows per group in bfloat16 on an AVX-512-BF16 CPU; on a 2-core AVX2-only EPYC in float32,
+at 16 for a 576x49152 lm_head but at 2048 or above for the default model's other layers (an
+earlier kernel lost there from about 40). So at start-up, for each layer shape (dtype, in, out)
+the model has, `calibrate` times both paths on `GROUPS` adapters of rank `RANK` for
+rows-per-group buckets 1, 2, 4, ... and takes the first bucket from which torch stays faster as
+that shape's `LowRankTable.big_group_rows`.
 
 Results are cached on disk next to the compiled kernel: the kernel's folder is already keyed by
 the CPU (model name and feature flags from /proc/cpuinfo), the compiler flags and the kernel
-source, and the file name adds torch's version and the thread count. A later start reads the
-file and measures nothing.
+source, and the file name adds torch's version, the thread count and the OpenMP wait settings
+(server/__init__.py; with threads that sleep at once, every small torch op pays a kernel wake-up
+and the crossover moves). A later start reads the file and measures nothing.
 
 The torch gather path (`gather_apply`) is not a candidate here: on a CPU it copies each
 segment's padded weights before multiplying, so it loses to the kernel at decode and to
@@ -33,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from server import OPENMP_WAITING
 from server.adapters import lowrank
 from server.adapters.lowrank import NEVER_BIG, LowRankTable, NativeKernel, RowGroups, torch_groups
 from server.torch_threads import on_own_thread
@@ -55,8 +59,9 @@ _loaded: dict[Path, dict[str, dict]] = {}
 
 
 def calibration_file(kernel_path: Path) -> Path:
-    """The cache file beside this kernel build, for this torch version and thread count."""
-    tag = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    """The cache file beside this kernel build, for this torch version, thread count and wait policy."""
+    waits = ", ".join(f"{name}={os.environ.get(name, '')}" for name in OPENMP_WAITING)
+    tag = f"torch {torch.__version__}, {torch.get_num_threads()} threads, {waits}"
     return kernel_path.parent / f"calibration-{hashlib.sha256(tag.encode()).hexdigest()[:12]}.json"
 
 

@@ -70,8 +70,8 @@ def test_on_own_thread_returns_the_result_or_raises_and_leaves_no_thread():
 # In a fresh process: OS threads (/proc/self/task) after a parallel torch op on another thread.
 POOLS = """
 import os, threading, time
-import torch
 from server.torch_threads import on_own_thread
+import torch
 
 def os_threads():
     return len(os.listdir("/proc/self/task"))
@@ -119,6 +119,19 @@ def test_the_server_package_sets_openmp_waiting_before_torch_loads_unless_told(g
     assert out.split() == expected.split()
 
 
+def test_torch_loaded_first_leaves_openmp_waiting_unset_and_says_so():
+    """Too late to apply, so not claimed either: the calibration cache is keyed by these variables."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = "import os, torch, server; print(*map(os.environ.get, ('GOMP_SPINCOUNT', 'OMP_WAIT_POLICY')))"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["None", "None"]
+    assert "torch was imported before peftserve's server package" in done.stderr
+    assert "OMP_WAIT_POLICY and GOMP_SPINCOUNT" in done.stderr
+    told = {**env, "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "7"}
+    done = subprocess.run([sys.executable, "-c", code], env=told, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["7", "PASSIVE"] and "UserWarning" not in done.stderr
+
+
 def test_the_suite_itself_loaded_server_before_torch():
     """So the engine under test waits for work as a served one does (tests/__init__.py)."""
     loaded = list(sys.modules)  # in the order imports began
@@ -127,8 +140,8 @@ def test_the_suite_itself_loaded_server_before_torch():
 
 SINGLE = """
 import os, threading
-import torch
 from server.torch_threads import single_threaded
+import torch
 
 start = os.listdir("/proc/self/task")
 stay, done, seen = threading.Event(), threading.Event(), []

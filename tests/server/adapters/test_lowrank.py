@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -398,6 +399,23 @@ def test_calibration_is_measured_once_then_read_from_the_kernels_folder(monkeypa
     monkeypatch.setattr(lowrank_choice, "_loaded", {})  # a new process: only the file is left
     assert lowrank_choice.calibrate(shapes) == found
     assert lowrank_choice.calibrate([(torch.float16, 48, 40)]) == {(torch.float16, 48, 40): lowrank.NEVER_BIG}
+
+
+def test_calibrations_under_other_openmp_wait_settings_are_kept_apart(monkeypatch):
+    """Sleeping workers make every small torch op pay a wake-up: a calibration made so must not be
+    read by a process whose workers spin (the suite once wrote such files where `make serve` read)."""
+    kernel_path = Path("/cache/kernels/abc/lowrank_kernel.so")
+    files = set()
+    for policy, spin in (("PASSIVE", "30000"), ("PASSIVE", None), ("ACTIVE", "30000"), (None, None)):
+        for name, value in (("OMP_WAIT_POLICY", policy), ("GOMP_SPINCOUNT", spin)):
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        path = lowrank_choice.calibration_file(kernel_path)
+        assert path.parent == kernel_path.parent and path == lowrank_choice.calibration_file(kernel_path)
+        files.add(path)
+    assert len(files) == 4
 
 
 def test_calibration_takes_the_first_bucket_from_which_torch_stays_faster(monkeypatch):
