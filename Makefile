@@ -10,6 +10,7 @@ CONSTRAINTS ?= constraints.txt
 ARGS ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+DEVICE_CHECK_ARGS ?=
 
 BIN := $(VENV)/bin
 PY := $(BIN)/python
@@ -153,8 +154,9 @@ deploy-check: $(BIN)/docker-compose
 ## device-check: on a CUDA machine, its own venv with torch's CUDA build (.venv-cuda), the reference-equality
 ## tests on cuda (every kind, float32/bfloat16/float16, with and without nf4), the server on the GPU, the engine
 ## bench; one table; fails on any mismatch. Without a GPU it says so and exits 0.
+## DEVICE_CHECK_ARGS="--python PATH" uses an interpreter that has all that instead of the venv.
 device-check:
-	$(PYTHON) bench/device_check.py
+	$(PYTHON) bench/device_check.py $(DEVICE_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

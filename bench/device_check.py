@@ -1,7 +1,9 @@
 """`make device-check`: the GPU path checked on a CUDA machine, in one command, in under 8 minutes.
 
 1. Without an NVIDIA GPU (no `nvidia-smi`, or it lists none) it says so and exits 0.
-2. Creates its own venv (.venv-cuda) with the CUDA build of torch (`make install TORCH=torch`).
+2. Creates its own venv (.venv-cuda) with the CUDA build of torch (`make install TORCH=torch`),
+   or, with --python, uses an interpreter that already has it and peftserve's needs (a machine
+   with no network: see the README's GPU section).
 3. Runs the reference-equality tests on cuda (PEFTSERVE_TEST_DEVICE=cuda): every kind in one mixed
    batch against PEFT / our references, in float32, bfloat16 and float16, with and without
    --quantize nf4 (tests/server/adapters/test_low_precision.py, test_batched_reference.py).
@@ -12,7 +14,7 @@
 
 Exits 1, loudly, on any mismatch or failure. Run from the repository root with system python:
 
-    python3 bench/device_check.py [--venv .venv-cuda] [--skip-install]
+    python3 bench/device_check.py [--venv .venv-cuda | --python /path/to/python]
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def free_port() -> int:
 def serve_and_ask(python: Path, model: str | None, timeout: float = 240) -> float:
     """Start `peftserve serve` on cuda, wait for /health, ask for one completion; its tokens/s."""
     port = free_port()
-    cmd = [str(python.parent / "peftserve"), "serve", "--device", "cuda", "--port", str(port)]
+    cmd = [str(python), "-m", "server.cli", "serve", "--device", "cuda", "--port", str(port)]
     cmd += ["--model", model] if model else []
     print(f"\n$ {' '.join(cmd)}", flush=True)
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
@@ -165,7 +167,12 @@ def engine_bench(python: Path, out: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--venv", default=".venv-cuda", help="the venv to create with torch's CUDA build")
-    parser.add_argument("--skip-install", action="store_true", help="use the venv as it is")
+    parser.add_argument(
+        "--python",
+        type=Path,
+        default=None,
+        help="use this interpreter as it is (with torch's CUDA build and peftserve's needs), not --venv",
+    )
     args = parser.parse_args()
     found = gpus()
     if not found:
@@ -173,15 +180,19 @@ def main() -> int:
         return 0
     print("device-check on " + "; ".join(found), flush=True)
     started = time.monotonic()
-    python = ROOT / args.venv / "bin" / "python"
+    python = args.python or ROOT / args.venv / "bin" / "python"
     failures: list[str] = []
     served: dict[str, float] = {}
     larger = local_larger_model()
     with tempfile.TemporaryDirectory(prefix="peftserve-device-check-") as tmp:
         report, bench_json = Path(tmp) / "equality.jsonl", Path(tmp) / "bench.json"
         try:
-            if not args.skip_install:
+            if args.python is None:
                 run(["make", "install", f"VENV={args.venv}", "TORCH=torch"], "make install TORCH=torch")
+                # The equality tests need pytest, which only `make install-dev` brings (with Docker
+                # Compose, Helm, Ray and lm-eval for the other tests, none of them needed here).
+                pins = ["-c", "constraints.txt", "pytest", "pytest-timeout"]
+                run([str(python), "-m", "pip", "install", "-q", *pins], "pip install pytest")
             steps = [
                 ("equality tests", lambda: equality_tests(python, report)),
                 ("server, default model", lambda: served.update(default=serve_and_ask(python, None))),

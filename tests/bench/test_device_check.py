@@ -40,3 +40,30 @@ def test_the_table_marks_every_kind_and_dtype_and_fails_on_one_mismatch(tmp_path
     assert "| kind | bfloat16 | bfloat16 nf4 |" in table
     assert "| prefix | NOT EQUAL | - |" in table and "| lora | equal | equal |" in table
     assert device_check.equality_table(tmp_path / "missing.jsonl")[1] is False
+
+
+def run_main_with_doubles(monkeypatch, *args: str) -> tuple[list[list[str]], list[Path]]:
+    """main() on a pretend GPU machine: the commands it would run, the interpreters it serves with."""
+    ran, served = [], []
+    monkeypatch.setattr(device_check, "gpus", lambda: ["GPU 0: a test double"])
+    monkeypatch.setattr(device_check, "local_larger_model", lambda: None)
+    monkeypatch.setattr(device_check, "run", lambda cmd, what, env=None, timeout=None: ran.append(cmd))
+    monkeypatch.setattr(device_check, "serve_and_ask", lambda python, model: served.append(python) or 1.0)
+    monkeypatch.setattr(sys, "argv", ["device_check.py", *args])
+    assert device_check.main() == 1  # nothing reported equal: the doubles ran no test
+    return ran, served
+
+
+def test_with_python_it_installs_nothing_and_runs_every_step_with_that_interpreter(monkeypatch):
+    """A CUDA machine with no network: its own interpreter already holds torch and our needs."""
+    ran, served = run_main_with_doubles(monkeypatch, "--python", "/opt/cuda-env/bin/python3")
+    assert [cmd[0] for cmd in ran] == ["/opt/cuda-env/bin/python3"] * 2  # no make install: tests, bench
+    assert served == [Path("/opt/cuda-env/bin/python3")]
+
+
+def test_without_python_it_builds_its_venv_with_pytest_first(monkeypatch, tmp_path):
+    ran, served = run_main_with_doubles(monkeypatch, "--venv", str(tmp_path / "v"))
+    python = tmp_path / "v" / "bin" / "python"
+    assert ran[0] == ["make", "install", f"VENV={tmp_path / 'v'}", "TORCH=torch"]
+    assert ran[1][:4] == [str(python), "-m", "pip", "install"] and "pytest" in ran[1]
+    assert [cmd[0] for cmd in ran[2:]] == [str(python)] * 2 and served == [python]
