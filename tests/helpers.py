@@ -5,6 +5,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,8 +13,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from server import OPENMP_WAITING
 from server.engine.engine import Engine
 from server.engine.request import Delta, Event, Finished, RequestHandle
+
+
+def env_without_openmp_waiting() -> dict[str, str]:
+    """This environment less the OpenMP settings server/__init__.py defaults, for a fresh process."""
+    return {k: v for k, v in os.environ.items() if k not in OPENMP_WAITING}
 
 
 def run_until_done(engine: Engine, handles: list[RequestHandle], timeout: float = 300.0) -> list[list[Event]]:

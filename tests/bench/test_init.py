@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.helpers import env_without_openmp_waiting
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -14,7 +15,7 @@ def test_a_bench_module_loads_server_before_torch():
     """Else it times the engine under libgomp's defaults, not as a served process waits for work.
 
     `python -m bench.<name>` imports the package first, as this does."""
-    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env = env_without_openmp_waiting()
     code = (
         "import sys, bench.bench_adapters; m = list(sys.modules); print(m.index('server') < m.index('torch'))"
     )

@@ -11,6 +11,7 @@ from concurrent.futures import CancelledError
 import pytest
 
 from server.torch_threads import SerialWorker, on_own_thread
+from tests.helpers import env_without_openmp_waiting
 
 
 def alive(name: str) -> bool:
@@ -108,7 +109,7 @@ def test_a_thread_that_exits_takes_its_openmp_pool_with_it_and_a_living_one_keep
     ("given", "expected"), [({}, "30000 PASSIVE"), ({"GOMP_SPINCOUNT": "5"}, "5 PASSIVE")]
 )
 def test_the_server_package_sets_openmp_waiting_before_torch_loads_unless_told(given, expected):
-    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env = env_without_openmp_waiting()
     code = (
         "import os, server, sys; assert 'torch' not in sys.modules; "
         "print(os.environ['GOMP_SPINCOUNT'], os.environ['OMP_WAIT_POLICY'])"
@@ -121,7 +122,7 @@ def test_the_server_package_sets_openmp_waiting_before_torch_loads_unless_told(g
 
 def test_torch_loaded_first_leaves_openmp_waiting_unset_and_says_so():
     """Too late to apply, so not claimed either: the calibration cache is keyed by these variables."""
-    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env = env_without_openmp_waiting()
     code = "import os, torch, server; print(*map(os.environ.get, ('GOMP_SPINCOUNT', 'OMP_WAIT_POLICY')))"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["None", "None"]
