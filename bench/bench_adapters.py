@@ -20,7 +20,6 @@ adapter loads per second, load time and queue time (p95 per popularity decile to
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import platform
 import statistics
@@ -128,11 +127,6 @@ def engine_median(model, store, prompts, adapters, new_tokens, repeats, settings
         return statistics.median(run_engine(engine, prompts, adapters, new_tokens) for _ in range(repeats))
     finally:
         engine.stop()
-        # The engine sits in reference cycles (callbacks that reach back to it), so only the cycle
-        # collector frees its KV cache and slot tables: without this, a run of many engines held
-        # them all (24 GB resident) and every later configuration ran slower.
-        del engine
-        gc.collect()
 
 
 def _left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

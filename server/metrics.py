@@ -56,11 +56,13 @@ VLLM_LEVEL = {"device": "gpu", "cpu": "cpu"}
 
 
 class _SnapshotCollector(Collector):
-    def __init__(self, snapshot: Callable[[], EngineSnapshot]) -> None:
+    def __init__(self, snapshot: Callable[[], EngineSnapshot | None]) -> None:
         self.snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
         s = self.snapshot()
+        if s is None:  # the engine is gone
+            return
         for name, doc, value in (
             ("peftserve_requests_running", "Requests decoding in the running batch.", s.running),
             ("peftserve_requests_waiting", "Requests waiting for a batch row.", s.waiting),
@@ -264,8 +266,8 @@ class Metrics:
         self.preemptions.inc()
         self.vllm_preemptions.inc()
 
-    def watch(self, snapshot: Callable[[], EngineSnapshot]) -> None:
-        """Read the state gauges from `snapshot` at every scrape."""
+    def watch(self, snapshot: Callable[[], EngineSnapshot | None]) -> None:
+        """Read the state gauges from `snapshot` at every scrape; None (the engine is gone): no gauges."""
         self.registry.register(_SnapshotCollector(snapshot))
 
     def watch_store(self, snapshot: Callable[[], StoreSnapshot]) -> None:

@@ -27,6 +27,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,6 +203,8 @@ class Engine:
             max_rank=self.adapter_settings.max_lora_rank,
             lowrank_path=self.adapter_settings.lowrank_path,
         )
+        # The callbacks handed out below must not reach back to self: a dropped engine then frees
+        # its KV cache and slot tables at once, not whenever the cycle collector runs.
         load = folder_loader(
             model,
             self.adapter_settings.max_lora_rank,
@@ -211,12 +214,13 @@ class Engine:
         self.tiers = AdapterTiers(
             self.slots,
             self.adapter_settings.cpu_adapter_memory,
-            lambda ref: load(self.source.verified_path(ref) if self.source else ref.path),
+            lambda ref: load(source.verified_path(ref) if source else ref.path),
             self._wake.set,
             self.metrics,
         )
         self._snapshot = self._take_snapshot()
-        self.metrics.watch(lambda: self._snapshot)
+        engine = weakref.ref(self)
+        self.metrics.watch(lambda: (e := engine()) and e._snapshot)
         self.grammars = GrammarCompiler(model.tokenizer, model.shape.vocab_size, model.eos_token_ids)
 
     # ---- the caller's side (any thread) ----

@@ -101,8 +101,8 @@ def test_report_leaves_out_targets_of_configurations_not_run(tiny_model):
 
 
 def test_engine_median_frees_its_engine_before_returning(tiny_model, tmp_path):
-    """Engines sit in reference cycles: a bench of many engines must not wait on the cycle collector
-    to free each one's memory (a long run held 24 GB and slowed down configuration by configuration)."""
+    """A bench of many engines must not wait on the cycle collector to free each one's memory (a
+    long run held 24 GB and slowed down configuration by configuration)."""
 
     def engines() -> int:
         return sum(isinstance(o, Engine) for o in gc.get_objects())
