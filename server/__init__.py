@@ -4,6 +4,8 @@ import os
 import sys
 import warnings
 
+from server.cpu_quota import threads_for_this_process
+
 __version__ = "0.1.0"
 
 # Torch's OpenMP threads spin while they wait for work. On a machine shared with anything else
@@ -19,7 +21,13 @@ __version__ = "0.1.0"
 # libgomp reads both when torch loads it; an explicit setting in the environment wins.
 OPENMP_WAITING = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "30000"}
 
-_unset = {name: value for name, value in OPENMP_WAITING.items() if name not in os.environ}
+QUOTA_THREADS = threads_for_this_process()
+"""Torch's threads under this process's cgroup CPU quota, where fewer than one per core; None: no cap."""
+
+_defaults = dict(OPENMP_WAITING)
+if QUOTA_THREADS is not None:
+    _defaults["OMP_NUM_THREADS"] = str(QUOTA_THREADS)
+_unset = {name: value for name, value in _defaults.items() if name not in os.environ}
 if "torch" not in sys.modules:
     os.environ.update(_unset)
 elif _unset:

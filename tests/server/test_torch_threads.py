@@ -133,6 +133,40 @@ def test_torch_loaded_first_leaves_openmp_waiting_unset_and_says_so():
     assert done.stdout.split() == ["7", "PASSIVE"] and "UserWarning" not in done.stderr
 
 
+QUOTA = """
+import os, sys, types
+quota = types.ModuleType("server.cpu_quota")  # stands in for a cgroup CPU quota of {threads} CPUs
+quota.threads_for_this_process = lambda: {threads}
+sys.modules["server.cpu_quota"] = quota
+{imports}
+print(os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads())
+"""
+
+
+def quota_run(
+    threads: int | None, imports: str, given: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in env_without_openmp_waiting().items() if k != "OMP_NUM_THREADS"}
+    code = QUOTA.format(threads=threads, imports=imports)
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**env, **(given or {})}, capture_output=True, text=True, check=True
+    )
+
+
+def test_a_cgroup_cpu_quota_caps_torchs_threads_unless_told():
+    default = quota_run(None, "import server, torch").stdout.split()
+    assert default[0] == "None"
+    assert quota_run(1, "import server, torch").stdout.split() == ["1", "1"]
+    told, threads = quota_run(1, "import server, torch", {"OMP_NUM_THREADS": "2"}).stdout.split()
+    assert told == "2" and int(threads) > 1
+
+
+def test_torch_loaded_first_cannot_take_the_quotas_thread_count_and_says_so():
+    done = quota_run(1, "import torch, server")
+    assert done.stdout.split()[0] == "None"
+    assert "OMP_NUM_THREADS" in done.stderr and "cannot take effect" in done.stderr
+
+
 def test_the_suite_itself_loaded_server_before_torch():
     """So the engine under test waits for work as a served one does (tests/__init__.py)."""
     loaded = list(sys.modules)  # in the order imports began
