@@ -33,7 +33,10 @@ def quota_cpus(proc_cgroup: Path = PROC_CGROUP, root: Path = CGROUP_ROOT) -> flo
         return None
     found = []
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        _, controllers, path = fields
         if controllers == "":
             mounts = [root, root / "unified"]
             found += [q for mount in mounts for q in _along(mount, path, _v2_quota)]
@@ -56,9 +59,9 @@ def _along(mount: Path, path: str, read: Callable[[Path], float | None]) -> list
 def _v2_quota(folder: Path) -> float | None:
     try:
         quota, period = (folder / "cpu.max").read_text().split()
+        return None if quota == "max" else _ratio(int(quota), int(period))
     except (OSError, ValueError):
         return None
-    return None if quota == "max" else int(quota) / int(period)
 
 
 def _v1_quota(folder: Path) -> float | None:
@@ -67,7 +70,11 @@ def _v1_quota(folder: Path) -> float | None:
         period = int((folder / "cpu.cfs_period_us").read_text())
     except (OSError, ValueError):
         return None
-    return None if quota <= 0 else quota / period
+    return _ratio(quota, period)
+
+
+def _ratio(quota: int, period: int) -> float | None:
+    return quota / period if quota > 0 and period > 0 else None
 
 
 def physical_cores(cpus: set[int], topology: Path = CPU_TOPOLOGY) -> int:
@@ -90,5 +97,8 @@ def quota_threads(quota: float | None, cores: int) -> int | None:
 
 
 def threads_for_this_process() -> int | None:
-    """quota_threads for this process's cgroup quota and the cores it may run on."""
-    return quota_threads(quota_cpus(), physical_cores(os.sched_getaffinity(0)))
+    """quota_threads for this process's cgroup quota and the cores it may run on (None off Linux)."""
+    quota = quota_cpus()
+    if quota is None:  # also every system without /proc/self/cgroup, and so without sched_getaffinity
+        return None
+    return quota_threads(quota, physical_cores(os.sched_getaffinity(0)))

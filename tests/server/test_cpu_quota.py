@@ -62,9 +62,17 @@ def test_a_container_without_its_own_cgroup_namespace_reads_the_top_of_its_mount
     assert quota_cpus(proc, root) == 2.0
 
 
-def test_unreadable_quota_files_are_ignored(tmp_path):
-    files = {"a/cpu.max": "garbage", "cpu/cpu.cfs_quota_us": "x", "cpu/cpu.cfs_period_us": "100000"}
-    proc, root = cgroup(tmp_path, "1:cpu:/\n0::/a\n", files)
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"a/cpu.max": "garbage", "cpu/cpu.cfs_quota_us": "x", "cpu/cpu.cfs_period_us": "100000"},
+        {"a/cpu.max": "abc 100000", "cpu/cpu.cfs_quota_us": "100000", "cpu/cpu.cfs_period_us": "0"},
+        {"a/cpu.max": "100000 0"},
+    ],
+)
+def test_unreadable_quota_files_and_lines_are_ignored(tmp_path, files):
+    """This runs when the server package is imported: nothing it reads may raise."""
+    proc, root = cgroup(tmp_path, "garbled line\n1:cpu:/\n0::/a\n", files)
     assert quota_cpus(proc, root) is None
 
 
