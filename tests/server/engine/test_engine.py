@@ -269,6 +269,7 @@ def test_a_dropped_engine_is_freed_without_the_cycle_collector(tiny_model, kinds
     adapter loader, the metrics gauges) must not reach back to it. A bench of many engines held
     24 GB while each waited for the cycle collector; on a GPU each holds a share of its memory."""
     metrics = Metrics()
+    greedy_3 = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     engine = Engine(
         tiny_model,
         EngineSettings(max_batch_size=4),
@@ -282,10 +283,7 @@ def test_a_dropped_engine_is_freed_without_the_cycle_collector(tiny_model, kinds
     gc.disable()
     try:
         engine.start()
-        handles = [
-            engine.submit(prompt, SamplingParams(max_tokens=3), engine.resolve_model(n) if n else None)
-            for n in names
-        ]
+        handles = [engine.submit(prompt, greedy_3, engine.resolve_model(n) if n else None) for n in names]
         assert [events[-1].reason for events in wait_finished(handles, timeout=120)] == ["length"] * len(
             names
         )
