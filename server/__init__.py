@@ -4,7 +4,7 @@ import os
 import sys
 import warnings
 
-from server.cpu_quota import threads_for_this_process
+from server.cpu_quota import quota_cpus, threads_for_this_process
 
 __version__ = "0.1.0"
 
@@ -21,8 +21,11 @@ __version__ = "0.1.0"
 # libgomp reads both when torch loads it; an explicit setting in the environment wins.
 OPENMP_WAITING = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "30000"}
 
-QUOTA_THREADS = threads_for_this_process()
-"""Torch's threads under this process's cgroup CPU quota, where fewer than one per core; None: no cap."""
+CPU_QUOTA = quota_cpus()
+"""CPUs this process's cgroup CPU quota allows (server/cpu_quota.py); None: no quota."""
+
+QUOTA_THREADS = threads_for_this_process(CPU_QUOTA)
+"""Torch's threads under CPU_QUOTA, where fewer than one per core; None: no cap."""
 
 _defaults = dict(OPENMP_WAITING)
 if QUOTA_THREADS is not None:

@@ -20,8 +20,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from peftserve_formats.gguf_cache import gguf_cache_folder
+from server import CPU_QUOTA
 from server.config import ModelSettings
-from server.cpu_quota import quota_cpus
 
 log = logging.getLogger("peftserve.model")
 
@@ -266,10 +266,8 @@ def load_base_model(settings: ModelSettings) -> LoadedModel:
         device,
     )
     if device.type == "cpu":
-        quota = quota_cpus()
-        cpus = f"{quota:g} CPU{'' if quota == 1 else 's'}" if quota is not None else ""
-        quota_note = f" (cgroup CPU quota: {cpus}; see server/cpu_quota.py)" if cpus else ""
-        log.info("torch threads: %d%s", torch.get_num_threads(), quota_note)
+        quota = "" if CPU_QUOTA is None else f" (cgroup CPU quota {CPU_QUOTA:g})"
+        log.info("torch threads: %d%s", torch.get_num_threads(), quota)
     quantization = _quantization_config(settings.quantize, dtype)
     tokenizer = AutoTokenizer.from_pretrained(where)
     model = AutoModelForCausalLM.from_pretrained(

@@ -96,9 +96,8 @@ def quota_threads(quota: float | None, cores: int) -> int | None:
     return threads if threads < cores else None
 
 
-def threads_for_this_process() -> int | None:
-    """quota_threads for this process's cgroup quota and the cores it may run on (None off Linux)."""
-    quota = quota_cpus()
+def threads_for_this_process(quota: float | None) -> int | None:
+    """quota_threads for this process's `quota_cpus()` and the cores it may run on."""
     if quota is None:  # also every system without /proc/self/cgroup, and so without sched_getaffinity
         return None
     return quota_threads(quota, physical_cores(os.sched_getaffinity(0)))

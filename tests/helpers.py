@@ -19,8 +19,9 @@ from server.engine.request import Delta, Event, Finished, RequestHandle
 
 
 def env_without_openmp_waiting() -> dict[str, str]:
-    """This environment less the OpenMP settings server/__init__.py defaults, for a fresh process."""
-    return {k: v for k, v in os.environ.items() if k not in OPENMP_WAITING}
+    """This environment less the OpenMP settings server/__init__.py defaults (the thread count
+    too, which it sets under a CPU quota), for a fresh process."""
+    return {k: v for k, v in os.environ.items() if k not in OPENMP_WAITING and k != "OMP_NUM_THREADS"}
 
 
 def run_until_done(engine: Engine, handles: list[RequestHandle], timeout: float = 300.0) -> list[list[Event]]:

@@ -136,7 +136,8 @@ def test_torch_loaded_first_leaves_openmp_waiting_unset_and_says_so():
 QUOTA = """
 import os, sys, types
 quota = types.ModuleType("server.cpu_quota")  # stands in for a cgroup CPU quota of {threads} CPUs
-quota.threads_for_this_process = lambda: {threads}
+quota.quota_cpus = lambda: {threads}
+quota.threads_for_this_process = lambda cpus: cpus
 sys.modules["server.cpu_quota"] = quota
 {imports}
 print(os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads())
@@ -146,7 +147,7 @@ print(os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads())
 def quota_run(
     threads: int | None, imports: str, given: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in env_without_openmp_waiting().items() if k != "OMP_NUM_THREADS"}
+    env = env_without_openmp_waiting()
     code = QUOTA.format(threads=threads, imports=imports)
     return subprocess.run(
         [sys.executable, "-c", code], env={**env, **(given or {})}, capture_output=True, text=True, check=True
