@@ -36,7 +36,6 @@ class BatchContext:
         if not self.active:
             return
         self.used = used
-        self.slot_of = slot_of
         self.rotation_rows: dict[frozenset[int], RotationRows] = {}
         device = slots.device
         delta = {s for s in used if Hook.LINEAR_DELTA in slots.methods[s].hooks}
@@ -181,14 +180,20 @@ class BatchContext:
 
     def last_tokens(self, tokens: int) -> BatchContext:
         """The context of each sequence's last token, when every sequence holds `tokens` tokens in a row."""
-        if tokens == 1 or not self.active:
+        if tokens == 1:
+            return self
+        return self.rows(range(0, len(self.slot_of), tokens))
+
+    def rows(self, index: range | list[int]) -> BatchContext:
+        """The context of these tokens alone (each stands for its row), for the final norm and lm_head."""
+        if not self.active:
             return self
         slots = self.slots
         head = any(site[0] == MODEL_LEVEL for _, site in (*slots.lowrank, *slots.scales)) or any(
             slots.slot_data(s, Hook.LOGITS) is not None for s in self.used
         )
         # the final norm and lm_head read no adapter here: skip building the per-row groups
-        return BatchContext(slots, self.slot_of[::tokens]) if head else BatchContext()
+        return BatchContext(slots, [self.slot_of[i] for i in index]) if head else BatchContext()
 
     def logits(self, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
         """(B, hidden) normed last hidden states -> (B, vocab): lm_head with each row's adapter."""

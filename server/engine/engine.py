@@ -1,8 +1,8 @@
 """The step loop: iteration-level (continuous) batching in its own thread.
 
-Each step the scheduler may admit waiting requests; they are prefilled and join the running
-batch, which then decodes one token for every running sequence. Finished sequences leave
-between steps. The batch is never drained to admit new work.
+Each step the scheduler may admit waiting requests; they are prefilled in the same forward pass
+that decodes one token for every running sequence, and join the running batch. Finished
+sequences leave between steps. The batch is never drained to admit new work.
 
 Keys and values live in a paged cache (kv_cache.py): a sequence takes blocks as it grows and
 gives them back when it ends. A prompt whose first full blocks are cached under the same adapter
@@ -21,6 +21,7 @@ that, and each of them wakes it. Every request ends with exactly one Finished ev
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -152,6 +153,23 @@ class StepReport:
     plan: Plan
     running: list[int]
     finished: list[int]
+
+
+@dataclass
+class Prefill:
+    """A chunk of new sequences placed in the cache, ready for the forward pass."""
+
+    seqs: list[Sequence]
+    tokens: list[list[int]]
+    """Each one's tokens (Sequence.tokens())."""
+    starts: list[int]
+    """The first position each one computes."""
+    lengths: list[int]
+    """Tokens each one computes."""
+    ids: torch.Tensor
+    """(B, T) their token ids from `starts` on, on the host, padded with 0."""
+    step: StepInputs
+    """Its inputs, on the host."""
 
 
 class Engine:
@@ -434,10 +452,8 @@ class Engine:
                 seq.slot = self.tiers.slot_of(seq.adapter.key)
                 self.tiers.acquire(seq.slot)
         try:
-            if admitted:
-                finished += self._prefill(admitted)
-            if self._running:
-                finished += self._decode()
+            if admitted or self._running:
+                finished += self._forward_all(admitted)
         except Exception as exc:  # a bug or an out-of-memory: fail this batch, keep serving
             log.exception("engine step failed")
             requeued = [s.request_id for s in admitted if s.request_id in self._waiting]
@@ -626,20 +642,40 @@ class Engine:
                 self._leave([seq])
                 return
 
-    def _prefill(self, admitted: list[Sequence]) -> list[int]:
-        """Prefill in chunks of similar length, each within the prefill token budget."""
+    def _forward_all(self, admitted: list[Sequence]) -> list[int]:
+        """Prefill the admitted sequences and decode one token for every running one.
+
+        The running batch rides along with the first prefill chunk: one forward pass, so every
+        weight (and every adapter's) is read once for both, not once for each. The sequences
+        prefilled here decode from the next step on.
+        """
+        self._grow()
+        batch = list(self._running)
         finished: list[int] = []
+        for chunk in self._chunks(admitted):
+            prefill = self._prefill_inputs(chunk)
+            if prefill is None and not batch:
+                continue
+            finished += self._forward(prefill, batch)
+            batch = []
+        if batch:
+            finished += self._forward(None, batch)
+        return finished
+
+    def _chunks(self, admitted: list[Sequence]) -> list[list[Sequence]]:
+        """Admitted sequences in chunks of similar length, each within the prefill token budget."""
         cost = {s.request_id: self._to_compute.get(s.request_id, len(s.tokens())) for s in admitted}
+        chunks: list[list[Sequence]] = []
         chunk: list[Sequence] = []
         for seq in sorted(admitted, key=lambda s: cost[s.request_id]):
             longest = max(cost[seq.request_id], *(cost[s.request_id] for s in chunk)) if chunk else 0
             if chunk and longest * (len(chunk) + 1) > self.limits.max_prefill_tokens:
-                finished += self._prefill_chunk(chunk)
+                chunks.append(chunk)
                 chunk = []
             chunk.append(seq)
         if chunk:
-            finished += self._prefill_chunk(chunk)
-        return finished
+            chunks.append(chunk)
+        return chunks
 
     def _place(self, seq: Sequence) -> bool:
         """Give a sequence its blocks: cached ones for its prefix, new ones for the rest; False if short."""
@@ -658,14 +694,13 @@ class Engine:
             self.metrics.prefix_lookup(len(tokens), len(hit) * size)
         return True
 
-    def _prefill_chunk(self, chunk: list[Sequence]) -> list[int]:
-        """Prefill new sequences from their first uncached position; sample each one's first token.
+    def _prefill_inputs(self, chunk: list[Sequence]) -> Prefill | None:
+        """A chunk of new sequences, from their first uncached position, ready for the forward pass.
 
-        Prompt-tuning rows get their virtual tokens' embeddings at positions 0..n-1; prefix-tuning
-        rows get their keys and values written there, and the forward starts at position n.
-        A sequence whose blocks cannot all be found goes back to the front of the queue.
+        Prefix-tuning rows get their virtual tokens' keys and values written here, and the pass
+        starts at position n. A sequence whose blocks cannot all be found goes back to the front
+        of the queue; None if none is left.
         """
-        device, slots, size = self.model.device, self.slots, self.cache.block_size
         placed = []
         for seq in chunk:
             if self._place(seq):
@@ -673,12 +708,11 @@ class Engine:
             else:
                 self._requeue(seq)
         if not placed:
-            return []
-        chunk = placed
-        all_tokens = [s.tokens() for s in chunk]
-        prompts = [slots.slot_data(s.slot, Hook.INPUT_EMBEDDINGS) for s in chunk]  # (n, hidden) or None
+            return None
+        size, slots = self.cache.block_size, self.slots
+        all_tokens = [s.tokens() for s in placed]
         starts = []
-        for seq in chunk:
+        for seq in placed:
             start = seq.cached
             prefix = slots.slot_data(seq.slot, Hook.KV_PREFIX)  # (keys, values) or None
             if prefix is not None and start < seq.virtual_tokens:
@@ -689,41 +723,79 @@ class Engine:
             starts.append(start)
         lengths = [len(t) - start for t, start in zip(all_tokens, starts, strict=True)]
         width = max(lengths)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        ids = torch.zeros(len(placed), width, dtype=torch.long)
         for i, (tokens, start) in enumerate(zip(all_tokens, starts, strict=True)):
             ids[i, : lengths[i]] = torch.tensor(tokens[start:]).clamp(min=0)
-        adapters = BatchContext(slots, [s.slot for s in chunk for _ in range(width)])  # (B * T,) host
-        embeds = self.decoder.embed(ids.to(device), adapters)  # (B, T, hidden)
-        for i, (seq, start) in enumerate(zip(chunk, starts, strict=True)):
-            if prompts[i] is not None and start < seq.virtual_tokens:  # its soft prompt from `start` on
-                embeds[i, : seq.virtual_tokens - start] = prompts[i][start:]
         positions = torch.tensor(starts).unsqueeze(1) + torch.arange(width)  # (B, T)
-        table = self._block_table(chunk, -(-(max(starts) + width) // size))
+        table = self._block_table(placed, -(-(max(starts) + width) // size))
         real = torch.arange(width) < torch.tensor(lengths).unsqueeze(1)
         where = table.gather(1, positions // size) * size + positions % size
-        positions, lengths_d, table, where = to_device(
-            device, positions, torch.tensor(lengths), table, torch.where(real, where, NULL_BLOCK * size)
-        )
-        step = StepInputs(
-            positions=positions,
-            lengths=lengths_d,
-            block_table=table,
-            slots=where,
-            adapters=adapters,
-            span=max(starts) + width,
-        )
-        hidden = self.decoder.hidden(embeds, step, self.cache)  # (B, T, hidden)
-        logits = self.decoder.logits(
-            self.decoder.last(hidden, step), adapters.last_tokens(width)
-        )  # (B, vocab)
-        for i, (seq, start) in enumerate(zip(chunk, starts, strict=True)):
-            if seq.wants_prompt_logprobs:
-                self._score_prompt(seq, hidden[i], start)
-        for seq, tokens in zip(chunk, all_tokens, strict=True):
-            seq.cached = len(tokens)
-            self._seal(seq, tokens)
-        self._running.extend(chunk)
-        return self._accept(chunk, logits)
+        where = torch.where(real, where, NULL_BLOCK * size)
+        step = StepInputs(positions, torch.tensor(lengths), table, where, span=max(starts) + width)
+        return Prefill(placed, all_tokens, starts, lengths, ids, step)
+
+    def _forward(self, prefill: Prefill | None, batch: list[Sequence]) -> list[int]:
+        """One forward pass over a prefill chunk and (or) the running batch; samples a token for each
+        of their sequences. Prompt-tuning rows get their virtual tokens' embeddings at positions
+        0..n-1."""
+        parts, ids, token_slots, last = [], [], [], []
+        if prefill is not None:
+            width = prefill.ids.shape[1]
+            parts.append(prefill.step)
+            ids.append(prefill.ids.view(-1))
+            token_slots += [s.slot for s in prefill.seqs for _ in range(width)]
+            last += [i * width + n - 1 for i, n in enumerate(prefill.lengths)]
+        if batch:
+            decode = self._decode_inputs(batch)
+            parts.append(decode)
+            ids.append(torch.tensor([s.last_token() for s in batch]))
+            start = len(token_slots)
+            token_slots += [s.slot for s in batch]
+            last += range(start, start + len(batch))
+        adapters = BatchContext(self.slots, token_slots)  # (N,) host
+        # Everything the pass reads, built on the host and copied in one transfer.
+        fields = ("positions", "lengths", "block_table", "slots")
+        host = [getattr(part, f) for part in parts for f in fields]
+        moved = iter(to_device(self.model.device, *host, torch.cat(ids), torch.tensor(last)))
+        parts = [dataclasses.replace(part, **{f: next(moved) for f in fields}) for part in parts]
+        ids_d, last_d = moved  # (N,), (rows,)
+        embeds = self.decoder.embed(ids_d.unsqueeze(0), adapters)[0]  # (N, hidden)
+        if prefill is not None:
+            self._soft_prompts(prefill, embeds)
+        hidden = self.decoder.hidden(embeds, parts, adapters, self.cache)  # (N, hidden)
+        if prefill is None:
+            logits = self.decoder.logits(hidden, adapters)  # (B, vocab)
+        else:  # the last real token of each prefill row, then every decode row
+            logits = self.decoder.logits(hidden.index_select(0, last_d), adapters.rows(last))
+        seqs = []
+        if prefill is not None:
+            rows = hidden[: prefill.ids.numel()].view(*prefill.ids.shape, -1)  # (B, T, hidden)
+            for i, (seq, start) in enumerate(zip(prefill.seqs, prefill.starts, strict=True)):
+                if seq.wants_prompt_logprobs:
+                    self._score_prompt(seq, rows[i], start)
+            for seq, tokens in zip(prefill.seqs, prefill.tokens, strict=True):
+                seq.cached = len(tokens)
+                self._seal(seq, tokens)
+            self._running.extend(prefill.seqs)
+            seqs += prefill.seqs
+        if batch:
+            self.metrics.batch_size.observe(len(batch))
+            size = self.cache.block_size
+            for seq in batch:
+                seq.cached += 1
+                if seq.cached % size == 0:
+                    self._seal(seq, seq.tokens())
+            seqs += batch
+        return self._accept(seqs, logits)
+
+    def _soft_prompts(self, prefill: Prefill, embeds: torch.Tensor) -> None:
+        """Put each prompt-tuning row's virtual tokens' embeddings (from its start on) into `embeds`
+        (N, hidden), whose first rows are the chunk's (B * T) tokens."""
+        width = prefill.ids.shape[1]
+        for i, (seq, start) in enumerate(zip(prefill.seqs, prefill.starts, strict=True)):
+            prompt = self.slots.slot_data(seq.slot, Hook.INPUT_EMBEDDINGS)  # (n, hidden) or None
+            if prompt is not None and start < seq.virtual_tokens:
+                embeds[i * width : i * width + seq.virtual_tokens - start] = prompt[start:]
 
     def _score_prompt(self, seq: Sequence, hidden: torch.Tensor, start: int) -> None:
         """Send a sequence's prompt log-probabilities from its prefill's (T, hidden) states, from `start`."""
@@ -807,35 +879,14 @@ class Engine:
         blocks, seq.blocks, seq.hashes, seq.cached = seq.blocks, [], [], 0
         self.blocks.release(blocks)
 
-    def _decode(self) -> list[int]:
-        self._grow()
-        batch = self._running
-        if not batch:
-            return []
-        device, size = self.model.device, self.cache.block_size
+    def _decode_inputs(self, batch: list[Sequence]) -> StepInputs:
+        """The running batch's next token (on the host): one row each, at the position after its last one."""
+        size = self.cache.block_size
         positions = torch.tensor([[s.cached] for s in batch])  # (B, 1)
         table = self._block_table(batch, max(len(s.blocks) for s in batch))
         where = table.gather(1, positions // size) * size + positions % size
-        tokens = torch.tensor([[s.last_token()] for s in batch])  # (B, 1)
-        # Everything the step reads, built on the host and copied in one transfer.
-        positions, table, where, tokens, lengths = to_device(
-            device, positions, table, where, tokens, torch.ones(len(batch), dtype=torch.long)
-        )
-        step = StepInputs(
-            positions=positions,
-            lengths=lengths,
-            block_table=table,
-            slots=where,
-            adapters=BatchContext(self.slots, [s.slot for s in batch]),
-            span=max(s.cached for s in batch) + 1,
-        )
-        logits = self.decoder.forward(self.decoder.embed(tokens, step.adapters), step, self.cache)
-        self.metrics.batch_size.observe(len(batch))
-        for seq in batch:
-            seq.cached += 1
-            if seq.cached % size == 0:
-                self._seal(seq, seq.tokens())
-        return self._accept(list(batch), logits)
+        lengths = torch.ones(len(batch), dtype=torch.long)
+        return StepInputs(positions, lengths, table, where, span=max(s.cached for s in batch) + 1)
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         """Sample one token for each of these running sequences (rows of `logits`); those that end leave.

@@ -23,7 +23,11 @@ from server.engine.kv_cache import PagedKVCache
 
 @dataclass
 class StepInputs:
-    """One forward pass over B sequences holding T new tokens each (T = 1 when decoding)."""
+    """One rectangle of a forward pass: B sequences holding T new tokens each (T = 1 when decoding).
+
+    A pass may hold several (new prompts and the running batch's next tokens): their tokens are
+    laid one after another, row by row, and every linear layer runs once over all of them.
+    """
 
     positions: torch.Tensor
     """(B, T) position of every new token in its sequence."""
@@ -37,9 +41,6 @@ class StepInputs:
     slots: torch.Tensor
     """(B, T) flat cache slot (block * block_size + offset) each new token writes; padding: the null block."""
 
-    adapters: BatchContext
-    """Which adapter slot every token uses."""
-
     span: int | None = None
     """max(positions) + 1, from the host, so attention reads no tensor value (None: it does, a sync)."""
 
@@ -50,8 +51,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, T, heads, head_dim); cos, sin: (B, T, head_dim)."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    """x: (..., heads, head_dim); cos, sin: (..., head_dim), the same leading dimensions."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     return x * cos + rotate_half(x) * sin
 
 
@@ -72,10 +73,13 @@ class Decoder:
         """(B, T) token ids -> (B, T, hidden), with each token's adapter's embedding edits."""
         return adapters.embed(self.embed_tokens, ids)
 
-    def forward(self, embeds: torch.Tensor, step: StepInputs, cache: PagedKVCache) -> torch.Tensor:
+    def forward(
+        self, embeds: torch.Tensor, step: StepInputs, cache: PagedKVCache, adapters: BatchContext
+    ) -> torch.Tensor:
         """(B, T, hidden) input embeddings -> (B, vocab) float32 logits at each row's last real token."""
-        last = self.last(self.hidden(embeds, step, cache), step)
-        return self.logits(last, step.adapters.last_tokens(embeds.shape[1]))
+        batch, tokens, hidden = embeds.shape
+        h = self.hidden(embeds.reshape(batch * tokens, hidden), [step], adapters, cache)
+        return self.logits(self.last(h.view(batch, tokens, hidden), step), adapters.last_tokens(tokens))
 
     @staticmethod
     def last(h: torch.Tensor, step: StepInputs) -> torch.Tensor:
@@ -88,50 +92,52 @@ class Decoder:
         return adapters.logits(self.lm_head, adapters.norm(MODEL_LEVEL, "norm", self.norm, h)).float()
 
     @torch.inference_mode()
-    def hidden(self, embeds: torch.Tensor, step: StepInputs, cache: PagedKVCache) -> torch.Tensor:
-        """(B, T, hidden) input embeddings -> (B, T, hidden) last-layer states (before the final norm)."""
-        batch, tokens, hidden = embeds.shape
-        cos, sin = self.rotary(embeds, step.positions)
-        slots = step.slots.reshape(batch * tokens)
-        h = embeds.reshape(batch * tokens, hidden)
-        ctx = step.adapters
+    def hidden(
+        self, embeds: torch.Tensor, parts: list[StepInputs], adapters: BatchContext, cache: PagedKVCache
+    ) -> torch.Tensor:
+        """(N, hidden) input embeddings of every part's tokens, in order -> (N, hidden) last-layer
+        states (before the final norm). `adapters` holds the slot of each of the N tokens."""
+        positions = torch.cat([p.positions.reshape(-1) for p in parts])  # (N,)
+        cos, sin = self.rotary(embeds, positions.unsqueeze(0))  # (1, N, head_dim)
+        rope = (cos[0], sin[0])
+        slots = torch.cat([p.slots.reshape(-1) for p in parts])  # (N,)
+        h, ctx = embeds, adapters
         for index, layer in enumerate(self.layers):
             attn_in = ctx.norm(index, "input_layernorm", layer.input_layernorm, h)
-            attn_out = self._attention(index, layer, attn_in, step, cos, sin, slots, cache, (batch, tokens))
+            attn_out = self._attention(index, layer, attn_in, parts, ctx, rope, slots, cache)
             h = h + ctx.block_output(index, "attn", attn_out, h)
             mlp_in = ctx.norm(index, "post_attention_layernorm", layer.post_attention_layernorm, h)
-            h = h + ctx.block_output(index, "mlp", self._mlp(index, layer.mlp, mlp_in, step), h)
-        return h.view(batch, tokens, hidden)
+            h = h + ctx.block_output(index, "mlp", self._mlp(index, layer.mlp, mlp_in, ctx), h)
+        return h
 
-    def _attention(self, index, layer, x, step, cos, sin, slots, cache, bt) -> torch.Tensor:
-        batch, tokens = bt
-        shape, attn, ctx = self.shape, layer.self_attn, step.adapters
-        q = ctx.linear(index, "q_proj", attn.q_proj, x).view(batch, tokens, shape.num_heads, shape.head_dim)
-        k = ctx.linear(index, "k_proj", attn.k_proj, x).view(
-            batch, tokens, shape.num_kv_heads, shape.head_dim
-        )
-        v = ctx.linear(index, "v_proj", attn.v_proj, x).view(
-            batch, tokens, shape.num_kv_heads, shape.head_dim
-        )
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    def _attention(self, index, layer, x, parts, ctx, rope, slots, cache) -> torch.Tensor:
+        shape, attn = self.shape, layer.self_attn
+        heads, kv_heads, dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
+        q = ctx.linear(index, "q_proj", attn.q_proj, x).view(-1, heads, dim)  # (N, heads, head_dim)
+        k = ctx.linear(index, "k_proj", attn.k_proj, x).view(-1, kv_heads, dim)
+        v = ctx.linear(index, "v_proj", attn.v_proj, x).view(-1, kv_heads, dim)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k_pool, v_pool = cache.layer(index)  # (blocks, block_size, kv_heads, head_dim)
-        k_pool.view(-1, shape.num_kv_heads, shape.head_dim)[slots] = k.reshape(batch * tokens, *k.shape[2:])
-        v_pool.view(-1, shape.num_kv_heads, shape.head_dim)[slots] = v.reshape(batch * tokens, *v.shape[2:])
-        attention = paged_decode_attention if tokens == 1 else paged_attention_reference
-        out = attention(
-            q.transpose(1, 2),  # (B, heads, T, head_dim)
-            k_pool,
-            v_pool,
-            step.block_table,
-            step.positions,
-            self.scale,
-            span=step.span,
-        )
-        out = out.transpose(1, 2).reshape(batch * tokens, shape.num_heads * shape.head_dim)
-        return ctx.linear(index, "o_proj", attn.o_proj, out)
+        k_pool.view(-1, kv_heads, dim)[slots] = k
+        v_pool.view(-1, kv_heads, dim)[slots] = v
+        outs, start = [], 0
+        for part in parts:
+            batch, tokens = part.positions.shape
+            attention = paged_decode_attention if tokens == 1 else paged_attention_reference
+            out = attention(
+                q[start : start + batch * tokens].view(batch, tokens, heads, dim).transpose(1, 2),
+                k_pool,
+                v_pool,
+                part.block_table,
+                part.positions,
+                self.scale,
+                span=part.span,
+            )  # (B, heads, T, head_dim)
+            outs.append(out.transpose(1, 2).reshape(batch * tokens, heads * dim))
+            start += batch * tokens
+        return ctx.linear(index, "o_proj", attn.o_proj, outs[0] if len(outs) == 1 else torch.cat(outs))
 
-    def _mlp(self, index, mlp, x, step) -> torch.Tensor:
-        ctx = step.adapters
+    def _mlp(self, index, mlp, x, ctx) -> torch.Tensor:
         gate = ctx.linear(index, "gate_proj", mlp.gate_proj, x)
         up = ctx.linear(index, "up_proj", mlp.up_proj, x)
         return ctx.linear(index, "down_proj", mlp.down_proj, mlp.act_fn(gate) * up)

@@ -8,6 +8,7 @@ torch gather path (the code every other device runs) is held to the same referen
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from server.registry.store import Store
 from tests.adapter_factory import (
     BIAS_KINDS,
     BOTTLENECKS,
+    COPY_BYTES,
     DEFAULT_MODEL_QUESTIONS,
     EXTRA_KINDS,
     PEFT_KINDS,
@@ -80,6 +82,51 @@ def test_every_kind_mixed_in_one_batch_equals_its_reference(tiny_model, tiny_mod
     prompts = [tiny_model.tokenizer(t).input_ids for t in ("Hello there", "The cat sat on the", "1 2 3")]
     served = serve_mixed(tiny_model, tiny_store, prompts, NEW_TOKENS)
     assert len({n for n, _ in served}) == len(PEFT_KINDS) + len(EXTRA_KINDS) + len(BOTTLENECKS) + 2
+    check_against_references(tiny_model, tiny_model_dir, tiny_store, prompts, served)
+
+
+def test_every_kind_prefilled_beside_the_running_batch_equals_its_reference(
+    tiny_model, tiny_model_dir, tiny_store
+):
+    """Each request's prefill shares its forward pass with the running batch's next tokens, whose
+    rows hold other kinds (and a long base request that runs throughout): one pass of mixed
+    rectangles, prompt and prefix tuning among them, still gives every request its reference."""
+    prompts = [tiny_model.tokenizer(t).input_ids for t in ("Hello there", "The cat sat on the")]
+    engine = Engine(
+        tiny_model,
+        EngineSettings(max_batch_size=64),
+        AdapterSettings(max_module_copy_bytes=COPY_BYTES),
+        Store(tiny_store),
+    )
+    beside_a_batch: set[int] = set()
+    forward = engine._forward
+
+    def spy(prefill, batch):
+        if prefill is not None and batch:
+            beside_a_batch.update(s.request_id for s in prefill.seqs)
+        return forward(prefill, batch)
+
+    engine._forward = spy
+    long_one = SamplingParams(
+        max_tokens=engine.max_model_len - len(prompts[0]), temperature=0.0, ignore_eos=True
+    )
+    keeper = engine.submit(prompts[0], long_one)
+    engine.step()
+    names = [ref.name for ref in engine.source.names()]
+    jobs = [(name, i) for name in [None, *names] for i in range(len(prompts))]
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
+    handles = []
+    for name, i in jobs:
+        handle = engine.submit(prompts[i], params, engine.resolve_model(name) if name else None)
+        deadline = time.monotonic() + 60
+        while handle.request_id not in beside_a_batch:
+            assert time.monotonic() < deadline, f"{name or 'base'} never prefilled beside the running batch"
+            engine.step()
+        handles.append(handle)
+    keeper.cancel()
+    served = {
+        job: token_ids(events) for job, events in zip(jobs, run_until_done(engine, handles), strict=True)
+    }
     check_against_references(tiny_model, tiny_model_dir, tiny_store, prompts, served)
 
 

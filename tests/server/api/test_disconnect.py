@@ -29,7 +29,7 @@ def send_raw(port: int, body: dict) -> socket.socket:
 def test_a_client_that_goes_away_ends_its_requests_without_a_traceback(
     tiny_model_dir, tiny_model, caplog, stream, n
 ):
-    settings = tiny_settings(tiny_model_dir, max_batch_size=2)
+    settings = tiny_settings(tiny_model_dir, max_batch_size=n)  # the first request fills every row
     caplog.set_level(logging.INFO)
     with LiveServer(settings, tiny_model) as server:
         engine = server.engine

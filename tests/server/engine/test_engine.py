@@ -82,6 +82,27 @@ def test_new_requests_join_the_running_batch(tiny_model):
     run_until_done(engine, [*first, late])
 
 
+def test_a_prefill_and_the_running_batch_share_one_forward_pass(tiny_model):
+    engine = make_engine(tiny_model, max_batch_size=8)
+    encode, greedy = engine.encode_text, SamplingParams(max_tokens=6, temperature=0.0)
+    first = engine.submit(encode(PROMPTS[0]), greedy)
+    engine.step()
+    passes = []
+    hidden = engine.decoder.hidden
+
+    def counted(embeds, parts, adapters, cache):
+        passes.append([tuple(p.positions.shape) for p in parts])
+        return hidden(embeds, parts, adapters, cache)
+
+    engine.decoder.hidden = counted
+    late = engine.submit(encode(PROMPTS[1]), greedy)
+    engine.step()
+    prompt = len(encode(PROMPTS[1]))
+    assert passes == [[(1, prompt), (1, 1)]], "the new prompt's rows, then the running row, in one pass"
+    served = [token_ids(events) for events in run_until_done(engine, [first, late])]
+    assert served == [reference_greedy(tiny_model.hf, encode(p), 6) for p in PROMPTS[:2]]
+
+
 def test_rows_beyond_the_batch_wait_for_a_free_row(tiny_model):
     engine = make_engine(tiny_model, max_batch_size=2)
     handles = [

@@ -41,7 +41,7 @@ def step_inputs(tables: list[list[int]], starts: list[int], lengths: list[int]) 
         table[i, : len(blocks)] = torch.tensor(blocks)
     real = torch.arange(width) < torch.tensor(lengths).unsqueeze(1)
     slots = torch.where(real, table.gather(1, positions // BLOCK) * BLOCK + positions % BLOCK, 0)
-    return StepInputs(positions, torch.tensor(lengths), table, slots, BatchContext())
+    return StepInputs(positions, torch.tensor(lengths), table, slots)
 
 
 def test_padded_prefill_then_decode_over_scattered_blocks_match_hf_logits(tiny_model):
@@ -57,10 +57,12 @@ def test_padded_prefill_then_decode_over_scattered_blocks_match_hf_logits(tiny_m
         ids[i, : len(p)] = torch.tensor(p)
     lengths = [len(p) for p in prompts]
     embeds = decoder.embed(ids, BatchContext())
-    logits = decoder.forward(embeds, step_inputs(tables, [0, 0, 0], lengths), cache)
+    logits = decoder.forward(embeds, step_inputs(tables, [0, 0, 0], lengths), cache, BatchContext())
     tables[2].append(9)  # the third row's next token opens a new block
     decode = step_inputs(tables, lengths, [1, 1, 1])
-    decoded = decoder.forward(decoder.embed(torch.tensor([[20], [21], [22]]), BatchContext()), decode, cache)
+    decoded = decoder.forward(
+        decoder.embed(torch.tensor([[20], [21], [22]]), BatchContext()), decode, cache, BatchContext()
+    )
     for i, prompt in enumerate(prompts):
         with torch.no_grad():
             full = hf(torch.tensor([[*prompt, 20 + i]])).logits[0]
@@ -75,9 +77,11 @@ def test_prefill_from_a_shared_prefix_matches_a_full_prefill(tiny_model):
     cache = make_cache(shape)
     first, second = [5, 6, 7, 8, 9, 10, 11, 12, 13], [5, 6, 7, 8, 9, 10, 11, 12, 40, 41]
     embeds = decoder.embed(torch.tensor([first]), BatchContext())
-    decoder.forward(embeds, step_inputs([[4, 5, 6]], [0], [9]), cache)
+    decoder.forward(embeds, step_inputs([[4, 5, 6]], [0], [9]), cache, BatchContext())
     rest = torch.tensor([second[8:]])
-    logits = decoder.forward(decoder.embed(rest, BatchContext()), step_inputs([[4, 5, 8]], [8], [2]), cache)
+    logits = decoder.forward(
+        decoder.embed(rest, BatchContext()), step_inputs([[4, 5, 8]], [8], [2]), cache, BatchContext()
+    )
     with torch.no_grad():
         full = hf(torch.tensor([second])).logits[0, -1]
     torch.testing.assert_close(logits[0], full, rtol=1e-4, atol=1e-4)
@@ -88,7 +92,9 @@ def test_padding_tokens_write_only_the_null_block(tiny_model):
     decoder = Decoder(tiny_model.hf, shape)
     cache = make_cache(shape)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [9, 10, 0, 0, 0, 0, 0, 0]])
-    decoder.forward(decoder.embed(ids, BatchContext()), step_inputs([[1, 2], [3]], [0, 0], [8, 2]), cache)
+    decoder.forward(
+        decoder.embed(ids, BatchContext()), step_inputs([[1, 2], [3]], [0, 0], [8, 2]), cache, BatchContext()
+    )
     written = cache.data.abs().sum(dim=(0, 1, 4, 5)) != 0  # (blocks, block_size)
     assert written[3].tolist() == [True, True, False, False]  # the short row's block past its 2 tokens
     assert not written[4:].any()  # no block the step did not hold

@@ -143,7 +143,9 @@ def test_a_rare_adapter_is_served_while_a_popular_one_keeps_its_slot_busy(tiny_m
         wait_until(lambda: engine.snapshot.running > 0)
         rare = engine.submit(prompt, params(3), engine.resolve_model("ia3"))
         assert_all_completed(wait_finished([rare]), 3)
-        assert feeder.is_alive() and engine.snapshot.waiting > 0, "the popular adapter ran out of requests"
+        # Its requests queue while its slot drains for the rare one, then run again: some are in either place.
+        snapshot = engine.snapshot
+        assert feeder.is_alive() and snapshot.waiting + snapshot.running > 0, "the popular adapter ran dry"
         stop_feeding.set()
         feeder.join()
         assert_all_completed(wait_finished(popular), 6)
