@@ -65,7 +65,7 @@ def test_a_failed_step_ends_the_stream_with_an_error_chunk(live_server, tiny_mod
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(live_server.engine.decoder, "forward", broken)
+    monkeypatch.setattr(live_server.engine.decoder, "hidden", broken)  # the pass every step runs
     with httpx.stream(
         "POST",
         f"{live_server.url}/v1/chat/completions",
