@@ -4,9 +4,10 @@ USERS coroutines each send a chat request straight to one engine (as the HTTP se
 loop does), wait for its last token, then send the next, for DURATION seconds; requests still
 running then finish. Each request draws its adapter by a Zipf law over K rank-RANK LoRA adapters
 on every linear layer (rank 1 is lora-00), a prompt from loadtest/prompts.txt and max_tokens
-from MIN..MAX, and ignores EOS: the workload of `make loadtest` (loadtest/workload.py). Runs
-alternate, no adapters then K adapters, ROUNDS times on the same engine, after one untimed run
-of each that loads the adapters; tokens/s = generated tokens / (last finish - first send).
+from MIN..MAX, samples at the server's default temperature and ignores EOS: the workload of
+`make loadtest` (loadtest/workload.py). Runs alternate, no adapters then K adapters, ROUNDS
+times on the same engine, after one untimed run of each that loads the adapters; tokens/s =
+generated tokens / (last finish - first send).
 Comparing this with `make loadtest` separates what HTTP costs from what the workload costs.
 
     python -m bench.closed_loop --adapters 64 --users 32 --duration 60 --rounds 3
@@ -46,7 +47,9 @@ async def _user(
     tokens = 0
     while time.perf_counter() < until:
         params = SamplingParams(
-            max_tokens=rng.randint(args.min_tokens, args.max_tokens), temperature=0.0, ignore_eos=True
+            max_tokens=rng.randint(args.min_tokens, args.max_tokens),
+            temperature=args.temperature,
+            ignore_eos=True,
         )
         adapter = engine.resolve_model(chooser.choose()) if chooser else None
         handle = engine.submit(rng.choice(prompts), params, adapter)
@@ -107,6 +110,12 @@ def main() -> None:
         "--min-tokens", type=int, default=DEFAULT_MIN_TOKENS, help="fewest tokens per request"
     )
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="most tokens per request")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=SamplingParams(max_tokens=1).temperature,
+        help="sampling temperature (default: the server's, which the load test's requests get; 0 is greedy)",
+    )
     parser.add_argument("--dtype", default="auto", help="model dtype (auto: as the server)")
     parser.add_argument(
         "--max-active-adapters", type=int, default=None, help="adapter slots (default: the server's)"

@@ -1,7 +1,7 @@
 """Per-request sampling over a batch of logits.
 
 Every request owns a torch.Generator seeded from its `seed` (or a random one), and draws
-exactly one noise vector per generated token from it, so a seeded request gives the same
+exactly one uniform number per generated token from it, so a seeded request gives the same
 tokens whatever else shares its batch.
 """
 
@@ -80,10 +80,20 @@ def sample(
             top_k = torch.tensor([params[i].top_k for i in sampled], device=logits.device)
             top_p = torch.tensor([params[i].top_p for i in sampled], device=logits.device)
             rows = _filter_top_k_top_p(rows, top_k, top_p)
-        probs = rows.softmax(dim=-1)
-        # argmax(p / E) with E ~ Exp(1) draws from p; each row's noise comes from its own generator.
-        noise = torch.stack(
-            [torch.empty(probs.shape[-1]).exponential_(generator=generators[i]) for i in sampled]
-        )
-        tokens[index] = (probs / noise.to(probs.device)).argmax(dim=-1)
+        tokens[index] = _inverse_cdf(rows.softmax(dim=-1), [generators[i] for i in sampled])
     return tokens.tolist()
+
+
+def _inverse_cdf(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """probs (R, V) -> (R,) one draw per row: the first token whose cumulative probability reaches
+    u * total, u in (0, 1] from the row's own generator.
+
+    One number per row, not one per vocabulary entry as an argmax(p / Exp(1)) race needs: on the
+    CPU that race drew 28 x 49152 exponentials per step, as long as the whole decode step. Each
+    token's chance is its own cumulative step, off by one float32 rounding at most; a token of
+    probability 0 adds nothing to the sum and is never reached (the clamp keeps a NaN row in range).
+    """
+    cdf = probs.cumsum(dim=-1)  # (R, V)
+    u = 1.0 - torch.cat([torch.rand(1, generator=g) for g in generators]).to(probs.device)  # (R,)
+    target = (u * cdf[:, -1]).unsqueeze(1)  # (R, 1)
+    return torch.searchsorted(cdf, target).squeeze(1).clamp(max=probs.shape[-1] - 1)

@@ -18,7 +18,9 @@ def test_no_adapters_then_adapters_on_the_engine_thread(tiny_model, tmp_path):
     engine = Engine(tiny_model, EngineSettings(), AdapterSettings(), Store(tmp_path))
     engine.start()
     try:
-        args = argparse.Namespace(users=3, duration=0.4, rounds=2, zipf_s=1.0, min_tokens=2, max_tokens=4)
+        args = argparse.Namespace(
+            users=3, duration=0.4, rounds=2, zipf_s=1.0, min_tokens=2, max_tokens=4, temperature=1.0
+        )
         base, adapted = alternate(engine, names, args)
     finally:
         engine.stop()
