@@ -5,6 +5,7 @@ import sys
 import warnings
 
 from server.cpu_quota import quota_cpus, threads_for_this_process
+from server.malloc import keep_freed_memory
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,9 @@ CPU_QUOTA = quota_cpus()
 
 QUOTA_THREADS = threads_for_this_process(CPU_QUOTA)
 """Torch's threads under CPU_QUOTA, where fewer than one per core; None: no cap."""
+
+MALLOC_KEEPS_MEMORY = keep_freed_memory()
+"""Whether glibc now keeps freed blocks for reuse (server/malloc.py)."""
 
 _defaults = dict(OPENMP_WAITING)
 if QUOTA_THREADS is not None:
