@@ -178,13 +178,7 @@ class BatchContext:
             return module(x)
         return weight * rms_normalize(module, x)
 
-    def last_tokens(self, tokens: int) -> BatchContext:
-        """The context of each sequence's last token, when every sequence holds `tokens` tokens in a row."""
-        if tokens == 1:
-            return self
-        return self.rows(range(0, len(self.slot_of), tokens))
-
-    def rows(self, index: range | list[int]) -> BatchContext:
+    def rows(self, index: list[int]) -> BatchContext:
         """The context of these tokens alone (each stands for its row), for the final norm and lm_head."""
         if not self.active:
             return self

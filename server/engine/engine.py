@@ -731,7 +731,7 @@ class Engine:
         real = torch.arange(width) < torch.tensor(lengths).unsqueeze(1)
         where = table.gather(1, positions // size) * size + positions % size
         where = torch.where(real, where, NULL_BLOCK * size)
-        step = StepInputs(positions, torch.tensor(lengths), table, where, span=max(starts) + width)
+        step = StepInputs(positions, table, where, span=max(starts) + width)
         return Prefill(placed, all_tokens, starts, lengths, ids, step)
 
     def _forward(self, prefill: Prefill | None, batch: list[Sequence]) -> list[int]:
@@ -754,7 +754,7 @@ class Engine:
             last += range(start, start + len(batch))
         adapters = BatchContext(self.slots, token_slots)  # (N,) host
         # Everything the pass reads, built on the host and copied in one transfer.
-        fields = ("positions", "lengths", "block_table", "slots")
+        fields = ("positions", "block_table", "slots")
         host = [getattr(part, f) for part in parts for f in fields]
         moved = iter(to_device(self.model.device, *host, torch.cat(ids), torch.tensor(last)))
         parts = [dataclasses.replace(part, **{f: next(moved) for f in fields}) for part in parts]
@@ -885,8 +885,7 @@ class Engine:
         positions = torch.tensor([[s.cached] for s in batch])  # (B, 1)
         table = self._block_table(batch, max(len(s.blocks) for s in batch))
         where = table.gather(1, positions // size) * size + positions % size
-        lengths = torch.ones(len(batch), dtype=torch.long)
-        return StepInputs(positions, lengths, table, where, span=max(s.cached for s in batch) + 1)
+        return StepInputs(positions, table, where, span=max(s.cached for s in batch) + 1)
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         """Sample one token for each of these running sequences (rows of `logits`); those that end leave.

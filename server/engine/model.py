@@ -32,9 +32,6 @@ class StepInputs:
     positions: torch.Tensor
     """(B, T) position of every new token in its sequence."""
 
-    lengths: torch.Tensor
-    """(B,) real tokens per row in this pass; the rest of the T are padding."""
-
     block_table: torch.Tensor
     """(B, blocks) cache blocks of each sequence, in order, padded with the null block."""
 
@@ -72,19 +69,6 @@ class Decoder:
     def embed(self, ids: torch.Tensor, adapters: BatchContext) -> torch.Tensor:
         """(B, T) token ids -> (B, T, hidden), with each token's adapter's embedding edits."""
         return adapters.embed(self.embed_tokens, ids)
-
-    def forward(
-        self, embeds: torch.Tensor, step: StepInputs, cache: PagedKVCache, adapters: BatchContext
-    ) -> torch.Tensor:
-        """(B, T, hidden) input embeddings -> (B, vocab) float32 logits at each row's last real token."""
-        batch, tokens, hidden = embeds.shape
-        h = self.hidden(embeds.reshape(batch * tokens, hidden), [step], adapters, cache)
-        return self.logits(self.last(h.view(batch, tokens, hidden), step), adapters.last_tokens(tokens))
-
-    @staticmethod
-    def last(h: torch.Tensor, step: StepInputs) -> torch.Tensor:
-        """(B, T, hidden) -> (B, hidden): each row's last real token."""
-        return h[torch.arange(h.shape[0], device=h.device), step.lengths - 1]
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor, adapters: BatchContext) -> torch.Tensor:

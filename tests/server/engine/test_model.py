@@ -41,7 +41,18 @@ def step_inputs(tables: list[list[int]], starts: list[int], lengths: list[int]) 
         table[i, : len(blocks)] = torch.tensor(blocks)
     real = torch.arange(width) < torch.tensor(lengths).unsqueeze(1)
     slots = torch.where(real, table.gather(1, positions // BLOCK) * BLOCK + positions % BLOCK, 0)
-    return StepInputs(positions, torch.tensor(lengths), table, slots)
+    return StepInputs(positions, table, slots)
+
+
+def last_logits(
+    decoder: Decoder, ids: torch.Tensor, step: StepInputs, lengths: list[int], cache
+) -> torch.Tensor:
+    """(B, T) ids, `lengths` real tokens per row, one rectangle -> (B, vocab) logits at each last one."""
+    batch, width = ids.shape
+    embeds = decoder.embed(ids, BatchContext()).view(batch * width, -1)
+    hidden = decoder.hidden(embeds, [step], BatchContext(), cache)  # (B * T, hidden)
+    last = torch.tensor([i * width + n - 1 for i, n in enumerate(lengths)])
+    return decoder.logits(hidden[last], BatchContext())
 
 
 def test_padded_prefill_then_decode_over_scattered_blocks_match_hf_logits(tiny_model):
@@ -56,13 +67,10 @@ def test_padded_prefill_then_decode_over_scattered_blocks_match_hf_logits(tiny_m
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = torch.tensor(p)
     lengths = [len(p) for p in prompts]
-    embeds = decoder.embed(ids, BatchContext())
-    logits = decoder.forward(embeds, step_inputs(tables, [0, 0, 0], lengths), cache, BatchContext())
+    logits = last_logits(decoder, ids, step_inputs(tables, [0, 0, 0], lengths), lengths, cache)
     tables[2].append(9)  # the third row's next token opens a new block
     decode = step_inputs(tables, lengths, [1, 1, 1])
-    decoded = decoder.forward(
-        decoder.embed(torch.tensor([[20], [21], [22]]), BatchContext()), decode, cache, BatchContext()
-    )
+    decoded = last_logits(decoder, torch.tensor([[20], [21], [22]]), decode, [1, 1, 1], cache)
     for i, prompt in enumerate(prompts):
         with torch.no_grad():
             full = hf(torch.tensor([[*prompt, 20 + i]])).logits[0]
@@ -76,12 +84,9 @@ def test_prefill_from_a_shared_prefix_matches_a_full_prefill(tiny_model):
     decoder = Decoder(hf, shape)
     cache = make_cache(shape)
     first, second = [5, 6, 7, 8, 9, 10, 11, 12, 13], [5, 6, 7, 8, 9, 10, 11, 12, 40, 41]
-    embeds = decoder.embed(torch.tensor([first]), BatchContext())
-    decoder.forward(embeds, step_inputs([[4, 5, 6]], [0], [9]), cache, BatchContext())
+    last_logits(decoder, torch.tensor([first]), step_inputs([[4, 5, 6]], [0], [9]), [9], cache)
     rest = torch.tensor([second[8:]])
-    logits = decoder.forward(
-        decoder.embed(rest, BatchContext()), step_inputs([[4, 5, 8]], [8], [2]), cache, BatchContext()
-    )
+    logits = last_logits(decoder, rest, step_inputs([[4, 5, 8]], [8], [2]), [2], cache)
     with torch.no_grad():
         full = hf(torch.tensor([second])).logits[0, -1]
     torch.testing.assert_close(logits[0], full, rtol=1e-4, atol=1e-4)
@@ -92,9 +97,7 @@ def test_padding_tokens_write_only_the_null_block(tiny_model):
     decoder = Decoder(tiny_model.hf, shape)
     cache = make_cache(shape)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [9, 10, 0, 0, 0, 0, 0, 0]])
-    decoder.forward(
-        decoder.embed(ids, BatchContext()), step_inputs([[1, 2], [3]], [0, 0], [8, 2]), cache, BatchContext()
-    )
+    last_logits(decoder, ids, step_inputs([[1, 2], [3]], [0, 0], [8, 2]), [8, 2], cache)
     written = cache.data.abs().sum(dim=(0, 1, 4, 5)) != 0  # (blocks, block_size)
     assert written[3].tolist() == [True, True, False, False]  # the short row's block past its 2 tokens
     assert not written[4:].any()  # no block the step did not hold
