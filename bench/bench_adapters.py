@@ -118,9 +118,13 @@ def run_engine(engine: Engine, prompts, adapters, new_tokens: int) -> float:
     return tokens / (time.perf_counter() - started)
 
 
-def engine_median(model, store, prompts, adapters, new_tokens, repeats, settings: AdapterSettings) -> float:
-    """Median tokens/s of one engine after a warm-up run (which loads the adapters)."""
-    engine = on_own_thread(Engine, model, EngineSettings(max_batch_size=64), settings, Store(store))
+def engine_median(
+    model, store, prompts, adapters, new_tokens, repeats, settings: AdapterSettings, graphs: str = "auto"
+) -> float:
+    """Median tokens/s of one engine after a warm-up run (which loads the adapters and captures
+    the decode graphs, if any)."""
+    engine_settings = EngineSettings(max_batch_size=64, decode_graphs=graphs)
+    engine = on_own_thread(Engine, model, engine_settings, settings, Store(store))
     engine.start()
     try:
         run_engine(engine, prompts, adapters, new_tokens)
@@ -284,6 +288,12 @@ def main() -> None:
         help="the engine's CPU low-rank path (--lowrank-path of the server): torch switches the kernel off",
     )
     parser.add_argument(
+        "--decode-graphs",
+        choices=["auto", "on", "off"],
+        default=EngineSettings().decode_graphs,
+        help="the engine's --decode-graphs: auto captures decode steps into CUDA graphs on a GPU",
+    )
+    parser.add_argument(
         "--no-baselines",
         action="store_true",
         help="small part: the engine only, without plain generate and PEFT (make device-check)",
@@ -375,7 +385,9 @@ def run_small(args, model: LoadedModel) -> dict:
         nt, settings = args.new_tokens, AdapterSettings(lowrank_path=args.lowrank_path)
 
         def timed(store: Path, adapters: list[str | None]) -> float:
-            return engine_median(model, store, prompts, adapters, nt, args.repeats, settings)
+            return engine_median(
+                model, store, prompts, adapters, nt, args.repeats, settings, args.decode_graphs
+            )
 
         results["engine, no adapters"] = timed(lora_store, [None] * len(prompts))
         for k in ks:
@@ -410,7 +422,8 @@ def report(results: dict[str, float], args, model: LoadedModel) -> dict:
     print(
         f"\n{args.requests} requests, 32-128 prompt tokens, {args.new_tokens} new tokens each, "
         f"Zipf s={args.zipf_s}, {str(model.dtype).removeprefix('torch.')}, "
-        f"{torch.get_num_threads()} threads, --lowrank-path {args.lowrank_path}\n"
+        f"{torch.get_num_threads()} threads, --lowrank-path {args.lowrank_path}, "
+        f"--decode-graphs {args.decode_graphs}\n"
     )
     print("| configuration | tokens/s | vs engine, no adapters |")
     print("| --- | --- | --- |")
@@ -445,6 +458,7 @@ def report(results: dict[str, float], args, model: LoadedModel) -> dict:
             "dtype": str(model.dtype),
             "threads": torch.get_num_threads(),
             "lowrank_path": args.lowrank_path,
+            "decode_graphs": args.decode_graphs,
             "machine": platform.processor() or platform.machine(),
         },
     }

@@ -6,11 +6,12 @@
    with no network: see the README's GPU section).
 3. Runs the reference-equality tests on cuda (PEFTSERVE_TEST_DEVICE=cuda): every kind in one mixed
    batch against PEFT / our references, in float32, bfloat16 and float16, with and without
-   --quantize nf4 (tests/server/adapters/test_low_precision.py, test_batched_reference.py).
+   --quantize nf4 (tests/server/adapters/test_low_precision.py, test_batched_reference.py), and
+   decode steps replayed from CUDA graphs (tests/server/engine/test_graphs.py).
 4. Starts the server on the GPU with the default model (and with a larger public model if one is in
    the local Hugging Face cache) and asks it for a completion.
 5. Runs the engine bench there (bench.bench_adapters: no adapters, K=8 and K=64 LoRA adapters,
-   adapter load from disk into a GPU slot) and prints one table.
+   adapter load from disk into a GPU slot), with decode graphs and without, and prints one table.
 
 Exits 1, loudly, on any mismatch or failure. Run from the repository root with system python:
 
@@ -152,16 +153,17 @@ def equality_table(report: Path) -> tuple[str, bool]:
 
 def equality_tests(python: Path, report: Path) -> None:
     tests = ["tests/server/adapters/test_low_precision.py", "tests/server/adapters/test_batched_reference.py"]
+    tests.append("tests/server/engine/test_graphs.py")
     cmd = [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow or not slow", *tests]
-    cmd += ["-k", "low_precision or every_kind or more_adapters_than_slots"]
+    cmd += ["-k", "low_precision or every_kind or more_adapters_than_slots or graphs"]
     env = {"PEFTSERVE_TEST_DEVICE": "cuda", "PEFTSERVE_TEST_REPORT": str(report)}
     run(cmd, "the reference-equality tests on cuda", env, timeout=300)
 
 
-def engine_bench(python: Path, out: Path) -> None:
-    cmd = [str(python), "-m", "bench.bench_adapters", "--parts", "small", "--ks", "8,64"]
-    cmd += ["--dtype", "bfloat16", "--no-baselines", "--out", str(out)]
-    run(cmd, "the engine bench on cuda", timeout=180)
+def engine_bench(python: Path, out: Path, graphs: str) -> None:
+    cmd = [str(python), "-m", "bench.bench_adapters", "--parts", "small", "--ks", "8,64", "--repeats", "1"]
+    cmd += ["--dtype", "bfloat16", "--no-baselines", "--decode-graphs", graphs, "--out", str(out)]
+    run(cmd, f"the engine bench on cuda, --decode-graphs {graphs}", timeout=150)
 
 
 def main() -> int:
@@ -185,7 +187,8 @@ def main() -> int:
     served: dict[str, float] = {}
     larger = local_larger_model()
     with tempfile.TemporaryDirectory(prefix="peftserve-device-check-") as tmp:
-        report, bench_json = Path(tmp) / "equality.jsonl", Path(tmp) / "bench.json"
+        report = Path(tmp) / "equality.jsonl"
+        bench_json = {graphs: Path(tmp) / f"bench-{graphs}.json" for graphs in ("on", "off")}
         try:
             if args.python is None:
                 run(["make", "install", f"VENV={args.venv}", "TORCH=torch"], "make install TORCH=torch")
@@ -196,7 +199,8 @@ def main() -> int:
             steps = [
                 ("equality tests", lambda: equality_tests(python, report)),
                 ("server, default model", lambda: served.update(default=serve_and_ask(python, None))),
-                ("bench", lambda: engine_bench(python, bench_json)),
+                ("bench, decode graphs", lambda: engine_bench(python, bench_json["on"], "on")),
+                ("bench, no decode graphs", lambda: engine_bench(python, bench_json["off"], "off")),
             ]
             if larger:
                 steps.append(
@@ -210,7 +214,7 @@ def main() -> int:
         except CheckFailed as e:
             failures.append(str(e))
         table, all_equal = equality_table(report)
-        bench = json.loads(bench_json.read_text()) if bench_json.exists() else {}
+        bench = {g: json.loads(path.read_text()) if path.exists() else {} for g, path in bench_json.items()}
     print_summary(table, bench, served, larger)
     print(f"\ntook {time.monotonic() - started:.0f} s")
     if not all_equal:
@@ -222,16 +226,17 @@ def main() -> int:
     return 0
 
 
-def print_summary(table: str, bench: dict, served: dict[str, float], larger: str | None) -> None:
-    rates = bench.get("tokens_per_s", {})
+def print_summary(table: str, bench: dict[str, dict], served: dict[str, float], larger: str | None) -> None:
+    rates = {graphs: run.get("tokens_per_s", {}) for graphs, run in bench.items()}
     print("\n## device-check\n")
     print(table + "\n")
-    print("| engine (bfloat16, in-process) | tokens/s |")
-    print("| --- | --- |")
+    print("| engine (bfloat16, in-process), tokens/s | decode graphs | no decode graphs |")
+    print("| --- | --- | --- |")
     for label in ("engine, no adapters", "engine K=8", "engine K=64"):
-        print(f"| {label} | {rates[label]:.1f} |" if label in rates else f"| {label} | (not measured) |")
-    if "adapter_load_seconds_median" in bench:
-        ms = bench["adapter_load_seconds_median"] * 1e3
+        cells = [f"{r[label]:.1f}" if label in r else "(not measured)" for r in (rates["on"], rates["off"])]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    if "adapter_load_seconds_median" in bench["on"]:
+        ms = bench["on"]["adapter_load_seconds_median"] * 1e3
         print(f"\nadapter load, disk -> GPU slot (rank 16, every linear layer): {ms:.0f} ms (median)")
     for model, rate in served.items():
         print(f"server on cuda, {model} model: {rate:.1f} tokens/s (one 32-token completion over HTTP)")

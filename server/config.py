@@ -82,6 +82,9 @@ class EngineSettings(_Section):
     enable_prefix_caching: bool = True
     """Share full KV cache blocks between requests with the same prefix under the same adapter."""
 
+    decode_graphs: Literal["auto", "on", "off"] = "auto"
+    """Replay decode steps from captured CUDA graphs: auto (on CUDA, unquantized base), on, off."""
+
 
 class AdapterSettings(_Section):
     """Which adapters are served, and how many are kept where."""

@@ -40,7 +40,13 @@ from server.config import AdapterSettings, EngineSettings
 from server.engine.engine import Engine
 from server.engine.sampler import SamplingParams
 from server.registry.store import Store
-from tests.helpers import reference_greedy, reference_steps, run_until_done, token_ids
+from tests.helpers import (
+    compare_up_to_near_ties,
+    reference_greedy,
+    reference_steps,
+    run_until_done,
+    token_ids,
+)
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -445,3 +451,22 @@ def build_store(root: Path, base_dir: Path, shape: ModelShape) -> Path:
         make_bottleneck_adapter(shape, root / name, seed=seed, **options)
     make_bitfit_adapter(shape, root / "bitfit", seed=200)
     return root
+
+
+def check_against_references(
+    model, base_dir: Path, store: Path, prompts: list[list[int]], served: dict, new_tokens: int
+) -> None:
+    """Equal tokens on the CPU; on another device (PEFTSERVE_TEST_DEVICE) float32 sums in another
+    order, so equal up to the first near tie of the CPU's float32 reference."""
+    for name in {n for n, _ in served}:
+        references = reference_steps_for(base_dir, store / name if name else None, prompts, new_tokens)
+        for i, steps in enumerate(references):
+            tokens, what = served[(name, i)], f"{name or 'base'} on prompt {i}"
+            if model.device.type != "cpu":
+                compare_up_to_near_ties(tokens, steps, what)
+            else:
+                assert tokens == [t for t, _, _ in steps if t is not None], what
+        if name:
+            assert any(served[(name, i)] != served[(None, i)] for i in range(len(prompts))), (
+                f"{name} changed nothing"
+            )

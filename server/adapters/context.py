@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from server.adapters.lowrank import RowGroups, low_rank_apply
+from server.adapters.lowrank import LowRankTable, RowGroups, Segments, gather_apply, low_rank_apply
 from server.adapters.method import MODEL_LEVEL, EmbeddingEdit, HeadEdit, Hook
 from server.adapters.rotation import RotationRows, RotationTable, rotate_rows
 from server.adapters.slots import ScaleTable, SlotTable
@@ -106,8 +106,8 @@ class BatchContext:
             x = x * in_scale
         y = module(x)
         table = self.slots.lowrank.get((Hook.LINEAR_DELTA, site))
-        if table is not None and self.delta_groups is not None:
-            low_rank_apply(x, y, table, self.delta_groups)
+        if table is not None:
+            self._low_rank(x, y, table)
         rescale = self._scales(Hook.OUTPUT_RESCALE, site)
         if rescale is not None:
             # g * y + (1 - g) * bias: the weight is rescaled, the bias is not.
@@ -119,6 +119,10 @@ class BatchContext:
         if out_scale is not None:
             y = y * out_scale
         return y
+
+    def _low_rank(self, x: torch.Tensor, y: torch.Tensor, table: LowRankTable) -> None:
+        if self.delta_groups is not None:
+            low_rank_apply(x, y, table, self.delta_groups)
 
     def block_output(self, layer: int, block: str, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """(N, hidden) output of a block ("attn" or "mlp") before the residual add; residual (N, hidden)."""
@@ -201,6 +205,42 @@ class BatchContext:
                 index, values = edit.rows  # (k,), (k, hidden)
                 y[rows.unsqueeze(1), index.unsqueeze(0)] = x @ values.t()  # (n, k)
         return y
+
+
+class StaticBatchContext(BatchContext):
+    """A decode step's context whose operations do not depend on which slots the step holds, so a
+    captured graph (engine/graphs.py) replays it for any mix: every low-rank and scale table there
+    is applies to every row, each row reading its slot's entries or the table's no-adapter entries
+    (zeros, ones, the base's norm weight), which leave the row exactly as the base computes it.
+
+    Only for steps whose slots act through those tables alone (`SlotTable.gathers_rows` false
+    for each): rotations, block adapters and embedding or lm_head edits pick rows per slot, and
+    none is applied here. Its index tensors are the caller's, filled anew before every replay.
+    """
+
+    def __init__(self, slots: SlotTable, scale_index: torch.Tensor, stack_index: torch.Tensor) -> None:
+        """scale_index (B,): each row's slot, num_slots for none; stack_index (B,): slot + 1, 0 for none."""
+        self.slots = slots
+        self.active = True
+        self.scale_index = scale_index
+        every = torch.arange(stack_index.shape[0], device=stack_index.device)  # (B,)
+        self.segments = Segments(1, stack_index, every, every, every)  # a segment per row: BGMV
+
+    def _scales(self, hook: Hook, site: tuple[int, str]) -> torch.Tensor | None:
+        table = self.slots.scales.get((hook, site))
+        return None if table is None else table.rows(self.scale_index)
+
+    def _low_rank(self, x: torch.Tensor, y: torch.Tensor, table: LowRankTable) -> None:
+        gather_apply(x, y, table, self.segments)
+
+    def _rotation_rows(self, table: RotationTable) -> RotationRows | None:
+        return None
+
+    def block_output(self, layer: int, block: str, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return out
+
+    def _slot_rows(self, hook: Hook) -> list[tuple[object, torch.Tensor]]:
+        return []
 
 
 def rms_normalize(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

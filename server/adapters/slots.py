@@ -73,6 +73,9 @@ class SlotTable:
     _stale: list[list[LowRankTable | ScaleTable | RotationTable]] = field(init=False)
     """Per slot: tables holding a former occupant's values, until the next install wipes them."""
     _pending: list[pack.Copy] | None = field(init=False, default=None)
+    layout_version: int = field(init=False, default=0)
+    """Counts changes to which low-rank and scale tables exist and which low-rank tables add biases:
+    what a captured decode graph (engine/graphs.py) bakes in. Writing weights into slots does not."""
 
     def __post_init__(self) -> None:
         self._big_group_rows: dict[tuple[int, int], int] = {}
@@ -126,7 +129,11 @@ class SlotTable:
                     rows = lowrank_choice.big_group_rows((self.dtype, *dims))
                 table.big_group_rows = rows
             self.lowrank[(hook, site)] = table
+            self.layout_version += 1
+        biased = table.has_bias
         copies = table.prepare(slot, a, b, a_bias, b_bias, b_scale=b_scale)
+        if table.has_bias != biased:
+            self.layout_version += 1
         if self._pending is None:
             pack.copy_all(copies)
         else:
@@ -141,6 +148,7 @@ class SlotTable:
         if table is None:
             default = torch.ones(vector.shape[0]) if default is None else default
             table = self.scales[(hook, site)] = ScaleTable(self.num_slots, default, self.dtype, self.device)
+            self.layout_version += 1
         table.set(slot, self.put(vector))
         self._tables_of[slot].append(table)
 
@@ -161,6 +169,15 @@ class SlotTable:
     def slot_data(self, slot: int, hook: Hook) -> Any:
         """What `slot` placed for `hook` (None when nothing, or for slot -1)."""
         return None if slot < 0 else self.data[slot].get(hook)
+
+    def gathers_rows(self, slot: int) -> bool:
+        """Whether `slot`'s adapter acts through rows picked per slot at decode (rotations, block
+        adapters, embedding or lm_head edits) rather than through per-site tables alone."""
+        method = self.methods[slot]
+        return (method is not None and Hook.INPUT_ROTATION in method.hooks) or any(
+            self.slot_data(slot, hook) is not None
+            for hook in (Hook.BLOCK_OUTPUT, Hook.EMBEDDING, Hook.LOGITS)
+        )
 
     def install(self, slot: int, weights: AdapterWeights) -> None:
         """Place an adapter's weights into a free slot."""

@@ -48,6 +48,7 @@ from server.config import AdapterSettings, EngineSettings
 from server.engine.blocks import NULL_BLOCK, BlockPool, block_hashes, chain_hash, root_hash
 from server.engine.detokenizer import Detokenizer
 from server.engine.grammar import GrammarCompiler, RowControl, apply_controls
+from server.engine.graphs import DecodeGraphs, GraphCaptureError
 from server.engine.kv_cache import PagedKVCache, bytes_per_token, choose_budget
 from server.engine.logprobs import MAX_LOGPROBS, prompt_logprobs, token_logprobs
 from server.engine.model import Decoder, StepInputs
@@ -236,6 +237,7 @@ class Engine:
             self._wake.set,
             self.metrics,
         )
+        self.graphs = self._make_graphs()
         self._snapshot = self._take_snapshot()
         engine = weakref.ref(self)
         self.metrics.watch(lambda: (e := engine()) and e._snapshot)
@@ -734,10 +736,56 @@ class Engine:
         step = StepInputs(positions, table, where, span=max(starts) + width)
         return Prefill(placed, all_tokens, starts, lengths, ids, step)
 
+    def _make_graphs(self) -> DecodeGraphs | None:
+        """The captured decode steps --decode-graphs asks for; auto: on CUDA, and not over a
+        bitsandbytes base, whose layers have not been checked under capture."""
+        mode, model = self.settings.decode_graphs, self.model
+        if mode == "off" or (mode == "auto" and (model.device.type != "cuda" or model.quantize != "none")):
+            return None
+        return DecodeGraphs(
+            self.decoder, self.cache, self.slots, self.settings.max_batch_size, self.max_model_len
+        )
+
     def _forward(self, prefill: Prefill | None, batch: list[Sequence]) -> list[int]:
         """One forward pass over a prefill chunk and (or) the running batch; samples a token for each
-        of their sequences. Prompt-tuning rows get their virtual tokens' embeddings at positions
-        0..n-1."""
+        of their sequences."""
+        slot_of = [s.slot for s in batch]
+        logits = None
+        if prefill is None and self.graphs is not None and self.graphs.takes(slot_of):
+            logits = self._replay(batch, slot_of)
+        if logits is None:
+            logits = self._pass(prefill, batch)
+        seqs = []
+        if prefill is not None:
+            for seq, tokens in zip(prefill.seqs, prefill.tokens, strict=True):
+                seq.cached = len(tokens)
+                self._seal(seq, tokens)
+            self._running.extend(prefill.seqs)
+            seqs += prefill.seqs
+        if batch:
+            self.metrics.batch_size.observe(len(batch))
+            size = self.cache.block_size
+            for seq in batch:
+                seq.cached += 1
+                if seq.cached % size == 0:
+                    self._seal(seq, seq.tokens())
+            seqs += batch
+        return self._accept(seqs, logits)
+
+    def _replay(self, batch: list[Sequence], slot_of: list[int]) -> torch.Tensor | None:
+        """The running batch's logits from a decode graph; None, and graphs off from now on, if the
+        step cannot be captured."""
+        try:
+            return self.graphs.decode([s.last_token() for s in batch], self._decode_inputs(batch), slot_of)
+        except GraphCaptureError as e:
+            log.warning("decode steps run uncaptured from now on: %s", e)
+            self.graphs = None
+            return None
+
+    def _pass(self, prefill: Prefill | None, batch: list[Sequence]) -> torch.Tensor:
+        """The eager forward pass of `_forward`: (rows, vocab) logits of each prefill row's last real
+        token, then of every decode row. Prompt-tuning rows get their virtual tokens' embeddings at
+        positions 0..n-1; prefill rows that asked for their prompt's log-probabilities get them."""
         parts, ids, token_slots, last = [], [], [], []
         if prefill is not None:
             width = prefill.ids.shape[1]
@@ -767,26 +815,12 @@ class Engine:
             logits = self.decoder.logits(hidden, adapters)  # (B, vocab)
         else:  # the last real token of each prefill row, then every decode row
             logits = self.decoder.logits(hidden.index_select(0, last_d), adapters.rows(last))
-        seqs = []
         if prefill is not None:
             rows = hidden[: prefill.ids.numel()].view(*prefill.ids.shape, -1)  # (B, T, hidden)
             for i, (seq, start) in enumerate(zip(prefill.seqs, prefill.starts, strict=True)):
                 if seq.wants_prompt_logprobs:
                     self._score_prompt(seq, rows[i], start)
-            for seq, tokens in zip(prefill.seqs, prefill.tokens, strict=True):
-                seq.cached = len(tokens)
-                self._seal(seq, tokens)
-            self._running.extend(prefill.seqs)
-            seqs += prefill.seqs
-        if batch:
-            self.metrics.batch_size.observe(len(batch))
-            size = self.cache.block_size
-            for seq in batch:
-                seq.cached += 1
-                if seq.cached % size == 0:
-                    self._seal(seq, seq.tokens())
-            seqs += batch
-        return self._accept(seqs, logits)
+        return logits
 
     def _soft_prompts(self, prefill: Prefill, embeds: torch.Tensor) -> None:
         """Put each prompt-tuning row's virtual tokens' embeddings (from its start on) into `embeds`

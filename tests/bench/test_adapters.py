@@ -88,7 +88,9 @@ def test_report_leaves_out_targets_of_configurations_not_run(tiny_model):
         "PEFT set_adapter + generate": 1.0,
         "PEFT adapter_names batch": 2.0,
     }
-    args = argparse.Namespace(requests=4, new_tokens=2, zipf_s=1.0, ks="64", lowrank_path="auto")
+    args = argparse.Namespace(
+        requests=4, new_tokens=2, zipf_s=1.0, ks="64", lowrank_path="auto", decode_graphs="auto"
+    )
     ratios = report(results, args, tiny_model)["ratios"]
     assert ratios == pytest.approx(
         {

@@ -57,7 +57,9 @@ def run_main_with_doubles(monkeypatch, *args: str) -> tuple[list[list[str]], lis
 def test_with_python_it_installs_nothing_and_runs_every_step_with_that_interpreter(monkeypatch):
     """A CUDA machine with no network: its own interpreter already holds torch and our needs."""
     ran, served = run_main_with_doubles(monkeypatch, "--python", "/opt/cuda-env/bin/python3")
-    assert [cmd[0] for cmd in ran] == ["/opt/cuda-env/bin/python3"] * 2  # no make install: tests, bench
+    # no make install: the tests, then the bench with decode graphs and without
+    assert [cmd[0] for cmd in ran] == ["/opt/cuda-env/bin/python3"] * 3
+    assert [cmd[cmd.index("--decode-graphs") + 1] for cmd in ran[1:]] == ["on", "off"]
     assert served == [Path("/opt/cuda-env/bin/python3")]
 
 
@@ -66,4 +68,4 @@ def test_without_python_it_builds_its_venv_with_pytest_first(monkeypatch, tmp_pa
     python = tmp_path / "v" / "bin" / "python"
     assert ran[0] == ["make", "install", f"VENV={tmp_path / 'v'}", "TORCH=torch"]
     assert ran[1][:4] == [str(python), "-m", "pip", "install"] and "pytest" in ran[1]
-    assert [cmd[0] for cmd in ran[2:]] == [str(python)] * 2 and served == [python]
+    assert [cmd[0] for cmd in ran[2:]] == [str(python)] * 3 and served == [python]

@@ -30,16 +30,16 @@ from tests.adapter_factory import (
     PEFT_KINDS,
     build_store,
     chat_prompts,
+    check_against_references,
     load_base,
     make_biased_tied_model,
     make_bitfit_adapter,
     make_peft_adapter,
-    reference_steps_for,
     reference_tokens,
     serve_mixed,
 )
 from tests.conftest import tiny_settings
-from tests.helpers import compare_up_to_near_ties, reference_greedy, run_until_done, token_ids
+from tests.helpers import reference_greedy, run_until_done, token_ids
 
 NEW_TOKENS = 8
 
@@ -59,30 +59,11 @@ def tiny_store(tmp_path_factory, tiny_model_dir, tiny_model) -> Path:
     return build_store(tmp_path_factory.mktemp("store"), tiny_model_dir, tiny_model.shape)
 
 
-def check_against_references(
-    model, base_dir: Path, store: Path, prompts: list[list[int]], served: dict
-) -> None:
-    """Equal tokens on the CPU; on another device (PEFTSERVE_TEST_DEVICE) float32 sums in another
-    order, so equal up to the first near tie of the CPU's float32 reference."""
-    for name in {n for n, _ in served}:
-        references = reference_steps_for(base_dir, store / name if name else None, prompts, NEW_TOKENS)
-        for i, steps in enumerate(references):
-            tokens, what = served[(name, i)], f"{name or 'base'} on prompt {i}"
-            if model.device.type != "cpu":
-                compare_up_to_near_ties(tokens, steps, what)
-            else:
-                assert tokens == [t for t, _, _ in steps if t is not None], what
-        if name:
-            assert any(served[(name, i)] != served[(None, i)] for i in range(len(prompts))), (
-                f"{name} changed nothing"
-            )
-
-
 def test_every_kind_mixed_in_one_batch_equals_its_reference(tiny_model, tiny_model_dir, tiny_store):
     prompts = [tiny_model.tokenizer(t).input_ids for t in ("Hello there", "The cat sat on the", "1 2 3")]
     served = serve_mixed(tiny_model, tiny_store, prompts, NEW_TOKENS)
     assert len({n for n, _ in served}) == len(PEFT_KINDS) + len(EXTRA_KINDS) + len(BOTTLENECKS) + 2
-    check_against_references(tiny_model, tiny_model_dir, tiny_store, prompts, served)
+    check_against_references(tiny_model, tiny_model_dir, tiny_store, prompts, served, NEW_TOKENS)
 
 
 def test_every_kind_prefilled_beside_the_running_batch_equals_its_reference(
@@ -127,7 +108,7 @@ def test_every_kind_prefilled_beside_the_running_batch_equals_its_reference(
     served = {
         job: token_ids(events) for job, events in zip(jobs, run_until_done(engine, handles), strict=True)
     }
-    check_against_references(tiny_model, tiny_model_dir, tiny_store, prompts, served)
+    check_against_references(tiny_model, tiny_model_dir, tiny_store, prompts, served, NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +130,7 @@ def test_bias_and_tied_embedding_kinds_mixed_equal_their_references(biased_tied)
     assert model.hf.get_output_embeddings().weight is model.hf.get_input_embeddings().weight
     prompts = [model.tokenizer(t).input_ids for t in ("Hello there", "The cat sat on the")]
     served = serve_mixed(model, store, prompts, NEW_TOKENS)
-    check_against_references(model, base_dir, store, prompts, served)
+    check_against_references(model, base_dir, store, prompts, served, NEW_TOKENS)
 
 
 def test_three_times_more_adapters_than_slots(tiny_model, tiny_model_dir, tiny_store):
@@ -157,7 +138,7 @@ def test_three_times_more_adapters_than_slots(tiny_model, tiny_model_dir, tiny_s
     served = serve_mixed(
         tiny_model, tiny_store, prompts, NEW_TOKENS, max_active_adapters=3, cpu_adapter_memory=20_000
     )
-    check_against_references(tiny_model, tiny_model_dir, tiny_store, prompts, served)
+    check_against_references(tiny_model, tiny_model_dir, tiny_store, prompts, served, NEW_TOKENS)
 
 
 def test_lora_mixed_batch_equals_peft_adapter_names(tiny_model, tiny_model_dir, tmp_path):
@@ -205,4 +186,4 @@ def test_default_model_every_kind_mixed_equals_its_reference(default_model, defa
     # Ranks (4 to 16 here) padded to 16, not the default 64: the torch gather path copies padded
     # weights, and at 64 it serves this batch in ~60 s on 2 cores against ~43 s at 16.
     served = serve_mixed(default_model, store, prompts, NEW_TOKENS, max_lora_rank=16)
-    check_against_references(default_model, default_model_dir, store, prompts, served)
+    check_against_references(default_model, default_model_dir, store, prompts, served, NEW_TOKENS)
