@@ -69,8 +69,11 @@ def sample(
     logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
 ) -> list[int]:
     """(B, V) float32 logits -> one token id per row."""
-    tokens = logits.argmax(dim=-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if len(sampled) < len(params):
+        tokens = logits.argmax(dim=-1)
+    else:  # no greedy row: an argmax over (B, V) float32 would cost as much as the sampling
+        tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
     if sampled:
         index = torch.tensor(sampled, device=logits.device)
         rows = logits.index_select(0, index)
