@@ -749,10 +749,7 @@ class Engine:
     def _forward(self, prefill: Prefill | None, batch: list[Sequence]) -> list[int]:
         """One forward pass over a prefill chunk and (or) the running batch; samples a token for each
         of their sequences."""
-        slot_of = [s.slot for s in batch]
-        logits = None
-        if prefill is None and self.graphs is not None and self.graphs.takes(slot_of):
-            logits = self._replay(batch, slot_of)
+        logits = self._replay(batch) if prefill is None and self.graphs is not None else None
         if logits is None:
             logits = self._pass(prefill, batch)
         seqs = []
@@ -772,9 +769,12 @@ class Engine:
             seqs += batch
         return self._accept(seqs, logits)
 
-    def _replay(self, batch: list[Sequence], slot_of: list[int]) -> torch.Tensor | None:
-        """The running batch's logits from a decode graph; None, and graphs off from now on, if the
-        step cannot be captured."""
+    def _replay(self, batch: list[Sequence]) -> torch.Tensor | None:
+        """The running batch's logits from a decode graph; None if a row's adapter keeps the step
+        eager, or if the step cannot be captured (and graphs stay off from then on)."""
+        slot_of = [s.slot for s in batch]
+        if not self.graphs.takes(slot_of):
+            return None
         try:
             return self.graphs.decode([s.last_token() for s in batch], self._decode_inputs(batch), slot_of)
         except GraphCaptureError as e:
